@@ -1,0 +1,229 @@
+"""What every zeroth-order estimator shares: seeds, the estimate/step split, replay records.
+
+A ZO gradient is a handful of ``(seed, scalar)`` pairs: the direction ``z`` is regenerated
+from the seed by the engine, the scalar is the projected gradient ``<grad, z>`` estimated
+from forward passes. Gradient accumulation averages the scalars of one seed over
+micro-batches; data parallelism all-reduces them; a run's trajectory lists them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from zo.engine import EngineConfig, PerturbationEngine, mix_seed
+
+Closure = Callable[[], "torch.Tensor | float"]
+
+
+@dataclass
+class ZOEstimate:
+    """One estimate on one micro-batch: no weight has changed yet."""
+
+    step: int
+    seeds: list[int]
+    scalars: list[float]
+    """Projected-gradient estimate ``<grad, z_q>`` per query."""
+    loss: float
+
+
+@dataclass
+class StepRecord:
+    """Everything an update needs, so that ``apply_record`` replays it bit for bit."""
+
+    step: int
+    seeds: list[int]
+    scalars: list[float]
+    lrs: list[float]
+    """Learning rate of each param group at this step."""
+    weight_decays: list[float]
+    loss: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepRecord:
+        return cls(**data)
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def _as_float(value: torch.Tensor | float) -> float:
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """Base class: two-point (or one-point) seed-replay estimates over param groups.
+
+    Subclasses decide how the averaged scalars become an update by overriding
+    :meth:`_group_coefficients` (and may keep state, e.g. momentum).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        queries: int = 1,
+        one_point: bool = False,
+        seed: int = 0,
+        direction: str = "gaussian",
+        chunk_size: int = 1 << 20,
+        threads: int = 0,
+    ):
+        if lr < 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if queries < 1:
+            raise ValueError(f"queries must be >= 1, got {queries}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
+        self.queries = queries
+        self.one_point = one_point
+        self.run_seed = seed
+        tensors = [p for group in self.param_groups for p in group["params"]]
+        self.engine = PerturbationEngine(
+            tensors, EngineConfig(chunk_size=chunk_size, threads=threads, distribution=direction)
+        )
+        self._group_indices: list[list[int]] = []
+        start = 0
+        for group in self.param_groups:
+            self._group_indices.append(list(range(start, start + len(group["params"]))))
+            start += len(group["params"])
+        self.step_count = 0
+        self._pending: list[ZOEstimate] = []
+        self.last_record: StepRecord | None = None
+        self.reduce_scalars: Callable[[list[float], float], tuple[list[float], float]] | None = None
+        """Data-parallel hook: maps (local scalars, local loss) to global means."""
+
+    # ------------------------------------------------------------------ estimates
+    def seeds_for(self, step: int) -> list[int]:
+        return [mix_seed(self.run_seed, step, query) for query in range(self.queries)]
+
+    def _scales(self, sign: float) -> list[float]:
+        return [
+            sign * group["eps"]
+            for group, indices in zip(self.param_groups, self._group_indices, strict=True)
+            for _ in indices
+        ]
+
+    def _evaluate(self, closure: Closure, seed: int | None, sign: float) -> float:
+        if seed is None:
+            loss = _as_float(closure())
+        else:
+            with self.engine.perturbed(seed, self._scales(sign)):
+                loss = _as_float(closure())
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the closure returned a non-finite loss ({loss}) at step {self.step_count}; "
+                "lower eps or lr, or check the batch"
+            )
+        return loss
+
+    @torch.no_grad()
+    def estimate(self, closure: Closure) -> ZOEstimate:
+        """Estimate the projected gradients on the closure's batch; weights do not change.
+
+        Call it once per micro-batch, then :meth:`step` once: every micro-batch of a step
+        uses the same seeds, and ``step`` averages their scalars.
+        """
+        seeds = self.seeds_for(self.step_count)
+        scalars, losses = [], []
+        eps = self.param_groups[0]["eps"]  # groups scale z by their own eps ratio below
+        if self.one_point:
+            base = self._evaluate(closure, None, 0.0)
+            losses.append(base)
+            for seed in seeds:
+                scalars.append((self._evaluate(closure, seed, 1.0) - base) / eps)
+        else:
+            for seed in seeds:
+                plus = self._evaluate(closure, seed, 1.0)
+                minus = self._evaluate(closure, seed, -1.0)
+                scalars.append((plus - minus) / (2 * eps))
+                losses.append((plus + minus) / 2)
+        estimate = ZOEstimate(self.step_count, seeds, scalars, sum(losses) / len(losses))
+        self._pending.append(estimate)
+        return estimate
+
+    def _combine_pending(self) -> tuple[list[float], float]:
+        if not self._pending:
+            raise RuntimeError("step() without a closure needs at least one estimate() first")
+        n = len(self._pending)
+        scalars = [sum(e.scalars[q] for e in self._pending) / n for q in range(self.queries)]
+        loss = sum(e.loss for e in self._pending) / n
+        if self.reduce_scalars is not None:
+            scalars, loss = self.reduce_scalars(scalars, loss)
+        return scalars, loss
+
+    # ------------------------------------------------------------------ updates
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
+        """``step(closure)`` = ``estimate(closure)`` then apply; ``step()`` applies the pending ones."""
+        if closure is not None:
+            self.estimate(closure)
+        scalars, loss = self._combine_pending()
+        record = StepRecord(
+            step=self.step_count,
+            seeds=self._pending[0].seeds,
+            scalars=scalars,
+            lrs=[group["lr"] for group in self.param_groups],
+            weight_decays=[group["weight_decay"] for group in self.param_groups],
+            loss=loss,
+        )
+        self._pending.clear()
+        self.apply_record(record)
+        self.last_record = record
+        return loss
+
+    @torch.no_grad()
+    def apply_record(self, record: StepRecord) -> None:
+        """Apply one recorded update; training and replay both go through here."""
+        if record.step != self.step_count:
+            raise ValueError(f"record for step {record.step} applied at step {self.step_count}")
+        for group_index, indices in enumerate(self._group_indices):
+            lr = record.lrs[group_index]
+            decay = 1.0 - lr * record.weight_decays[group_index]
+            coefficients = self._group_coefficients(record, group_index)
+            self.engine.update(record.seeds, coefficients, decay, indices)
+        self.step_count += 1
+
+    def _group_coefficients(self, record: StepRecord, group_index: int) -> Sequence[float]:
+        """Coefficient of each query's direction in the update of one param group."""
+        raise NotImplementedError
+
+    def direction_scale(self, group_index: int) -> float:
+        """How much longer group ``group_index``'s part of the direction is than group 0's.
+
+        With per-group eps the finite difference measures ``<grad, u>`` along
+        ``u = (eps_g / eps_0) z``, so the update must move along that same ``u``.
+        """
+        return self.param_groups[group_index]["eps"] / self.param_groups[0]["eps"]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["zo"] = {"step_count": self.step_count, "run_seed": self.run_seed}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        zo_state = state_dict.pop("zo")
+        if zo_state["run_seed"] != self.run_seed:
+            raise ValueError(
+                f"optimizer state was saved with seed {zo_state['run_seed']}, this one has "
+                f"{self.run_seed}; directions would not match"
+            )
+        super().load_state_dict(state_dict)
+        self.step_count = zo_state["step_count"]
+        self._pending.clear()

@@ -1,0 +1,65 @@
+"""Estimators by name: each entry pairs an Optimizer class with its dataclass config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    name: str
+    optimizer_class: type[torch.optim.Optimizer]
+    config_class: type
+    zeroth_order: bool
+    """True when the estimator never calls backward() and its trajectory replays."""
+
+
+ESTIMATORS: dict[str, EstimatorSpec] = {}
+
+
+def register_estimator(
+    name: str, config_class: type, zeroth_order: bool
+) -> Callable[[type[torch.optim.Optimizer]], type[torch.optim.Optimizer]]:
+    def decorator(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+        if name in ESTIMATORS:
+            raise ValueError(f"estimator {name!r} is registered twice")
+        ESTIMATORS[name] = EstimatorSpec(name, cls, config_class, zeroth_order)
+        return cls
+
+    return decorator
+
+
+class UnknownEstimatorError(KeyError):
+    def __str__(self) -> str:  # KeyError would print the message with quotes around it
+        return str(self.args[0])
+
+
+def get_estimator(name: str) -> EstimatorSpec:
+    try:
+        return ESTIMATORS[name]
+    except KeyError:
+        raise UnknownEstimatorError(
+            f"unknown estimator {name!r}; choose one of {available_estimators()}"
+        ) from None
+
+
+def available_estimators() -> list[str]:
+    return sorted(ESTIMATORS)
+
+
+def build_estimator(
+    name: str,
+    params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+    config: Any = None,
+    **extra,
+) -> torch.optim.Optimizer:
+    """Build the named estimator over ``params`` from its config dataclass (or defaults)."""
+    spec = get_estimator(name)
+    config = config if config is not None else spec.config_class()
+    kwargs = {f.name: getattr(config, f.name) for f in fields(config)}
+    kwargs.update(extra)
+    return spec.optimizer_class(params, **kwargs)

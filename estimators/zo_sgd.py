@@ -1,0 +1,36 @@
+"""ZO-SGD (MeZO): ``W <- W - lr * mean_q(g_q * z_q)``, g_q the projected gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from estimators.base import StepRecord, ZOOptimizer
+from estimators.registry import register_estimator
+
+
+@dataclass
+class ZOSGDConfig:
+    lr: float = 1e-6
+    """Step size on the projected gradient (MeZO's lr)."""
+    eps: float = 1e-3
+    """Perturbation scale of the finite difference."""
+    weight_decay: float = 0.0
+    """Decoupled L2 decay, folded into the update pass: ``W *= 1 - lr * weight_decay``."""
+    queries: int = 1
+    """Directions per step; the update averages them (O(1) memory: seeds are replayed)."""
+    one_point: bool = False
+    """``(L(W + eps z) - L(W)) / eps`` instead of the symmetric two-point difference."""
+    direction: str = "gaussian"
+    """Direction law: ``gaussian`` or ``rademacher``."""
+    chunk_size: int = 1 << 20
+    """Elements drawn per chunk (the temporary's size); part of a direction's address."""
+    threads: int = 0
+    """CPU threads drawing directions; 0 = one per intra-op thread. Results do not depend on it."""
+
+
+@register_estimator("zo_sgd", ZOSGDConfig, zeroth_order=True)
+class ZOSGD(ZOOptimizer):
+    def _group_coefficients(self, record: StepRecord, group_index: int) -> Sequence[float]:
+        factor = -record.lrs[group_index] * self.direction_scale(group_index) / len(record.scalars)
+        return [factor * scalar for scalar in record.scalars]

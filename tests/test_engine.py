@@ -1,0 +1,174 @@
+"""The perturbation engine against references: seeds, exact restore, functional = dense."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from zo.engine import EngineConfig, FrozenTensorError, PerturbationEngine, mix_seed
+
+
+class TiedLM(nn.Module):
+    """Embedding -> norm -> linear -> head tied to the embedding: every path the engine has."""
+
+    def __init__(self, vocab: int = 40, dim: int = 16, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.embed = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.proj(self.norm(self.embed(ids)))))
+
+
+IDS = torch.tensor([[1, 5, 7, 39], [0, 5, 5, 12]])
+
+
+def engine_for(model: nn.Module, **config) -> PerturbationEngine:
+    return PerturbationEngine(list(model.parameters()), EngineConfig(**config))
+
+
+def dense_reference(model: nn.Module, engine: PerturbationEngine, seed: int, scale: float):
+    """A model copy whose stored weights are W + scale * z: what a perturbed forward must see."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for index, param in enumerate(reference.parameters()):
+            param.copy_((param.float() + scale * engine.direction(seed, index)).to(param.dtype))
+    return reference
+
+
+def test_mix_seed_is_deterministic_and_order_sensitive():
+    assert mix_seed(1, 2, 3) == mix_seed(1, 2, 3)
+    assert len({mix_seed(1, 2, 3), mix_seed(3, 2, 1), mix_seed(1, 2), mix_seed(1, 2, 4)}) == 4
+    assert 0 <= mix_seed(2**70, -1) < 2**63
+
+
+def test_directions_are_seed_addressed_and_leave_global_rng_alone():
+    model = TiedLM()
+    engine = engine_for(model, chunk_size=64)
+    state = torch.random.get_rng_state()
+    first = engine.direction(7, 0)
+    assert torch.equal(first, engine.direction(7, 0))
+    assert not torch.equal(first, engine.direction(8, 0))
+    assert not torch.equal(first[:16], engine.direction(7, 1)[:16].flatten()[:16].view(-1)[:16])
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert abs(first.mean()) < 0.2 and abs(first.std() - 1) < 0.2
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_threaded_draws_are_bit_identical_to_serial(distribution):
+    model = TiedLM(vocab=300, dim=32)
+    serial = engine_for(model, chunk_size=100, threads=1, distribution=distribution)
+    threaded = engine_for(model, chunk_size=100, threads=4, distribution=distribution)
+    for index in range(len(serial.tensors)):
+        assert torch.equal(
+            serial.perturbed_copy(3, index, 0.1), threaded.perturbed_copy(3, index, 0.1)
+        )
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    engine_for(a, chunk_size=100, threads=1, distribution=distribution).update(
+        [3, 4], [0.1, -0.2], 0.99
+    )
+    engine_for(b, chunk_size=100, threads=4, distribution=distribution).update(
+        [3, 4], [0.1, -0.2], 0.99
+    )
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_rademacher_directions_are_signs():
+    z = engine_for(TiedLM(), distribution="rademacher").direction(1, 0)
+    assert set(z.unique().tolist()) == {-1.0, 1.0}
+
+
+@pytest.mark.parametrize("offload_threshold", [1 << 22, 0])
+def test_perturbed_forward_equals_dense_perturbed_weights(offload_threshold):
+    # threshold 0 sends the embedding and tied head through the output-side path
+    model = TiedLM()
+    engine = engine_for(model, chunk_size=48, offload_threshold=offload_threshold)
+    with torch.no_grad():
+        with engine.perturbed(11, 0.01):
+            perturbed = model(IDS)
+        expected = dense_reference(model, engine, 11, 0.01)(IDS)
+    torch.testing.assert_close(perturbed, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(perturbed, model(IDS))
+
+
+def test_per_tensor_scales():
+    model = TiedLM()
+    engine = engine_for(model)
+    scales = [0.0, 0.02, 0.0, 0.01, 0.03]
+    with torch.no_grad(), engine.perturbed(5, scales):
+        perturbed = model(IDS)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for index, param in enumerate(reference.parameters()):
+            param.add_(scales[index] * engine.direction(5, index))
+        expected = reference(IDS)
+    torch.testing.assert_close(perturbed, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_weights_are_bit_identical_after_perturbed_forwards(dtype):
+    model = TiedLM().to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = engine_for(model, chunk_size=50)
+    with torch.no_grad():
+        for sign in (1.0, -1.0):
+            with engine.perturbed(3, sign * 1e-3):
+                model(IDS)
+        engine.update([3], [0.0], 1.0)  # an lr=0 step writes nothing
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_update_matches_manual_formula():
+    model = TiedLM()
+    engine = engine_for(model, chunk_size=50)
+    expected = [
+        p.detach() * 0.9 + 0.5 * engine.direction(1, i) - 0.25 * engine.direction(2, i)
+        for i, p in enumerate(model.parameters())
+    ]
+    engine.update([1, 2], [0.5, -0.25], decay=0.9)
+    for param, reference in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(param.detach(), reference, rtol=1e-6, atol=1e-6)
+
+
+def test_update_can_target_a_subset():
+    model = TiedLM()
+    before = [p.detach().clone() for p in model.parameters()]
+    engine_for(model).update([1], [0.5], indices=[2])
+    changed = [not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True)]
+    assert changed == [False, False, True, False, False]
+
+
+def test_forward_that_raises_restores_weights():
+    model = TiedLM()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = engine_for(model)
+    bad = torch.tensor([[1000]])  # out-of-range id: the embedding raises after norm is hooked
+    with pytest.raises(IndexError), torch.no_grad(), engine.perturbed(1, 0.1):
+        model.proj(model.norm(torch.ones(1, 16)))
+        model(bad)
+    for name, param in model.named_parameters():
+        assert param is dict(model.named_parameters())[name]
+        assert torch.equal(param, before[name])
+    assert all(isinstance(p, nn.Parameter) for p in model.parameters())
+
+
+def test_integer_tensors_are_refused():
+    with pytest.raises(FrozenTensorError, match="quantized base stays frozen"):
+        PerturbationEngine([torch.zeros(4, dtype=torch.uint8)])
+
+
+def test_bad_engine_config():
+    with pytest.raises(ValueError, match="choose one of"):
+        EngineConfig(distribution="uniform")

@@ -1,0 +1,261 @@
+"""``zo bench step | memory``: ratios measured in one run, printed as JSON + a table.
+
+step:   ZO-SGD step time over the time of two forward passes, and over a naive MeZO
+        step (global ``torch.manual_seed``, four dense ``torch.normal`` passes).
+memory: peak memory of a ZO-SGD step over that of a forward pass, each in a fresh
+        process, measured after the model is built (peak RSS reset via clear_refs).
+
+The model is OPT-125m-shaped with random weights (fp32), batch 16 x 64 tokens; the loss
+scores the last 4 positions of every sequence (logits only where scored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent.parent / "experiments" / "RESULTS.md"
+SCORED = 4
+
+
+def build_opt(layers: int, device: str) -> torch.nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(num_hidden_layers=layers)  # defaults are OPT-125m's shape
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = OPTForCausalLM(config)
+    return model.to(device).eval()
+
+
+def make_batch(batch: int, seq: int, vocab: int, device: str) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(4, vocab, (batch, seq), generator=generator).to(device)
+
+
+def scored_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token loss on the last SCORED positions only: no full sequence x vocab logits."""
+    hidden = model.model(input_ids=ids).last_hidden_state[:, -SCORED - 1 : -1]
+    logits = model.get_output_embeddings()(hidden).float()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), ids[:, -SCORED:].reshape(-1)
+    )
+
+
+def full_logits_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """How the reference MeZO code gets its loss: the HF forward with labels."""
+    return model(input_ids=ids, labels=ids).loss
+
+
+@torch.no_grad()
+def naive_mezo_step(model, loss_fn, ids, seed: int, lr: float, eps: float) -> float:
+    """The reference loop's shape: re-seed the global RNG before each of four passes."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def perturb(scale: float) -> None:
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+            p.data.add_(scale * eps * z)
+
+    perturb(1)
+    plus = loss_fn(model, ids).item()
+    perturb(-2)
+    minus = loss_fn(model, ids).item()
+    perturb(1)
+    grad = (plus - minus) / (2 * eps)
+    torch.manual_seed(seed)
+    for p in params:
+        z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+        p.data.add_(-lr * grad * z)
+    return plus
+
+
+def _time(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench_step(args: argparse.Namespace) -> dict:
+    from estimators import ZOSGD
+
+    model = build_opt(args.layers, args.device)
+    ids = make_batch(args.batch, args.seq, model.config.vocab_size, args.device)
+    optimizer = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, threads=args.threads)
+    timings: dict[str, list[float]] = {
+        "forward": [],
+        "zo_sgd_step": [],
+        "naive_mezo_same_loss": [],
+        "naive_mezo_full_logits": [],
+    }
+
+    def forward() -> None:
+        with torch.no_grad():
+            scored_loss(model, ids)
+
+    runs = {
+        "forward": forward,
+        "zo_sgd_step": lambda: optimizer.step(lambda: scored_loss(model, ids)),
+        "naive_mezo_same_loss": lambda: naive_mezo_step(model, scored_loss, ids, 1, 1e-7, 1e-3),
+        "naive_mezo_full_logits": lambda: naive_mezo_step(
+            model, full_logits_loss, ids, 1, 1e-7, 1e-3
+        ),
+    }
+    for fn in runs.values():  # warm-up: allocator, kernels, thread pools
+        fn()
+    for _ in range(args.repeats):  # interleaved, so machine noise hits every method alike
+        for name, fn in runs.items():
+            timings[name].append(_time(fn, args.device))
+    median = {name: statistics.median(values) for name, values in timings.items()}
+    return {
+        "benchmark": "step",
+        "model": f"opt-125m-shape ({args.layers} layers) random fp32",
+        "batch": f"{args.batch}x{args.seq}",
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "seconds_median": median,
+        "zo_step_over_two_forwards": median["zo_sgd_step"] / (2 * median["forward"]),
+        "speedup_vs_naive_mezo_same_loss": median["naive_mezo_same_loss"] / median["zo_sgd_step"],
+        "speedup_vs_naive_mezo_full_logits": median["naive_mezo_full_logits"]
+        / median["zo_sgd_step"],
+    }
+
+
+def _reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+
+
+def _rss_status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_worker(args: argparse.Namespace) -> dict:
+    """One fresh process: build, reset the peak, run `mode` a few times, report peaks."""
+    from estimators import ZOSGD
+
+    model = build_opt(args.layers, args.device)
+    ids = make_batch(args.batch, args.seq, model.config.vocab_size, args.device)
+    optimizer = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, threads=args.threads)
+    import gc
+
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = _rss_status("VmRSS")
+        _reset_peak_rss()
+    for _ in range(2):
+        if args.mode == "forward":
+            with torch.no_grad():
+                scored_loss(model, ids)
+        else:
+            optimizer.step(lambda: scored_loss(model, ids))
+    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else _rss_status("VmHWM")
+    return {"mode": args.mode, "baseline_bytes": baseline, "peak_bytes": peak}
+
+
+def bench_memory(args: argparse.Namespace) -> dict:
+    results = {}
+    for mode in ("forward", "zo_sgd_step"):
+        command = [sys.executable, "-m", "zo.bench", "memory-worker", "--mode", mode]
+        command += [
+            "--layers",
+            str(args.layers),
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+        ]
+        command += ["--device", args.device, "--threads", str(args.threads)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results[mode] = json.loads(output.strip().splitlines()[-1])
+    forward, step = results["forward"], results["zo_sgd_step"]
+    return {
+        "benchmark": "memory",
+        "model": f"opt-125m-shape ({args.layers} layers) random fp32",
+        "batch": f"{args.batch}x{args.seq}",
+        "device": args.device,
+        "forward_peak_bytes": forward["peak_bytes"],
+        "zo_step_peak_bytes": step["peak_bytes"],
+        "model_built_bytes": forward["baseline_bytes"],
+        "zo_step_peak_over_forward_peak": step["peak_bytes"] / forward["peak_bytes"],
+        "zo_step_extra_over_forward_extra": (step["peak_bytes"] - step["baseline_bytes"])
+        / max(1, forward["peak_bytes"] - forward["baseline_bytes"]),
+    }
+
+
+def _table(result: dict) -> str:
+    rows = []
+    for key, value in result.items():
+        if isinstance(value, dict):
+            rows += [f"| {key}.{k} | {_fmt(v)} |" for k, v in value.items()]
+        else:
+            rows.append(f"| {key} | {_fmt(value)} |")
+    return "| metric | value |\n|---|---|\n" + "\n".join(rows)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and value > 1 << 20:
+        return f"{value / 2**20:.1f} MiB"
+    return str(value)
+
+
+def record(result: dict, command: str) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with open(RESULTS, "a") as handle:
+        handle.write(
+            f"\n### bench {result['benchmark']} ({stamp}, {result['device']})\n\n"
+            f"`{command}`\n\n{_table(result)}\n"
+        )
+
+
+def parse(what: str, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"zo bench {what}")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="engine threads (0 = auto)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--mode", choices=["forward", "zo_sgd_step"], default="forward")
+    parser.add_argument("--record", action="store_true", help="append to experiments/RESULTS.md")
+    return parser.parse_args(argv)
+
+
+BENCHMARKS = {"step": bench_step, "memory": bench_memory, "memory-worker": memory_worker}
+
+
+def main(what: str, argv: list[str]) -> int:
+    args = parse(what, argv)
+    result = BENCHMARKS[what](args)
+    print(json.dumps(result))
+    if what != "memory-worker":
+        print(_table(result))
+        if args.record:
+            record(result, " ".join(["zo bench", what, *argv]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2:]))

@@ -1,0 +1,278 @@
+"""Run configuration: dataclasses are the schema, YAML fills them, ``a.b=value`` overrides.
+
+Validation happens here, before any model loads: an unknown key, a wrong type or a
+missing file is a :class:`ConfigError` naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from zo.engine import EngineConfig
+
+
+class ConfigError(ValueError):
+    """A usage error in a config or an override; the CLI exits with code 2."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-llama"
+    """A registered model (``zo list models``) or a local HF checkpoint directory."""
+    dtype: str = "float32"
+    attn: str | None = None
+    """Attention implementation (``eager``, ``sdpa``); None = the family's default."""
+    device: str = "auto"
+    """``cpu``, ``cuda``, ``cuda:1``; ``auto`` = CUDA when available."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "sentiment"
+    max_length: int = 128
+    train_limit: int | None = None
+    """Use only the first N training examples (after the seeded shuffle)."""
+    eval_limit: int | None = None
+    """Evaluate on only the first N dev examples."""
+
+
+@dataclass
+class TrainableConfig:
+    kind: Literal["full", "names"] = "full"
+    patterns: list[str] = field(default_factory=list)
+    """For ``names``: fnmatch patterns over parameter names (``*.norm.weight``)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 16
+    grad_accum: int = 1
+    """Micro-batches per step (ZO: averaged scalars of one seed)."""
+    seed: int = 0
+    """Run seed: directions and data order derive from it."""
+    out: str = "runs/default"
+    """Run directory."""
+    eval_every: int = 0
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    log_every: int = 10
+    eval_batch_size: int = 32
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    eval_before: bool = True
+    """Evaluate the untrained model first (the zero-shot baseline)."""
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    estimator: dict[str, Any] = field(default_factory=lambda: {"name": "zo_sgd"})
+    """``name`` picks the estimator; the other keys are its config dataclass's fields."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    resume: bool = False
+    """Continue the run in ``train.out`` from its last checkpoint."""
+
+
+# ---------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; convert only the lossless cases."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def build(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]}; valid keys{' under ' + where if where else ''}: "
+            f"{sorted(known)}"
+        )
+    kwargs = {
+        name: _coerce(value, hints[name], f"{where}.{name}" if where else name)
+        for name, value in data.items()
+    }
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where or 'config'}: {error}") from None
+
+
+def to_dict(config: Any) -> Any:
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, list):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config
+
+
+# ---------------------------------------------------------------------- files and overrides
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (pass --config PATH to a YAML file)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested mapping."""
+    data = _deep_copy(data)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {override!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def _normalise_shorthands(data: dict[str, Any]) -> dict[str, Any]:
+    """Accept ``trainable: full`` / ``trainable: "names:a,b"`` and ``estimator: zo_sgd``."""
+    data = dict(data)
+    trainable = data.get("trainable")
+    if isinstance(trainable, str):
+        kind, _, rest = trainable.partition(":")
+        data["trainable"] = {"kind": kind, "patterns": [p for p in rest.split(",") if p]}
+    estimator = data.get("estimator")
+    if isinstance(estimator, str):
+        data["estimator"] = {"name": estimator}
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(_normalise_shorthands(data), overrides or [])
+    config = build(RunConfig, _normalise_shorthands(data))
+    if "name" not in config.estimator:
+        raise ConfigError("estimator.name is missing (e.g. estimator.name=zo_sgd)")
+    _check_ranges(config)
+    return config
+
+
+def _check_ranges(config: RunConfig) -> None:
+    train = config.train
+    for key in ("steps", "batch_size", "grad_accum", "eval_batch_size", "log_every"):
+        if getattr(train, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
+    for key in ("eval_every", "save_every"):
+        if getattr(train, key) < 0:
+            raise ConfigError(f"train.{key} must be >= 0 (0 = off), got {getattr(train, key)}")
+    if config.trainable.kind == "names" and not config.trainable.patterns:
+        raise ConfigError("trainable.patterns is empty; `names` needs at least one pattern")
+    if config.task.max_length < 8:
+        raise ConfigError(f"task.max_length must be >= 8, got {config.task.max_length}")
+    if config.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype {config.model.dtype!r} is not one of {sorted(DTYPES)}")
+
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,340 @@
+"""Seed-replay perturbation engine: the only owner of randomness for directions.
+
+Every zeroth-order estimator is a sequence of passes over the trainable tensors that
+add ``scale * z`` to them, where ``z`` is regenerated from a seed and never stored.
+
+* Seeds. A step seed is ``mix_seed(run_seed, step, query)``. Chunk ``c`` of tensor ``i``
+  draws from its own ``torch.Generator`` seeded with ``mix_seed(step_seed, i, c)``, so a
+  chunk's values depend on nothing but those numbers: serial and threaded generation
+  are bit-identical, and no global RNG is touched.
+* Memory. Directions are drawn one fixed-size chunk at a time, so the temporary is a
+  chunk, not the largest tensor.
+* Exact restore. Perturbations are *functional*: while a forward runs inside
+  :meth:`PerturbationEngine.perturbed`, each module that owns a trainable tensor sees
+  ``W + scale * z`` computed on the fly, and the stored ``W`` is never written. Restoring
+  is therefore free and bit-exact in every dtype, and a two-point step costs three
+  passes over the weights (two perturbed forwards and one update), not four.
+* Large embeddings and output heads are not copied: their perturbation is added to the
+  module's output (``z`` rows gathered for an embedding, ``x @ z.T`` for a linear layer),
+  chunk by chunk, so a perturbed forward needs no more memory than a plain one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ENGINE_VERSION = "1"
+
+_MASK64 = (1 << 64) - 1
+
+
+def splitmix64(value: int) -> int:
+    """One round of the splitmix64 finaliser: a cheap, well-mixed 64-bit hash."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def mix_seed(*parts: int) -> int:
+    """Fold integers into one 63-bit seed; order matters, collisions are negligible."""
+    state = 0x5A4F2D454E47494E  # "ZO-ENGIN": keeps mix_seed(0) away from splitmix64(0)
+    for part in parts:
+        state = splitmix64(state ^ (int(part) & _MASK64))
+    return state >> 1  # torch.Generator.manual_seed takes any non-negative int < 2**64
+
+
+def _fill_gaussian(out: torch.Tensor, generator: torch.Generator) -> None:
+    out.normal_(generator=generator)
+
+
+def _fill_rademacher(out: torch.Tensor, generator: torch.Generator) -> None:
+    out.random_(0, 2, generator=generator).mul_(2).sub_(1)
+
+
+DISTRIBUTIONS: dict[str, Callable[[torch.Tensor, torch.Generator], None]] = {
+    "gaussian": _fill_gaussian,
+    "rademacher": _fill_rademacher,
+}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How directions are drawn. Changing any field changes every direction."""
+
+    chunk_size: int = 1 << 20
+    """Elements per chunk; the per-draw temporary is one chunk of fp32."""
+    threads: int = 0
+    """Worker threads drawing chunks on CPU; 0 = one per intra-op thread (max 8)."""
+    distribution: str = "gaussian"
+    """Direction law: ``gaussian`` or ``rademacher`` (both have E[z z^T] = I)."""
+    offload_threshold: int = 1 << 22
+    """Embedding / linear weights above this many elements get the output-side
+    perturbation instead of a perturbed copy (saves one weight-sized temporary)."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"engine.chunk_size must be >= 1, got {self.chunk_size}")
+        if self.threads < 0:
+            raise ValueError(f"engine.threads must be >= 0, got {self.threads}")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"engine.distribution {self.distribution!r} is unknown; "
+                f"choose one of {sorted(DISTRIBUTIONS)}"
+            )
+
+
+class FrozenTensorError(RuntimeError):
+    """Raised when something asks the engine to perturb a tensor it must not touch."""
+
+
+_PERTURBABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+class PerturbationEngine:
+    """Draws seed-addressed directions over a fixed list of tensors and applies them.
+
+    The tensor order is part of the seed address: tensor ``i`` of a run always draws
+    with index ``i``. Keep the list (the trainable set's manifest) stable to replay.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], config: EngineConfig | None = None):
+        self.config = config or EngineConfig()
+        self.tensors = list(tensors)
+        for index, tensor in enumerate(self.tensors):
+            if tensor.dtype not in _PERTURBABLE_DTYPES:
+                raise FrozenTensorError(
+                    f"trainable tensor {index} has dtype {tensor.dtype}; the engine perturbs "
+                    "only floating-point tensors (a quantized base stays frozen: train a "
+                    "sparse delta or LoRA over it instead)"
+                )
+        self._index = {id(t): i for i, t in enumerate(self.tensors)}
+        if len(self._index) != len(self.tensors):
+            raise ValueError("the same tensor appears twice in the trainable set")
+        self._fill = DISTRIBUTIONS[self.config.distribution]
+        threads = self.config.threads or min(8, torch.get_num_threads())
+        self._threads = max(1, threads)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._scratch = threading.local()
+
+    # ------------------------------------------------------------------ directions
+    def num_chunks(self, index: int) -> int:
+        numel = self.tensors[index].numel()
+        return max(1, -(-numel // self._chunk_len(index)))
+
+    def _chunk_len(self, index: int) -> int:
+        # Row-aligned chunks for matrices, so an embedding can gather rows chunk by chunk.
+        tensor = self.tensors[index]
+        if tensor.dim() >= 2:
+            row = tensor[0].numel()
+            return max(1, self.config.chunk_size // row) * row
+        return self.config.chunk_size
+
+    def _draw(self, seed: int, index: int, chunk: int, length: int, device) -> torch.Tensor:
+        """Chunk ``chunk`` of z for tensor ``index``, in a per-thread scratch buffer.
+
+        The result is valid until this thread's next draw. Reusing one buffer per thread
+        keeps the allocator from growing a fresh chunk-sized block in every thread arena.
+        """
+        generator = torch.Generator(device=device)
+        generator.manual_seed(mix_seed(seed, index, chunk))
+        scratch = getattr(self._scratch, "buffer", None)
+        if scratch is None or scratch.numel() < length or scratch.device != torch.device(device):
+            scratch = torch.empty(length, dtype=torch.float32, device=device)
+            self._scratch.buffer = scratch
+        out = scratch[:length]
+        self._fill(out, generator)
+        return out
+
+    def _chunks(self, index: int) -> Iterator[tuple[int, int, int]]:
+        """Yield ``(chunk, start, stop)`` over the flat view of tensor ``index``."""
+        numel = self.tensors[index].numel()
+        step = self._chunk_len(index)
+        for chunk, start in enumerate(range(0, max(numel, 1), step)):
+            yield chunk, start, min(start + step, numel)
+
+    def direction(self, seed: int, index: int) -> torch.Tensor:
+        """The full fp32 direction of tensor ``index`` (for tests, jvp tangents, analysis)."""
+        tensor = self.tensors[index]
+        flat = torch.empty(tensor.numel(), dtype=torch.float32, device=tensor.device)
+        for chunk, start, stop in self._chunks(index):
+            flat[start:stop] = self._draw(seed, index, chunk, stop - start, tensor.device)
+        return flat.view(tensor.shape)
+
+    def _run(self, jobs: list[Callable[[], None]]) -> None:
+        """Run chunk jobs; on CPU spread them over a thread pool (results are order-free)."""
+        if len(jobs) <= 1 or self._threads == 1:
+            for job in jobs:
+                job()
+            return
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="zo-engine")
+        for future in [self._pool.submit(job) for job in jobs]:
+            future.result()
+
+    def _on_gpu(self, index: int) -> bool:
+        return self.tensors[index].device.type != "cpu"
+
+    # ------------------------------------------------------------------ updates
+    def update(
+        self,
+        seeds: Sequence[int],
+        coefficients: Sequence[float],
+        decay: float = 1.0,
+        indices: Sequence[int] | None = None,
+    ) -> None:
+        """In place: ``W <- decay * W + sum_q coefficients[q] * z(seeds[q])``.
+
+        Accumulates in fp32 per chunk and rounds once, so low-precision weights lose as
+        little as possible; a zero update (all coefficients 0, decay 1) writes nothing.
+        """
+        if len(seeds) != len(coefficients):
+            raise ValueError("update needs one coefficient per seed")
+        terms = [(s, float(c)) for s, c in zip(seeds, coefficients, strict=True) if c != 0.0]
+        if not terms and decay == 1.0:
+            return
+        jobs: list[Callable[[], None]] = []
+        for index in range(len(self.tensors)) if indices is None else indices:
+            flat = self.tensors[index].detach().view(-1)
+            for chunk, start, stop in self._chunks(index):
+                jobs.append(self._update_job(flat, index, chunk, start, stop, terms, decay))
+        self._run_or_serial(jobs, indices)
+
+    def _run_or_serial(self, jobs: list[Callable[[], None]], indices) -> None:
+        targets = range(len(self.tensors)) if indices is None else indices
+        if any(self._on_gpu(i) for i in targets):
+            for job in jobs:  # kernels are already parallel on a GPU
+                job()
+        else:
+            self._run(jobs)
+
+    def _update_job(self, flat, index, chunk, start, stop, terms, decay) -> Callable[[], None]:
+        def job() -> None:
+            piece = flat[start:stop]
+            acc = piece if piece.dtype == torch.float32 else piece.float()
+            if decay != 1.0:
+                acc.mul_(decay)
+            for seed, coefficient in terms:
+                z = self._draw(seed, index, chunk, stop - start, flat.device)
+                acc.add_(z, alpha=coefficient)
+            if acc is not piece:
+                piece.copy_(acc)
+
+        return job
+
+    def perturbed_copy(self, seed: int, index: int, scale: float) -> torch.Tensor:
+        """A new tensor ``W + scale * z`` (computed in fp32, rounded once); W untouched."""
+        tensor = self.tensors[index].detach()
+        out = torch.empty_like(tensor)
+        source, target = tensor.reshape(-1), out.view(-1)
+
+        def make_job(chunk: int, start: int, stop: int) -> Callable[[], None]:
+            def job() -> None:
+                z = self._draw(seed, index, chunk, stop - start, tensor.device)
+                piece = source[start:stop]
+                if piece.dtype == torch.float32:
+                    torch.add(piece, z, alpha=scale, out=target[start:stop])
+                else:
+                    target[start:stop].copy_(piece.float().add_(z, alpha=scale))
+
+            return job
+
+        self._run_or_serial([make_job(*c) for c in self._chunks(index)], [index])
+        return out
+
+    # ------------------------------------------------------------------ perturbed forwards
+    @contextlib.contextmanager
+    def perturbed(self, seed: int, scale: float | Sequence[float]) -> Iterator[None]:
+        """Forwards run inside see every trainable ``W`` as ``W + scale * z(seed)``.
+
+        ``scale`` is one number or one per tensor (per-group eps). Works for any module
+        whose forward reads its own parameters; the stored weights are never modified.
+        """
+        scales = (
+            [float(scale)] * len(self.tensors)
+            if isinstance(scale, (int, float))
+            else [float(s) for s in scale]
+        )
+        if len(scales) != len(self.tensors):
+            raise ValueError("perturbed() needs one scale per tensor")
+        # Per module, a stack of (name, original) lists: a module may be re-entered.
+        swapped: dict[int, list[list[tuple[nn.Module, str, nn.Parameter]]]] = {}
+
+        def pre_hook(module: nn.Module, args) -> None:
+            restore = []
+            for name, param in module._parameters.items():
+                index = self._index.get(id(param)) if param is not None else None
+                if index is None or scales[index] == 0.0 or self._output_side(module, index):
+                    continue
+                module._parameters[name] = self.perturbed_copy(seed, index, scales[index])
+                restore.append((module, name, param))
+            swapped.setdefault(id(module), []).append(restore)
+
+        def post_hook(module: nn.Module, args, output):
+            for owner, name, param in swapped[id(module)].pop():
+                owner._parameters[name] = param
+            return self._output_side_perturbation(module, args, output, seed, scales)
+
+        pre = nn.modules.module.register_module_forward_pre_hook(pre_hook)
+        post = nn.modules.module.register_module_forward_hook(post_hook)
+        try:
+            yield
+        finally:
+            pre.remove()
+            post.remove()
+            for stack in swapped.values():  # non-empty only if a forward raised mid-way
+                for restore in stack:
+                    for owner, name, param in restore:
+                        owner._parameters[name] = param
+
+    def _output_side(self, module: nn.Module, index: int) -> bool:
+        if self.tensors[index].numel() <= self.config.offload_threshold:
+            return False
+        if type(module).forward is nn.Embedding.forward:
+            return module.max_norm is None and module.weight is self.tensors[index]
+        return type(module).forward is nn.Linear.forward and module.weight is self.tensors[index]
+
+    def _output_side_perturbation(self, module, args, output, seed, scales):
+        weight = module._parameters.get("weight")
+        index = self._index.get(id(weight)) if weight is not None else None
+        if index is None or scales[index] == 0.0 or not self._output_side(module, index):
+            return None
+        scale = scales[index]
+        row = weight.shape[1]
+        output = output.clone() if output.requires_grad else output
+        if isinstance(module, nn.Embedding):
+            ids = args[0]
+            out_rows = output.view(-1, row)
+            flat_ids = ids.reshape(-1)
+            for chunk, start, stop in self._chunks(index):
+                first, last = start // row, stop // row
+                hit = (flat_ids >= first) & (flat_ids < last)
+                if not bool(hit.any()):
+                    continue
+                z = self._draw(seed, index, chunk, stop - start, weight.device).view(-1, row)
+                rows = z[flat_ids[hit] - first].to(output.dtype)
+                out_rows[hit] += scale * rows
+            return output
+        inputs = args[0]
+        out_cols = output.view(-1, output.shape[-1])
+        x = inputs.reshape(-1, inputs.shape[-1])
+        for chunk, start, stop in self._chunks(index):
+            first, last = start // row, stop // row
+            z = self._draw(seed, index, chunk, stop - start, weight.device).view(-1, row)
+            out_cols[:, first:last] += scale * F.linear(x.float(), z).to(output.dtype)
+        return output
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
