@@ -76,9 +76,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         queries: int = 1,
         one_point: bool = False,
         seed: int = 0,
-        direction: str = "gaussian",
-        chunk_size: int = 1 << 20,
-        threads: int = 0,
+        engine: EngineConfig | None = None,
     ):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -93,9 +91,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.one_point = one_point
         self.run_seed = seed
         tensors = [p for group in self.param_groups for p in group["params"]]
-        self.engine = PerturbationEngine(
-            tensors, EngineConfig(chunk_size=chunk_size, threads=threads, distribution=direction)
-        )
+        self.engine = PerturbationEngine(tensors, engine)
         self._group_indices: list[list[int]] = []
         start = 0
         for group in self.param_groups:

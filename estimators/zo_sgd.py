@@ -21,12 +21,6 @@ class ZOSGDConfig:
     """Directions per step; the update averages them (O(1) memory: seeds are replayed)."""
     one_point: bool = False
     """``(L(W + eps z) - L(W)) / eps`` instead of the symmetric two-point difference."""
-    direction: str = "gaussian"
-    """Direction law: ``gaussian`` or ``rademacher``."""
-    chunk_size: int = 1 << 20
-    """Elements drawn per chunk (the temporary's size); part of a direction's address."""
-    threads: int = 0
-    """CPU threads drawing directions; 0 = one per intra-op thread. Results do not depend on it."""
 
 
 @register_estimator("zo_sgd", ZOSGDConfig, zeroth_order=True)

@@ -91,10 +91,13 @@ def _time(fn, device: str) -> float:
 
 def bench_step(args: argparse.Namespace) -> dict:
     from estimators import ZOSGD
+    from zo.engine import EngineConfig
 
     model = build_opt(args.layers, args.device)
     ids = make_batch(args.batch, args.seq, model.config.vocab_size, args.device)
-    optimizer = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, threads=args.threads)
+    optimizer = ZOSGD(
+        model.parameters(), lr=1e-7, eps=1e-3, seed=0, engine=EngineConfig(threads=args.threads)
+    )
     timings: dict[str, list[float]] = {
         "forward": [],
         "zo_sgd_step": [],
@@ -149,10 +152,13 @@ def _rss_status(field: str) -> int:
 def memory_worker(args: argparse.Namespace) -> dict:
     """One fresh process: build, reset the peak, run `mode` a few times, report peaks."""
     from estimators import ZOSGD
+    from zo.engine import EngineConfig
 
     model = build_opt(args.layers, args.device)
     ids = make_batch(args.batch, args.seq, model.config.vocab_size, args.device)
-    optimizer = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, threads=args.threads)
+    optimizer = ZOSGD(
+        model.parameters(), lr=1e-7, eps=1e-3, seed=0, engine=EngineConfig(threads=args.threads)
+    )
     import gc
 
     gc.collect()

@@ -70,8 +70,9 @@ DISTRIBUTIONS: dict[str, Callable[[torch.Tensor, torch.Generator], None]] = {
 class EngineConfig:
     """How directions are drawn. Changing any field changes every direction."""
 
-    chunk_size: int = 1 << 20
-    """Elements per chunk; the per-draw temporary is one chunk of fp32."""
+    chunk_size: int = 0
+    """Elements per chunk; the per-draw temporary is one chunk of fp32. 0 = by device:
+    2**20 on CPU (4 MiB), 2**24 on accelerators, where each chunk costs kernel launches."""
     threads: int = 0
     """Worker threads drawing chunks on CPU; 0 = one per intra-op thread (max 8)."""
     distribution: str = "gaussian"
@@ -81,8 +82,8 @@ class EngineConfig:
     perturbation instead of a perturbed copy (saves one weight-sized temporary)."""
 
     def __post_init__(self) -> None:
-        if self.chunk_size < 1:
-            raise ValueError(f"engine.chunk_size must be >= 1, got {self.chunk_size}")
+        if self.chunk_size < 0:
+            raise ValueError(f"engine.chunk_size must be >= 0 (0 = auto), got {self.chunk_size}")
         if self.threads < 0:
             raise ValueError(f"engine.threads must be >= 0, got {self.threads}")
         if self.distribution not in DISTRIBUTIONS:
@@ -95,6 +96,9 @@ class EngineConfig:
 class FrozenTensorError(RuntimeError):
     """Raised when something asks the engine to perturb a tensor it must not touch."""
 
+
+CPU_CHUNK = 1 << 20
+ACCELERATOR_CHUNK = 1 << 24
 
 _PERTURBABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -136,8 +140,13 @@ class PerturbationEngine:
         tensor = self.tensors[index]
         if tensor.dim() >= 2:
             row = tensor[0].numel()
-            return max(1, self.config.chunk_size // row) * row
-        return self.config.chunk_size
+            return max(1, self._chunk_size(index) // row) * row
+        return self._chunk_size(index)
+
+    def _chunk_size(self, index: int) -> int:
+        if self.config.chunk_size:
+            return self.config.chunk_size
+        return CPU_CHUNK if self.tensors[index].device.type == "cpu" else ACCELERATOR_CHUNK
 
     def _draw(self, seed: int, index: int, chunk: int, length: int, device) -> torch.Tensor:
         """Chunk ``chunk`` of z for tensor ``index``, in a per-thread scratch buffer.
@@ -145,12 +154,15 @@ class PerturbationEngine:
         The result is valid until this thread's next draw. Reusing one buffer per thread
         keeps the allocator from growing a fresh chunk-sized block in every thread arena.
         """
-        generator = torch.Generator(device=device)
+        device = torch.device(device)
+        local = self._scratch.__dict__.setdefault(device, {})
+        if "generator" not in local:  # creating a CUDA generator per chunk is slow
+            local["generator"] = torch.Generator(device=device)
+        generator = local["generator"]
         generator.manual_seed(mix_seed(seed, index, chunk))
-        scratch = getattr(self._scratch, "buffer", None)
-        if scratch is None or scratch.numel() < length or scratch.device != torch.device(device):
-            scratch = torch.empty(length, dtype=torch.float32, device=device)
-            self._scratch.buffer = scratch
+        scratch = local.get("buffer")
+        if scratch is None or scratch.numel() < length:
+            scratch = local["buffer"] = torch.empty(length, dtype=torch.float32, device=device)
         out = scratch[:length]
         self._fill(out, generator)
         return out
@@ -305,34 +317,79 @@ class PerturbationEngine:
         return type(module).forward is nn.Linear.forward and module.weight is self.tensors[index]
 
     def _output_side_perturbation(self, module, args, output, seed, scales):
+        """Add the perturbation's effect to a large embedding's or linear layer's output.
+
+        Chunks are row blocks of the weight; each job writes disjoint output rows
+        (embedding) or columns (linear), so jobs run on the thread pool safely.
+        """
         weight = module._parameters.get("weight")
         index = self._index.get(id(weight)) if weight is not None else None
         if index is None or scales[index] == 0.0 or not self._output_side(module, index):
             return None
-        scale = scales[index]
-        row = weight.shape[1]
+        scale, row = scales[index], weight.shape[1]
         output = output.clone() if output.requires_grad else output
+        jobs: list[Callable[[], None]] = []
         if isinstance(module, nn.Embedding):
-            ids = args[0]
             out_rows = output.view(-1, row)
-            flat_ids = ids.reshape(-1)
+            flat_ids = args[0].reshape(-1)
             for chunk, start, stop in self._chunks(index):
                 first, last = start // row, stop // row
                 hit = (flat_ids >= first) & (flat_ids < last)
-                if not bool(hit.any()):
-                    continue
-                z = self._draw(seed, index, chunk, stop - start, weight.device).view(-1, row)
-                rows = z[flat_ids[hit] - first].to(output.dtype)
-                out_rows[hit] += scale * rows
-            return output
-        inputs = args[0]
-        out_cols = output.view(-1, output.shape[-1])
-        x = inputs.reshape(-1, inputs.shape[-1])
-        for chunk, start, stop in self._chunks(index):
-            first, last = start // row, stop // row
-            z = self._draw(seed, index, chunk, stop - start, weight.device).view(-1, row)
-            out_cols[:, first:last] += scale * F.linear(x.float(), z).to(output.dtype)
+                # On CPU skip untouched chunks; on a GPU that test would sync every chunk.
+                positions = hit.nonzero().view(-1) if out_rows.device.type == "cpu" else None
+                if positions is None or positions.numel():
+                    jobs.append(
+                        self._embedding_job(
+                            out_rows,
+                            flat_ids,
+                            positions,
+                            (seed, index, chunk, stop - start),
+                            first,
+                            scale,
+                        )
+                    )
+        else:
+            out_cols = output.view(-1, output.shape[-1])
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            for chunk, start, stop in self._chunks(index):
+                jobs.append(
+                    self._linear_job(
+                        out_cols,
+                        x,
+                        (seed, index, chunk, stop - start),
+                        start // row,
+                        stop // row,
+                        scale,
+                    )
+                )
+        self._run_or_serial(jobs, [index])
         return output
+
+    def _embedding_job(self, out_rows, flat_ids, positions, address, first, scale):
+        def job() -> None:
+            block = self._chunk_rows(*address, out_rows.device)
+            if positions is not None:
+                rows = block[flat_ids[positions] - first]
+                out_rows.index_add_(0, positions, rows.to(out_rows.dtype), alpha=scale)
+                return
+            local = flat_ids - first
+            hit = (local >= 0) & (local < block.shape[0])
+            rows = block[local.clamp(0, block.shape[0] - 1)] * hit.unsqueeze(1)
+            out_rows.add_(rows.to(out_rows.dtype), alpha=scale)
+
+        return job
+
+    def _linear_job(self, out_cols, x, address, first, last, scale):
+        def job() -> None:
+            block = self._chunk_rows(*address, out_cols.device)
+            out_cols[:, first:last] += (scale * F.linear(x, block)).to(out_cols.dtype)
+
+        return job
+
+    def _chunk_rows(self, seed: int, index: int, chunk: int, length: int, device) -> torch.Tensor:
+        """Chunk ``chunk`` of tensor ``index``'s direction as a block of weight rows."""
+        row = self.tensors[index][0].numel()
+        return self._draw(seed, index, chunk, length, device).view(-1, row)
 
     def close(self) -> None:
         if self._pool is not None:

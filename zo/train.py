@@ -1,0 +1,356 @@
+"""The training loop: one visible loop for every estimator, plus evaluation and replay."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import estimators
+import tasks
+from zo import models
+from zo.config import ConfigError, RunConfig, build, dump_yaml, load_config, to_dict
+from zo.engine import ENGINE_VERSION, mix_seed
+from zo.memory import peak_memory_bytes
+from zo.trainable import TrainableSet, select_trainable
+from zo.trajectory import (
+    TRAJECTORY_FORMAT,
+    Checkpoint,
+    NothingToResumeError,
+    RunDirectory,
+    atomic_write_text,
+    save_tensors_atomic,
+)
+
+_DATA_STREAM = 0xDA7A  # tags the data-order seed stream apart from direction seeds
+
+# Changing these on resume would change the trajectory; the rest (steps, logging) may change.
+_RESUME_INVARIANT = ("model", "task", "trainable", "estimator", "engine")
+_RESUME_INVARIANT_TRAIN = ("batch_size", "grad_accum", "seed", "lr_schedule")
+
+
+# ---------------------------------------------------------------------- building blocks
+
+
+def resolve_estimator(config: RunConfig) -> tuple[estimators.EstimatorSpec, Any]:
+    """The estimator's spec and its validated config dataclass (ConfigError otherwise)."""
+    section = dict(config.estimator)
+    name = section.pop("name", None)
+    try:
+        spec = estimators.get_estimator(str(name))
+    except estimators.UnknownEstimatorError as error:
+        raise ConfigError(f"estimator.name: {error}") from None
+    return spec, build(spec.config_class, section, "estimator")
+
+
+def validate(config: RunConfig) -> None:
+    """Every check that needs no model: estimator keys, model name, task name."""
+    resolve_estimator(config)
+    if config.model.name not in models.available_models() and not Path(config.model.name).is_dir():
+        raise ConfigError(
+            f"model.name {config.model.name!r} is neither a registered model "
+            f"{models.available_models()} nor a local checkpoint directory"
+        )
+    if config.task.name not in tasks.available_tasks():
+        raise ConfigError(
+            f"task.name {config.task.name!r} is unknown; choose one of {tasks.available_tasks()}"
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Setup:
+    """What a run needs besides the loop: built once, shared by train, eval and replay."""
+
+    config: RunConfig
+    model: torch.nn.Module
+    tokenizer: Any
+    task: tasks.Task
+    trainable: TrainableSet
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+
+
+def build_setup(config: RunConfig) -> Setup:
+    validate(config)
+    spec, estimator_config = resolve_estimator(config)
+    device = resolve_device(config.model.device)
+    model, tokenizer = models.load_model(
+        config.model.name, dtype=config.model.dtype, attn=config.model.attn
+    )
+    model.to(device).eval()  # eval: no dropout, so a step is a deterministic function of seeds
+    trainable = select_trainable(model, config.trainable)
+    optimizer = estimators.build_estimator(
+        spec.name, trainable.params, estimator_config, seed=config.train.seed, engine=config.engine
+    )
+    task = tasks.get_task(config.task.name)
+    return Setup(config, model, tokenizer, task, trainable, optimizer, device)
+
+
+class BatchSampler:
+    """Stateless epoch shuffling: the batch of (step, micro-batch) is a pure function."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        if size == 0:
+            raise ConfigError("the task's training split is empty")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self._epochs: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._epochs:
+            generator = torch.Generator().manual_seed(mix_seed(_DATA_STREAM, self.seed, epoch))
+            self._epochs = {epoch: torch.randperm(self.size, generator=generator).tolist()}
+        return self._epochs[epoch]
+
+    def indices(self, micro_batch: int) -> list[int]:
+        start = micro_batch * self.batch_size
+        return [
+            self._order(position // self.size)[position % self.size]
+            for position in range(start, start + self.batch_size)
+        ]
+
+
+def learning_rate(config: RunConfig, base_lr: float, step: int) -> float:
+    if config.train.lr_schedule == "linear":
+        return base_lr * (1.0 - step / config.train.steps)
+    return base_lr
+
+
+def evaluate(setup: Setup, examples: list) -> dict[str, float]:
+    return tasks.evaluate(
+        setup.model,
+        setup.tokenizer,
+        setup.task,
+        examples,
+        batch_size=setup.config.train.eval_batch_size,
+        max_length=setup.config.task.max_length,
+    )
+
+
+def trajectory_header(setup: Setup) -> dict[str, Any]:
+    spec, estimator_config = resolve_estimator(setup.config)
+    return {
+        "format": TRAJECTORY_FORMAT,
+        "model": setup.config.model.name,
+        "model_hash": models.model_fingerprint(setup.model),
+        "trainable": setup.trainable.manifest(),
+        "estimator": {"name": spec.name, **to_dict(estimator_config)},
+        "run_seed": setup.config.train.seed,
+        "engine_version": ENGINE_VERSION,
+        "device_type": setup.device.type,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _check_resumable(run: RunDirectory, config: RunConfig) -> None:
+    saved = load_config(run.config)
+    for section in _RESUME_INVARIANT:
+        if to_dict(getattr(saved, section)) != to_dict(getattr(config, section)):
+            raise ConfigError(
+                f"resume: {section} differs from the run's config.yaml; a resumed run must "
+                "keep model, task, trainable, estimator and engine settings"
+            )
+    for key in _RESUME_INVARIANT_TRAIN:
+        if getattr(saved.train, key) != getattr(config.train, key):
+            raise ConfigError(f"resume: train.{key} differs from the run's config.yaml")
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+def train(config: RunConfig, log=print) -> dict[str, Any]:
+    """Train as ``config`` says; returns the summary that is also saved to summary.json."""
+    run = RunDirectory(config.train.out)
+    if config.resume:
+        if not run.holds_run():
+            raise NothingToResumeError(f"resume=true but {run.path} holds no run to continue")
+        _check_resumable(run, config)
+    else:
+        run.ensure_new()  # before any model loads: never overwrite a run
+    setup = build_setup(config)
+    model, optimizer, train_cfg = setup.model, setup.optimizer, config.train
+    train_examples = setup.task.load("train")[: config.task.train_limit]
+    dev_examples = setup.task.load("dev")[: config.task.eval_limit]
+
+    start_step, zero_shot = 0, None
+    if config.resume and run.has_checkpoint():
+        checkpoint = run.load_checkpoint(setup.device)
+        setup.trainable.load_state_dict(checkpoint.tensors)
+        optimizer.load_state_dict(checkpoint.optimizer_state)
+        start_step, zero_shot = checkpoint.step, checkpoint.extra.get("zero_shot")
+        run.rewind(start_step)
+        log(f"resuming {run.path} at step {start_step}")
+    elif config.resume:
+        run.rewind(0)  # killed before its first checkpoint: start over, same seeds
+        log(f"{run.path} has no checkpoint yet; starting it over from step 0")
+    else:
+        run.create(dump_yaml(config), trajectory_header(setup))
+
+    if start_step == 0 and train_cfg.eval_before:
+        zero_shot = evaluate(setup, dev_examples)
+        log(f"zero-shot dev accuracy: {zero_shot['accuracy']:.4f} ({len(dev_examples)} examples)")
+
+    sampler = BatchSampler(len(train_examples), train_cfg.batch_size, train_cfg.seed)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    started = time.perf_counter()
+    progress = _progress(start_step, train_cfg.steps, enabled=train_cfg.progress)
+    for step in range(start_step, train_cfg.steps):
+        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = learning_rate(config, base_lr, step)
+        for micro in range(train_cfg.grad_accum):
+            picked = sampler.indices(step * train_cfg.grad_accum + micro)
+            batch = tasks.encode_candidates(
+                setup.tokenizer,
+                setup.task,
+                [train_examples[i] for i in picked],
+                max_length=config.task.max_length,
+            ).to(setup.device)
+            optimizer.estimate(lambda batch=batch: tasks.classification_loss(model, batch))
+        loss = optimizer.step()
+        record = getattr(optimizer, "last_record", None)
+        if record is not None:
+            run.append(run.trajectory, {"type": "step", **record.to_dict()})
+        done = step + 1
+        elapsed = time.perf_counter() - started
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}")
+        if done % train_cfg.log_every == 0 or done == train_cfg.steps:
+            metrics = {
+                "step": step,
+                "loss": loss,
+                "lr": optimizer.param_groups[0]["lr"],
+                "projected_grad": record.scalars if record is not None else None,
+                "seconds": elapsed,
+                "peak_memory_bytes": peak_memory_bytes(setup.device),
+            }
+            if train_cfg.eval_every and done % train_cfg.eval_every == 0:
+                metrics["dev_accuracy"] = evaluate(setup, dev_examples)["accuracy"]
+            run.append(run.metrics, metrics)
+        if (train_cfg.save_every and done % train_cfg.save_every == 0) or done == train_cfg.steps:
+            run.save_checkpoint(
+                Checkpoint(
+                    done,
+                    setup.trainable.state_dict(),
+                    optimizer.state_dict(),
+                    {"zero_shot": zero_shot},
+                )
+            )
+    progress.close()
+    wall = time.perf_counter() - started
+    steps_run = train_cfg.steps - start_step
+
+    final = evaluate(setup, dev_examples)
+    summary = {
+        "run_dir": str(run.path),
+        "steps": train_cfg.steps,
+        "zero_shot_accuracy": zero_shot["accuracy"] if zero_shot else None,
+        "final_accuracy": final["accuracy"],
+        "final_loss": _last_loss(run),
+        "dev_examples": len(dev_examples),
+        "trainable_parameters": setup.trainable.numel(),
+        "peak_memory_bytes": peak_memory_bytes(setup.device),
+        "device": setup.device.type,
+        "wall_seconds": wall,
+        "steps_per_second": steps_run / wall if wall > 0 else None,
+        "loss_plot": str(run.plot),
+    }
+    atomic_write_text(run.summary, json.dumps(summary, indent=2) + "\n")
+    plot_loss(run)
+    return summary
+
+
+def _last_loss(run: RunDirectory) -> float | None:
+    records = run.step_records()
+    return records[-1]["loss"] if records else None
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, initial=start, desc="train", unit="step", disable=not enabled, file=sys.stderr
+    )
+
+
+def plot_loss(run: RunDirectory) -> Path:
+    """loss.png: per-step training loss and its running mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = run.step_records()
+    steps = [r["step"] for r in records]
+    losses = [r["loss"] for r in records]
+    window = max(1, len(losses) // 20)
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot(steps, losses, alpha=0.3, label="loss")
+    axis.plot(steps, smooth, label=f"mean of {window}")
+    axis.set_xlabel("step")
+    axis.set_ylabel("training loss")
+    axis.legend()
+    figure.tight_layout()
+    tmp = run.plot.with_name(".loss.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    tmp.replace(run.plot)
+    return run.plot
+
+
+# ---------------------------------------------------------------------- replay
+
+
+def replay(run_dir: str | Path, out_dir: str | Path, log=print) -> dict[str, Any]:
+    """Rebuild the trained tensors from the base model and trajectory.jsonl alone."""
+    run = RunDirectory(run_dir)
+    if not run.trajectory.exists() or not run.config.exists():
+        raise NothingToResumeError(
+            f"{run.path} is not a zo run (no config.yaml / trajectory.jsonl)"
+        )
+    config = load_config(run.config)
+    header = run.header()
+    setup = build_setup(config)
+    fingerprint = models.model_fingerprint(setup.model)
+    if fingerprint != header["model_hash"]:
+        raise ValueError(
+            f"base model {config.model.name} hashes to {fingerprint}, the run started from "
+            f"{header['model_hash']}: replay needs the same base weights"
+        )
+    if setup.trainable.manifest() != header["trainable"]:
+        raise ValueError("the trainable set differs from the run's manifest")
+    if not isinstance(setup.optimizer, estimators.ZOOptimizer):
+        raise ValueError(f"estimator {config.estimator['name']} is not seed-replayable")
+    records = run.step_records()
+    for data in records:
+        setup.optimizer.apply_record(
+            estimators.StepRecord.from_dict({k: v for k, v in data.items() if k != "type"})
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors_atomic(setup.trainable.state_dict(), out / "trainable.safetensors")
+    result: dict[str, Any] = {"steps": len(records), "out": str(out / "trainable.safetensors")}
+    if run.has_checkpoint():
+        saved = run.load_checkpoint(setup.device)
+        if saved.step == len(records):
+            replayed = setup.trainable.state_dict()
+            result["bit_identical_to_checkpoint"] = all(
+                torch.equal(replayed[name], saved.tensors[name]) for name in replayed
+            )
+    log(json.dumps(result))
+    return result
