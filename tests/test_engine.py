@@ -89,11 +89,16 @@ def test_rademacher_directions_are_signs():
     assert set(z.unique().tolist()) == {-1.0, 1.0}
 
 
-@pytest.mark.parametrize("offload_threshold", [1 << 22, 0])
-def test_perturbed_forward_equals_dense_perturbed_weights(offload_threshold):
-    # threshold 0 sends the embedding and tied head through the output-side path
+@pytest.mark.parametrize(
+    ("offload_threshold", "offload_max_rows"), [(1 << 22, 64), (0, 64), (0, 0)]
+)
+def test_perturbed_forward_equals_dense_perturbed_weights(offload_threshold, offload_max_rows):
+    # threshold 0 sends the embedding and the linear layers through the output-side path;
+    # max_rows 0 then keeps the linear layers on weight copies
     model = TiedLM()
-    engine = engine_for(model, chunk_size=48, offload_threshold=offload_threshold)
+    engine = engine_for(
+        model, chunk_size=48, offload_threshold=offload_threshold, offload_max_rows=offload_max_rows
+    )
     with torch.no_grad():
         with engine.perturbed(11, 0.01):
             perturbed = model(IDS)

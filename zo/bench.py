@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -26,10 +27,21 @@ RESULTS = Path(__file__).resolve().parent.parent / "experiments" / "RESULTS.md"
 SCORED = 4
 
 
-def build_opt(layers: int, device: str) -> torch.nn.Module:
+OPT_SHAPES = {  # OPTConfig's defaults are OPT-125m's shape
+    "125m": {},
+    "1.3b": {
+        "hidden_size": 2048,
+        "ffn_dim": 8192,
+        "num_attention_heads": 32,
+        "word_embed_proj_dim": 2048,
+    },
+}
+
+
+def build_opt(layers: int, device: str, shape: str = "125m") -> torch.nn.Module:
     from transformers import OPTConfig, OPTForCausalLM
 
-    config = OPTConfig(num_hidden_layers=layers)  # defaults are OPT-125m's shape
+    config = OPTConfig(num_hidden_layers=layers, **OPT_SHAPES[shape])
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = OPTForCausalLM(config)
@@ -93,7 +105,7 @@ def bench_step(args: argparse.Namespace) -> dict:
     from estimators import ZOSGD
     from zo.engine import EngineConfig
 
-    model = build_opt(args.layers, args.device)
+    model = build_opt(args.layers, args.device, args.shape)
     ids = make_batch(args.batch, args.seq, model.config.vocab_size, args.device)
     optimizer = ZOSGD(
         model.parameters(), lr=1e-7, eps=1e-3, seed=0, engine=EngineConfig(threads=args.threads)
@@ -125,7 +137,7 @@ def bench_step(args: argparse.Namespace) -> dict:
     median = {name: statistics.median(values) for name, values in timings.items()}
     return {
         "benchmark": "step",
-        "model": f"opt-125m-shape ({args.layers} layers) random fp32",
+        "model": f"opt-{args.shape}-shape ({args.layers} layers) random fp32",
         "batch": f"{args.batch}x{args.seq}",
         "device": args.device,
         "threads": torch.get_num_threads(),
@@ -153,8 +165,12 @@ def memory_worker(args: argparse.Namespace) -> dict:
     """One fresh process: build, reset the peak, run `mode` a few times, report peaks."""
     from estimators import ZOSGD
     from zo.engine import EngineConfig
+    from zo.memory import return_large_frees_to_os
 
-    model = build_opt(args.layers, args.device)
+    if not args.default_malloc:
+        return_large_frees_to_os()
+
+    model = build_opt(args.layers, args.device, args.shape)
     ids = make_batch(args.batch, args.seq, model.config.vocab_size, args.device)
     optimizer = ZOSGD(
         model.parameters(), lr=1e-7, eps=1e-3, seed=0, engine=EngineConfig(threads=args.threads)
@@ -175,7 +191,13 @@ def memory_worker(args: argparse.Namespace) -> dict:
         else:
             optimizer.step(lambda: scored_loss(model, ids))
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else _rss_status("VmHWM")
-    return {"mode": args.mode, "baseline_bytes": baseline, "peak_bytes": peak}
+    parameters = sum(p.numel() for p in model.parameters())
+    return {
+        "mode": args.mode,
+        "parameters": parameters,
+        "baseline_bytes": baseline,
+        "peak_bytes": peak,
+    }
 
 
 def bench_memory(args: argparse.Namespace) -> dict:
@@ -183,6 +205,8 @@ def bench_memory(args: argparse.Namespace) -> dict:
     for mode in ("forward", "zo_sgd_step"):
         command = [sys.executable, "-m", "zo.bench", "memory-worker", "--mode", mode]
         command += [
+            "--shape",
+            args.shape,
             "--layers",
             str(args.layers),
             "--batch",
@@ -191,16 +215,19 @@ def bench_memory(args: argparse.Namespace) -> dict:
             str(args.seq),
         ]
         command += ["--device", args.device, "--threads", str(args.threads)]
+        command += ["--default-malloc"] if args.default_malloc else []
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[mode] = json.loads(output.strip().splitlines()[-1])
     forward, step = results["forward"], results["zo_sgd_step"]
     return {
         "benchmark": "memory",
-        "model": f"opt-125m-shape ({args.layers} layers) random fp32",
+        "model": f"opt-{args.shape}-shape ({args.layers} layers) random fp32",
         "batch": f"{args.batch}x{args.seq}",
         "device": args.device,
+        "malloc": "glibc default" if args.default_malloc else "fixed mmap threshold (1 MiB)",
         "forward_peak_bytes": forward["peak_bytes"],
         "zo_step_peak_bytes": step["peak_bytes"],
+        "parameters": forward["parameters"],
         "model_built_bytes": forward["baseline_bytes"],
         "zo_step_peak_over_forward_peak": step["peak_bytes"] / forward["peak_bytes"],
         "zo_step_extra_over_forward_extra": (step["peak_bytes"] - step["baseline_bytes"])
@@ -226,19 +253,26 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name()})"
+    return f"{device} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
 def record(result: dict, command: str) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     with open(RESULTS, "a") as handle:
         handle.write(
-            f"\n### bench {result['benchmark']} ({stamp}, {result['device']})\n\n"
+            f"\n### bench {result['benchmark']} ({stamp}, {device_name(result['device'])})\n\n"
             f"`{command}`\n\n{_table(result)}\n"
         )
 
 
 def parse(what: str, argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"zo bench {what}")
-    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--shape", choices=sorted(OPT_SHAPES), default="125m")
+    parser.add_argument("--layers", type=int, default=None, help="default: 12 (125m), 24 (1.3b)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -246,7 +280,13 @@ def parse(what: str, argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--mode", choices=["forward", "zo_sgd_step"], default="forward")
     parser.add_argument("--record", action="store_true", help="append to experiments/RESULTS.md")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="keep glibc's adaptive mmap threshold"
+    )
+    args = parser.parse_args(argv)
+    if args.layers is None:
+        args.layers = 24 if args.shape == "1.3b" else 12
+    return args
 
 
 BENCHMARKS = {"step": bench_step, "memory": bench_memory, "memory-worker": memory_worker}

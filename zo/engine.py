@@ -72,7 +72,7 @@ class EngineConfig:
 
     chunk_size: int = 0
     """Elements per chunk; the per-draw temporary is one chunk of fp32. 0 = by device:
-    2**20 on CPU (4 MiB), 2**24 on accelerators, where each chunk costs kernel launches."""
+    2**20 on CPU (4 MiB), 2**22 on accelerators (16 MiB), where chunks cost launches."""
     threads: int = 0
     """Worker threads drawing chunks on CPU; 0 = one per intra-op thread (max 8)."""
     distribution: str = "gaussian"
@@ -80,6 +80,9 @@ class EngineConfig:
     offload_threshold: int = 1 << 22
     """Embedding / linear weights above this many elements get the output-side
     perturbation instead of a perturbed copy (saves one weight-sized temporary)."""
+    offload_max_rows: int = 64
+    """A large linear layer is perturbed output-side only when its input has at most this
+    many rows (the LM head at scored positions); beyond, the extra matmul costs more."""
 
     def __post_init__(self) -> None:
         if self.chunk_size < 0:
@@ -98,7 +101,7 @@ class FrozenTensorError(RuntimeError):
 
 
 CPU_CHUNK = 1 << 20
-ACCELERATOR_CHUNK = 1 << 24
+ACCELERATOR_CHUNK = 1 << 22
 
 _PERTURBABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -279,23 +282,30 @@ class PerturbationEngine:
         )
         if len(scales) != len(self.tensors):
             raise ValueError("perturbed() needs one scale per tensor")
-        # Per module, a stack of (name, original) lists: a module may be re-entered.
-        swapped: dict[int, list[list[tuple[nn.Module, str, nn.Parameter]]]] = {}
+        # Per module, a stack of (swapped parameters, output-side tensor index) entries:
+        # a module may be re-entered before its first call returns.
+        swapped: dict[int, list[tuple[list[tuple[nn.Module, str, nn.Parameter]], int | None]]] = {}
 
         def pre_hook(module: nn.Module, args) -> None:
-            restore = []
+            restore, output_side = [], None
             for name, param in module._parameters.items():
                 index = self._index.get(id(param)) if param is not None else None
-                if index is None or scales[index] == 0.0 or self._output_side(module, index):
+                if index is None or scales[index] == 0.0:
+                    continue
+                if self._output_side(module, index, args):
+                    output_side = index
                     continue
                 module._parameters[name] = self.perturbed_copy(seed, index, scales[index])
                 restore.append((module, name, param))
-            swapped.setdefault(id(module), []).append(restore)
+            swapped.setdefault(id(module), []).append((restore, output_side))
 
         def post_hook(module: nn.Module, args, output):
-            for owner, name, param in swapped[id(module)].pop():
+            restore, output_side = swapped[id(module)].pop()
+            for owner, name, param in restore:
                 owner._parameters[name] = param
-            return self._output_side_perturbation(module, args, output, seed, scales)
+            if output_side is None:
+                return None
+            return self._output_side_perturbation(module, args, output, seed, scales[output_side])
 
         pre = nn.modules.module.register_module_forward_pre_hook(pre_hook)
         post = nn.modules.module.register_module_forward_hook(post_hook)
@@ -305,28 +315,38 @@ class PerturbationEngine:
             pre.remove()
             post.remove()
             for stack in swapped.values():  # non-empty only if a forward raised mid-way
-                for restore in stack:
+                for restore, _ in stack:
                     for owner, name, param in restore:
                         owner._parameters[name] = param
 
-    def _output_side(self, module: nn.Module, index: int) -> bool:
-        if self.tensors[index].numel() <= self.config.offload_threshold:
+    def _output_side(self, module: nn.Module, index: int, args) -> bool:
+        """Perturb through the output instead of a weight copy? Only where it is cheap.
+
+        An embedding gathers a few rows of z; a linear layer pays an extra matmul of its
+        input rows with z, cheap only for few rows (the LM head at scored positions) --
+        for a full sequence, copying the weight costs less time than the matmul.
+        """
+        weight = self.tensors[index]
+        if (
+            weight.numel() <= self.config.offload_threshold
+            or module._parameters.get("weight") is not weight
+        ):
             return False
         if type(module).forward is nn.Embedding.forward:
-            return module.max_norm is None and module.weight is self.tensors[index]
-        return type(module).forward is nn.Linear.forward and module.weight is self.tensors[index]
+            return module.max_norm is None
+        if type(module).forward is nn.Linear.forward and args:
+            rows = args[0].numel() // max(1, args[0].shape[-1])
+            return rows <= self.config.offload_max_rows
+        return False
 
-    def _output_side_perturbation(self, module, args, output, seed, scales):
+    def _output_side_perturbation(self, module, args, output, seed, scale: float):
         """Add the perturbation's effect to a large embedding's or linear layer's output.
 
         Chunks are row blocks of the weight; each job writes disjoint output rows
         (embedding) or columns (linear), so jobs run on the thread pool safely.
         """
-        weight = module._parameters.get("weight")
-        index = self._index.get(id(weight)) if weight is not None else None
-        if index is None or scales[index] == 0.0 or not self._output_side(module, index):
-            return None
-        scale, row = scales[index], weight.shape[1]
+        weight = module._parameters["weight"]
+        index, row = self._index[id(weight)], weight.shape[1]
         output = output.clone() if output.requires_grad else output
         jobs: list[Callable[[], None]] = []
         if isinstance(module, nn.Embedding):

@@ -37,3 +37,26 @@ def format_bytes(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
         count /= 1024
     raise AssertionError("unreachable")
+
+
+_M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
+
+
+def return_large_frees_to_os(threshold_bytes: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation >= ``threshold_bytes`` with its own mmap.
+
+    glibc raises its mmap threshold after a large block is freed, so later blocks of that
+    size come from the heap and stay resident after ``free``. A ZO step allocates and frees
+    layer-sized temporaries over and over; with a fixed threshold they go back to the OS at
+    once and peak RSS stays at the forward pass's (measured: experiments/RESULTS.md).
+    Process-wide, so applications call it, not the library. False where not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+    except (OSError, AttributeError):
+        return False

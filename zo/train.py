@@ -17,7 +17,7 @@ import tasks
 from zo import models
 from zo.config import ConfigError, RunConfig, build, dump_yaml, load_config, to_dict
 from zo.engine import ENGINE_VERSION, mix_seed
-from zo.memory import peak_memory_bytes
+from zo.memory import peak_memory_bytes, return_large_frees_to_os
 from zo.trainable import TrainableSet, select_trainable
 from zo.trajectory import (
     TRAJECTORY_FORMAT,
@@ -172,6 +172,7 @@ def _check_resumable(run: RunDirectory, config: RunConfig) -> None:
 
 def train(config: RunConfig, log=print) -> dict[str, Any]:
     """Train as ``config`` says; returns the summary that is also saved to summary.json."""
+    return_large_frees_to_os()  # keeps a ZO step's peak RSS at the forward pass's
     run = RunDirectory(config.train.out)
     if config.resume:
         if not run.holds_run():
