@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers.utils import logging as hf_logging
 
 if TYPE_CHECKING:
     from transformers import (
@@ -345,17 +346,24 @@ def load_model(
     """
     torch_dtype = resolve_dtype(dtype)
     name = str(name_or_path)
-    if name in MODELS:
-        model, tokenizer = MODELS[name](torch_dtype, attn)
-    else:
-        path = Path(name).expanduser()
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"model {name!r} is neither a registered name nor a local checkpoint: "
-                f"registered names are {available_models()}; otherwise pass a local directory "
-                f"holding a Hugging Face checkpoint (config.json + *.safetensors + tokenizer)"
-            )
-        model, tokenizer = _load_local(path, torch_dtype, attn, trust_remote_code)
+    if name not in MODELS and not (Path(name).expanduser() / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"model {name!r} is neither a registered name nor a local checkpoint: "
+            f"registered names are {available_models()}; otherwise pass a local directory "
+            f"holding a Hugging Face checkpoint (config.json + *.safetensors + tokenizer)"
+        )
+    # transformers draws a progress bar per load: noise in a training log and in tests.
+    bars_were_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        if name in MODELS:
+            model, tokenizer = MODELS[name](torch_dtype, attn)
+        else:
+            path = Path(name).expanduser()
+            model, tokenizer = _load_local(path, torch_dtype, attn, trust_remote_code)
+    finally:
+        if bars_were_enabled:
+            hf_logging.enable_progress_bar()
     model.eval()
     return model, tokenizer
 
