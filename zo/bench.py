@@ -150,22 +150,16 @@ def bench_step(args: argparse.Namespace) -> dict:
     }
 
 
-def _reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
-
-
-def _rss_status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def memory_worker(args: argparse.Namespace) -> dict:
     """One fresh process: build, reset the peak, run `mode` a few times, report peaks."""
     from estimators import ZOSGD
     from zo.engine import EngineConfig
-    from zo.memory import return_large_frees_to_os
+    from zo.memory import (
+        current_rss_bytes,
+        peak_memory_bytes,
+        reset_peak_memory,
+        return_large_frees_to_os,
+    )
 
     if not args.default_malloc:
         return_large_frees_to_os()
@@ -178,19 +172,15 @@ def memory_worker(args: argparse.Namespace) -> dict:
     import gc
 
     gc.collect()
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
-    else:
-        baseline = _rss_status("VmRSS")
-        _reset_peak_rss()
+    baseline = torch.cuda.memory_allocated() if args.device == "cuda" else current_rss_bytes()
+    reset_peak_memory(args.device)
     for _ in range(2):
         if args.mode == "forward":
             with torch.no_grad():
                 scored_loss(model, ids)
         else:
             optimizer.step(lambda: scored_loss(model, ids))
-    peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else _rss_status("VmHWM")
+    peak = peak_memory_bytes(args.device)
     parameters = sum(p.numel() for p in model.parameters())
     return {
         "mode": args.mode,

@@ -24,10 +24,35 @@ def current_rss_bytes() -> int:
 
 
 def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
-    """Peak memory on ``device``: CUDA allocator peak, else process peak RSS."""
+    """Peak on ``device`` since the last reset: CUDA allocator peak, else peak RSS."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    return peak_rss_since_reset_bytes()
+
+
+def reset_peak_memory(device: torch.device | str = "cpu") -> None:
+    """Start peak tracking afresh (CUDA allocator stats; Linux VmHWM via clear_refs)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:  # not Linux, or not permitted: the peak then covers the whole process
+        pass
+
+
+def peak_rss_since_reset_bytes() -> int:
+    """VmHWM: the peak RSS since the last :func:`reset_peak_memory` (Linux)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return peak_rss_bytes()
 
 

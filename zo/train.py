@@ -17,7 +17,7 @@ import tasks
 from zo import models
 from zo.config import ConfigError, RunConfig, build, dump_yaml, load_config, to_dict
 from zo.engine import ENGINE_VERSION, mix_seed
-from zo.memory import peak_memory_bytes, return_large_frees_to_os
+from zo.memory import peak_memory_bytes, reset_peak_memory, return_large_frees_to_os
 from zo.trainable import TrainableSet, select_trainable
 from zo.trajectory import (
     TRAJECTORY_FORMAT,
@@ -181,6 +181,7 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
     else:
         run.ensure_new()  # before any model loads: never overwrite a run
     setup = build_setup(config)
+    reset_peak_memory(setup.device)  # report training's peak, not loading's (or a conversion's)
     model, optimizer, train_cfg = setup.model, setup.optimizer, config.train
     train_examples = setup.task.load("train")[: config.task.train_limit]
     dev_examples = setup.task.load("dev")[: config.task.eval_limit]
