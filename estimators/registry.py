@@ -16,18 +16,32 @@ class EstimatorSpec:
     config_class: type
     zeroth_order: bool
     """True when the estimator never calls backward() and its trajectory replays."""
+    needs_model: bool = False
+    """The optimizer takes ``model=`` (to find blocks, patch layers); the loop passes it."""
+    eager_attention: bool = False
+    """Needs eager attention (torch.func.jvp fails through SDPA kernels)."""
+    grad_accum: bool = True
+    """Supports several estimate() calls per step (LOMO updates inside backward: no)."""
 
 
 ESTIMATORS: dict[str, EstimatorSpec] = {}
 
 
 def register_estimator(
-    name: str, config_class: type, zeroth_order: bool
+    name: str,
+    config_class: type,
+    zeroth_order: bool,
+    *,
+    needs_model: bool = False,
+    eager_attention: bool = False,
+    grad_accum: bool = True,
 ) -> Callable[[type[torch.optim.Optimizer]], type[torch.optim.Optimizer]]:
     def decorator(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
         if name in ESTIMATORS:
             raise ValueError(f"estimator {name!r} is registered twice")
-        ESTIMATORS[name] = EstimatorSpec(name, cls, config_class, zeroth_order)
+        ESTIMATORS[name] = EstimatorSpec(
+            name, cls, config_class, zeroth_order, needs_model, eager_attention, grad_accum
+        )
         return cls
 
     return decorator
@@ -53,13 +67,23 @@ def available_estimators() -> list[str]:
 
 def build_estimator(
     name: str,
-    params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+    params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Iterable[dict[str, Any]],
     config: Any = None,
+    model: torch.nn.Module | None = None,
     **extra,
 ) -> torch.optim.Optimizer:
-    """Build the named estimator over ``params`` from its config dataclass (or defaults)."""
+    """Build the named estimator over ``params`` from its config dataclass (or defaults).
+
+    ``params`` may be named (``model.named_parameters()`` style), as torch.optim accepts;
+    estimators that split the set by name (hybrid, block-wise) need the names.
+    ``model`` is passed on only to estimators registered with ``needs_model``.
+    """
     spec = get_estimator(name)
     config = config if config is not None else spec.config_class()
     kwargs = {f.name: getattr(config, f.name) for f in fields(config)}
     kwargs.update(extra)
+    if spec.needs_model:
+        if model is None:
+            raise ValueError(f"estimator {name!r} needs the model: build_estimator(..., model=)")
+        kwargs["model"] = model
     return spec.optimizer_class(params, **kwargs)

@@ -177,3 +177,18 @@ def test_integer_tensors_are_refused():
 def test_bad_engine_config():
     with pytest.raises(ValueError, match="choose one of"):
         EngineConfig(distribution="uniform")
+
+
+def test_substituted_shows_replacements_only_during_the_forward():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    weights = [model[0].weight, model[1].weight]
+    engine = PerturbationEngine(weights)
+    x = torch.randn(5, 4)
+    before = [w.detach().clone() for w in weights]
+    with engine.substituted(lambda i, w: w * 2 if i == 1 else None):
+        out = model(x)
+    expected = torch.nn.functional.linear(model[0](x), before[1] * 2, model[1].bias)
+    torch.testing.assert_close(out, expected)
+    assert all(torch.equal(w, b) for w, b in zip(weights, before, strict=True))
+    assert model[1].weight is weights[1]  # the Parameter itself is back in place

@@ -151,10 +151,12 @@ class PerturbationEngine:
             return self.config.chunk_size
         return CPU_CHUNK if self.tensors[index].device.type == "cpu" else ACCELERATOR_CHUNK
 
-    def _draw(self, seed: int, index: int, chunk: int, length: int, device) -> torch.Tensor:
+    def draw(self, seed: int, index: int, chunk: int, length: int, device) -> torch.Tensor:
         """Chunk ``chunk`` of z for tensor ``index``, in a per-thread scratch buffer.
 
-        The result is valid until this thread's next draw. Reusing one buffer per thread
+        Estimators with per-element state (momentum, Adam) walk :meth:`chunks` and call this
+        to rebuild z piece by piece. The result is valid until this thread's next draw:
+        copy it (or fold it into an accumulator) before drawing again. Reusing one buffer per thread
         keeps the allocator from growing a fresh chunk-sized block in every thread arena.
         """
         device = torch.device(device)
@@ -170,7 +172,7 @@ class PerturbationEngine:
         self._fill(out, generator)
         return out
 
-    def _chunks(self, index: int) -> Iterator[tuple[int, int, int]]:
+    def chunks(self, index: int) -> Iterator[tuple[int, int, int]]:
         """Yield ``(chunk, start, stop)`` over the flat view of tensor ``index``."""
         numel = self.tensors[index].numel()
         step = self._chunk_len(index)
@@ -181,8 +183,8 @@ class PerturbationEngine:
         """The full fp32 direction of tensor ``index`` (for tests, jvp tangents, analysis)."""
         tensor = self.tensors[index]
         flat = torch.empty(tensor.numel(), dtype=torch.float32, device=tensor.device)
-        for chunk, start, stop in self._chunks(index):
-            flat[start:stop] = self._draw(seed, index, chunk, stop - start, tensor.device)
+        for chunk, start, stop in self.chunks(index):
+            flat[start:stop] = self.draw(seed, index, chunk, stop - start, tensor.device)
         return flat.view(tensor.shape)
 
     def _run(self, jobs: list[Callable[[], None]]) -> None:
@@ -221,11 +223,13 @@ class PerturbationEngine:
         jobs: list[Callable[[], None]] = []
         for index in range(len(self.tensors)) if indices is None else indices:
             flat = self.tensors[index].detach().view(-1)
-            for chunk, start, stop in self._chunks(index):
+            for chunk, start, stop in self.chunks(index):
                 jobs.append(self._update_job(flat, index, chunk, start, stop, terms, decay))
-        self._run_or_serial(jobs, indices)
+        self.run_jobs(jobs, indices)
 
-    def _run_or_serial(self, jobs: list[Callable[[], None]], indices) -> None:
+    def run_jobs(self, jobs: list[Callable[[], None]], indices: Sequence[int] | None) -> None:
+        """Run per-chunk jobs for tensors ``indices`` (None = all): threaded on CPU, serial
+        on an accelerator. Jobs must touch disjoint memory and draw only through :meth:`draw`."""
         targets = range(len(self.tensors)) if indices is None else indices
         if any(self._on_gpu(i) for i in targets):
             for job in jobs:  # kernels are already parallel on a GPU
@@ -240,7 +244,7 @@ class PerturbationEngine:
             if decay != 1.0:
                 acc.mul_(decay)
             for seed, coefficient in terms:
-                z = self._draw(seed, index, chunk, stop - start, flat.device)
+                z = self.draw(seed, index, chunk, stop - start, flat.device)
                 acc.add_(z, alpha=coefficient)
             if acc is not piece:
                 piece.copy_(acc)
@@ -255,7 +259,7 @@ class PerturbationEngine:
 
         def make_job(chunk: int, start: int, stop: int) -> Callable[[], None]:
             def job() -> None:
-                z = self._draw(seed, index, chunk, stop - start, tensor.device)
+                z = self.draw(seed, index, chunk, stop - start, tensor.device)
                 piece = source[start:stop]
                 if piece.dtype == torch.float32:
                     torch.add(piece, z, alpha=scale, out=target[start:stop])
@@ -264,10 +268,51 @@ class PerturbationEngine:
 
             return job
 
-        self._run_or_serial([make_job(*c) for c in self._chunks(index)], [index])
+        self.run_jobs([make_job(*c) for c in self.chunks(index)], [index])
         return out
 
     # ------------------------------------------------------------------ perturbed forwards
+    @contextlib.contextmanager
+    def substituted(
+        self, replacement: Callable[[int, torch.Tensor], torch.Tensor | None]
+    ) -> Iterator[None]:
+        """Forwards run inside see ``replacement(i, W_i)`` in place of trainable tensor ``i``.
+
+        The general form of :meth:`perturbed`: forward-gradient passes dual tensors
+        (``W`` with tangent ``z``) this way. ``replacement`` returning None keeps ``W``.
+        The stored parameters are never modified; each module's forward gets the
+        replacement only for the duration of its own call.
+        """
+        stack: dict[int, list[list[tuple[nn.Module, str, nn.Parameter]]]] = {}
+
+        def pre_hook(module: nn.Module, args) -> None:
+            restore = []
+            for name, param in module._parameters.items():
+                index = self._index.get(id(param)) if param is not None else None
+                if index is None:
+                    continue
+                new = replacement(index, param)
+                if new is not None:
+                    module._parameters[name] = new
+                    restore.append((module, name, param))
+            stack.setdefault(id(module), []).append(restore)
+
+        def post_hook(module: nn.Module, args, output) -> None:
+            for owner, name, param in stack[id(module)].pop():
+                owner._parameters[name] = param
+
+        pre = nn.modules.module.register_module_forward_pre_hook(pre_hook)
+        post = nn.modules.module.register_module_forward_hook(post_hook)
+        try:
+            yield
+        finally:
+            pre.remove()
+            post.remove()
+            for entries in stack.values():  # non-empty only if a forward raised mid-way
+                for restore in entries:
+                    for owner, name, param in restore:
+                        owner._parameters[name] = param
+
     @contextlib.contextmanager
     def perturbed(self, seed: int, scale: float | Sequence[float]) -> Iterator[None]:
         """Forwards run inside see every trainable ``W`` as ``W + scale * z(seed)``.
@@ -352,7 +397,7 @@ class PerturbationEngine:
         if isinstance(module, nn.Embedding):
             out_rows = output.view(-1, row)
             flat_ids = args[0].reshape(-1)
-            for chunk, start, stop in self._chunks(index):
+            for chunk, start, stop in self.chunks(index):
                 first, last = start // row, stop // row
                 hit = (flat_ids >= first) & (flat_ids < last)
                 # On CPU skip untouched chunks; on a GPU that test would sync every chunk.
@@ -371,7 +416,7 @@ class PerturbationEngine:
         else:
             out_cols = output.view(-1, output.shape[-1])
             x = args[0].reshape(-1, args[0].shape[-1]).float()
-            for chunk, start, stop in self._chunks(index):
+            for chunk, start, stop in self.chunks(index):
                 jobs.append(
                     self._linear_job(
                         out_cols,
@@ -382,7 +427,7 @@ class PerturbationEngine:
                         scale,
                     )
                 )
-        self._run_or_serial(jobs, [index])
+        self.run_jobs(jobs, [index])
         return output
 
     def _embedding_job(self, out_rows, flat_ids, positions, address, first, scale):
@@ -409,7 +454,7 @@ class PerturbationEngine:
     def _chunk_rows(self, seed: int, index: int, chunk: int, length: int, device) -> torch.Tensor:
         """Chunk ``chunk`` of tensor ``index``'s direction as a block of weight rows."""
         row = self.tensors[index][0].numel()
-        return self._draw(seed, index, chunk, length, device).view(-1, row)
+        return self.draw(seed, index, chunk, length, device).view(-1, row)
 
     def close(self) -> None:
         if self._pool is not None:

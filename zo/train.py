@@ -50,8 +50,19 @@ def resolve_estimator(config: RunConfig) -> tuple[estimators.EstimatorSpec, Any]
 
 
 def validate(config: RunConfig) -> None:
-    """Every check that needs no model: estimator keys, model name, task name."""
-    resolve_estimator(config)
+    """Every check that needs no model: estimator keys and combinations, model, task."""
+    spec, _ = resolve_estimator(config)
+    if spec.eager_attention and config.model.attn not in (None, "eager"):
+        raise ConfigError(
+            f"estimator {spec.name} runs torch.func.jvp, which needs eager attention; "
+            f"model.attn is {config.model.attn!r}: set model.attn=eager or leave it unset"
+        )
+    if not spec.grad_accum and config.train.grad_accum > 1:
+        raise ConfigError(
+            f"estimator {spec.name} updates inside backward and cannot accumulate gradients; "
+            f"train.grad_accum is {config.train.grad_accum}: set it to 1 and raise "
+            "train.batch_size instead"
+        )
     if config.model.name not in models.available_models() and not Path(config.model.name).is_dir():
         raise ConfigError(
             f"model.name {config.model.name!r} is neither a registered model "
@@ -86,13 +97,17 @@ def build_setup(config: RunConfig) -> Setup:
     validate(config)
     spec, estimator_config = resolve_estimator(config)
     device = resolve_device(config.model.device)
-    model, tokenizer = models.load_model(
-        config.model.name, dtype=config.model.dtype, attn=config.model.attn
-    )
+    attn = "eager" if spec.eager_attention else config.model.attn
+    model, tokenizer = models.load_model(config.model.name, dtype=config.model.dtype, attn=attn)
     model.to(device).eval()  # eval: no dropout, so a step is a deterministic function of seeds
     trainable = select_trainable(model, config.trainable)
     optimizer = estimators.build_estimator(
-        spec.name, trainable.params, estimator_config, seed=config.train.seed, engine=config.engine
+        spec.name,
+        list(zip(trainable.names, trainable.params, strict=True)),
+        estimator_config,
+        model=model,
+        seed=config.train.seed,
+        engine=config.engine,
     )
     task = tasks.get_task(config.task.name)
     return Setup(config, model, tokenizer, task, trainable, optimizer, device)
@@ -336,8 +351,12 @@ def replay(run_dir: str | Path, out_dir: str | Path, log=print) -> dict[str, Any
         )
     if setup.trainable.manifest() != header["trainable"]:
         raise ValueError("the trainable set differs from the run's manifest")
-    if not isinstance(setup.optimizer, estimators.ZOOptimizer):
-        raise ValueError(f"estimator {config.estimator['name']} is not seed-replayable")
+    spec, _ = resolve_estimator(config)
+    if not spec.zeroth_order:
+        raise ValueError(
+            f"estimator {spec.name} is not seed-replayable (it uses gradients); "
+            "use the run's checkpoint/ instead"
+        )
     records = run.step_records()
     for data in records:
         setup.optimizer.apply_record(
