@@ -69,3 +69,34 @@ def test_overrides_do_not_mutate_their_input():
     data = {"train": {"steps": 1}}
     assert apply_overrides(data, ["train.steps=2"]) == {"train": {"steps": 2}}
     assert data == {"train": {"steps": 1}}
+
+
+def test_task_keys_beside_name_become_the_tasks_options(tmp_path):
+    text = "task:\n  name: jsonl\n  max_length: 64\n  path: data.jsonl\n  label: y\n"
+    config = load_config(write(tmp_path, text), ["task.template={text} is"])
+    assert config.task.name == "jsonl" and config.task.max_length == 64
+    assert config.task.options == {"path": "data.jsonl", "label": "y", "template": "{text} is"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["task.colour=red"], r"task: .*unexpected keyword argument 'colour'.*options are"),
+        (["task.name=jsonl"], r"task: .*missing a required argument: 'template'"),
+        (
+            ["estimator.name=zo_sgd", "train.autocast=bf17"],
+            r"train\.autocast: 'bf17' is not one of \['none', 'bf16', 'fp16'\]",
+        ),
+    ],
+)
+def test_bad_task_options_and_switches_fail_validation_before_any_model_loads(
+    overrides, message, monkeypatch
+):
+    from zo import models, train
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before validation failed")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    with pytest.raises(ConfigError, match=message):
+        train.validate(load_config("experiments/tiny/smoke.yaml", overrides))

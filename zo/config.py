@@ -41,6 +41,9 @@ class TaskConfig:
     """Use only the first N training examples (after the seeded shuffle)."""
     eval_limit: int | None = None
     """Evaluate on only the first N dev examples."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The task's own options (``path``, ``template``, ``verbalizer``, ``objective``...).
+    In YAML they sit directly under ``task:``; the task validates them by name."""
 
 
 @dataclass
@@ -66,6 +69,10 @@ class TrainConfig:
     log_every: int = 10
     eval_batch_size: int = 32
     lr_schedule: Literal["constant", "linear"] = "constant"
+    gradient_checkpointing: bool = False
+    """First-order estimators: recompute activations in backward (HF models)."""
+    autocast: Literal["none", "bf16", "fp16"] = "none"
+    """Mixed precision for the forward passes (``torch.autocast``); weights keep model.dtype."""
     eval_before: bool = True
     """Evaluate the untrained model first (the zero-shot baseline)."""
     progress: bool = True
@@ -242,6 +249,13 @@ def _normalise_shorthands(data: dict[str, Any]) -> dict[str, Any]:
     estimator = data.get("estimator")
     if isinstance(estimator, str):
         data["estimator"] = {"name": estimator}
+    task = data.get("task")
+    if isinstance(task, dict):
+        # `task: {name: jsonl, path: ..., template: ...}`: the task's own keys go to options.
+        loop_keys = {f.name for f in dataclasses.fields(TaskConfig)}
+        options = dict(task.get("options") or {})
+        options.update({k: v for k, v in task.items() if k not in loop_keys})
+        data["task"] = {k: v for k, v in task.items() if k in loop_keys} | {"options": options}
     return data
 
 

@@ -15,6 +15,7 @@ import torch
 import estimators
 import tasks
 from zo import models
+from zo.blocks import checkpoint_blocks
 from zo.config import ConfigError, RunConfig, build, dump_yaml, load_config, to_dict
 from zo.engine import ENGINE_VERSION, mix_seed
 from zo.memory import peak_memory_bytes, reset_peak_memory, return_large_frees_to_os
@@ -72,6 +73,15 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(
             f"task.name {config.task.name!r} is unknown; choose one of {tasks.available_tasks()}"
         )
+    build_task(config)
+
+
+def build_task(config: RunConfig) -> tasks.Task:
+    """The task with its options checked (names, types, files); reads no data yet."""
+    try:
+        return tasks.get_task(config.task.name, **config.task.options)
+    except tasks.TaskError as error:
+        raise ConfigError(f"task: {error}") from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,6 +111,8 @@ def build_setup(config: RunConfig) -> Setup:
     model, tokenizer = models.load_model(config.model.name, dtype=config.model.dtype, attn=attn)
     model.to(device).eval()  # eval: no dropout, so a step is a deterministic function of seeds
     trainable = select_trainable(model, config.trainable)
+    if config.train.gradient_checkpointing:
+        checkpoint_blocks(model)
     optimizer = estimators.build_estimator(
         spec.name,
         list(zip(trainable.names, trainable.params, strict=True)),
@@ -109,7 +121,7 @@ def build_setup(config: RunConfig) -> Setup:
         seed=config.train.seed,
         engine=config.engine,
     )
-    task = tasks.get_task(config.task.name)
+    task = build_task(config)
     return Setup(config, model, tokenizer, task, trainable, optimizer, device)
 
 
@@ -134,6 +146,18 @@ class BatchSampler:
             self._order(position // self.size)[position % self.size]
             for position in range(start, start + self.batch_size)
         ]
+
+
+_AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def loss_on(model: torch.nn.Module, batch, precision: torch.dtype | None) -> torch.Tensor:
+    """The training loss of one batch; the estimator decides about gradients."""
+    if precision is None:
+        return tasks.classification_loss(model, batch)
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, dtype=precision):
+        return tasks.classification_loss(model, batch).float()
 
 
 def learning_rate(config: RunConfig, base_lr: float, step: int) -> float:
@@ -219,6 +243,7 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
         zero_shot = evaluate(setup, dev_examples)
         log(f"zero-shot dev accuracy: {zero_shot['accuracy']:.4f} ({len(dev_examples)} examples)")
 
+    precision = _AUTOCAST_DTYPES[train_cfg.autocast]
     sampler = BatchSampler(len(train_examples), train_cfg.batch_size, train_cfg.seed)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     started = time.perf_counter()
@@ -234,7 +259,7 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
                 [train_examples[i] for i in picked],
                 max_length=config.task.max_length,
             ).to(setup.device)
-            optimizer.estimate(lambda batch=batch: tasks.classification_loss(model, batch))
+            optimizer.estimate(lambda batch=batch: loss_on(model, batch, precision))
         loss = optimizer.step()
         record = getattr(optimizer, "last_record", None)
         if record is not None:
