@@ -82,7 +82,7 @@ def test_task_keys_beside_name_become_the_tasks_options(tmp_path):
     ("overrides", "message"),
     [
         (["task.colour=red"], r"task: .*unexpected keyword argument 'colour'.*options are"),
-        (["task.name=jsonl"], r"task: .*missing a required argument: 'template'"),
+        (["task.name=jsonl"], r"task: .*missing a required argument"),
         (
             ["estimator.name=zo_sgd", "train.autocast=bf17"],
             r"train\.autocast: 'bf17' is not one of \['none', 'bf16', 'fp16'\]",
