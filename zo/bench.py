@@ -2,8 +2,9 @@
 
 step:   ZO-SGD step time over the time of two forward passes, and over a naive MeZO
         step (global ``torch.manual_seed``, four dense ``torch.normal`` passes).
-memory: peak memory of a ZO-SGD step over that of a forward pass, each in a fresh
-        process, measured after the model is built (peak RSS reset via clear_refs).
+memory: peak memory of an estimator's step (ZO-SGD by default, ``--estimators all`` for
+        the family) over that of a forward pass, each in a fresh process, measured after
+        the model is built (peak RSS reset via clear_refs).
 
 The model is OPT-125m-shaped with random weights (fp32), batch 16 x 64 tokens; the loss
 scores the last 4 positions of every sequence (logits only where scored).
@@ -38,10 +39,14 @@ OPT_SHAPES = {  # OPTConfig's defaults are OPT-125m's shape
 }
 
 
-def build_opt(layers: int, device: str, shape: str = "125m") -> torch.nn.Module:
+def build_opt(
+    layers: int, device: str, shape: str = "125m", attn: str | None = None
+) -> torch.nn.Module:
     from transformers import OPTConfig, OPTForCausalLM
 
     config = OPTConfig(num_hidden_layers=layers, **OPT_SHAPES[shape])
+    if attn is not None:
+        config._attn_implementation = attn
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = OPTForCausalLM(config)
@@ -151,8 +156,14 @@ def bench_step(args: argparse.Namespace) -> dict:
 
 
 def memory_worker(args: argparse.Namespace) -> dict:
-    """One fresh process: build, reset the peak, run `mode` a few times, report peaks."""
-    from estimators import ZOSGD
+    """One fresh process: build, reset the peak, run `mode` twice, report peaks.
+
+    ``mode`` is ``forward`` (inference, no grad) or a registered estimator's name, run
+    with its default config (a tiny lr: the update's cost, not its effect, is measured).
+    """
+    import gc
+
+    import estimators
     from zo.engine import EngineConfig
     from zo.memory import (
         current_rss_bytes,
@@ -164,18 +175,25 @@ def memory_worker(args: argparse.Namespace) -> dict:
     if not args.default_malloc:
         return_large_frees_to_os()
 
-    model = build_opt(args.layers, args.device, args.shape)
+    spec = None if args.mode == "forward" else estimators.get_estimator(args.mode)
+    eager = spec is not None and spec.eager_attention
+    model = build_opt(args.layers, args.device, args.shape, attn="eager" if eager else None)
     ids = make_batch(args.batch, args.seq, model.config.vocab_size, args.device)
-    optimizer = ZOSGD(
-        model.parameters(), lr=1e-7, eps=1e-3, seed=0, engine=EngineConfig(threads=args.threads)
-    )
-    import gc
-
+    optimizer = None
+    if spec is not None:
+        optimizer = estimators.build_estimator(
+            spec.name,
+            list(model.named_parameters()),
+            model=model,
+            seed=0,
+            engine=EngineConfig(threads=args.threads),
+            **({"lr": 1e-7} if "lr" in _config_fields(spec) else {}),
+        )
     gc.collect()
     baseline = torch.cuda.memory_allocated() if args.device == "cuda" else current_rss_bytes()
     reset_peak_memory(args.device)
     for _ in range(2):
-        if args.mode == "forward":
+        if optimizer is None:
             with torch.no_grad():
                 scored_loss(model, ids)
         else:
@@ -190,55 +208,71 @@ def memory_worker(args: argparse.Namespace) -> dict:
     }
 
 
+def _config_fields(spec) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(spec.config_class)}
+
+
 def bench_memory(args: argparse.Namespace) -> dict:
+    """Peaks of each estimator's step next to a forward pass, one fresh process each.
+
+    ``extra`` is the peak above the footprint once the model is built: on a small model
+    the fixed runtime (Python, torch, allocator arenas) would otherwise hide differences.
+    """
+    import estimators
+
+    names = estimators.available_estimators() if args.estimators == "all" else args.estimators
+    names = [n for n in (names.split(",") if isinstance(names, str) else names) if n]
+    for name in names:
+        estimators.get_estimator(name)  # an unknown name fails before any process starts
     results = {}
-    for mode in ("forward", "zo_sgd_step"):
+    for mode in ("forward", *names):
         command = [sys.executable, "-m", "zo.bench", "memory-worker", "--mode", mode]
-        command += [
-            "--shape",
-            args.shape,
-            "--layers",
-            str(args.layers),
-            "--batch",
-            str(args.batch),
-            "--seq",
-            str(args.seq),
-        ]
+        command += ["--shape", args.shape, "--layers", str(args.layers)]
+        command += ["--batch", str(args.batch), "--seq", str(args.seq)]
         command += ["--device", args.device, "--threads", str(args.threads)]
         command += ["--default-malloc"] if args.default_malloc else []
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[mode] = json.loads(output.strip().splitlines()[-1])
-    forward, step = results["forward"], results["zo_sgd_step"]
-    return {
+    forward = results["forward"]
+    forward_extra = max(1, forward["peak_bytes"] - forward["baseline_bytes"])
+    result: dict = {
         "benchmark": "memory",
         "model": f"opt-{args.shape}-shape ({args.layers} layers) random fp32",
         "batch": f"{args.batch}x{args.seq}",
         "device": args.device,
         "malloc": "glibc default" if args.default_malloc else "fixed mmap threshold (1 MiB)",
-        "forward_peak_bytes": forward["peak_bytes"],
-        "zo_step_peak_bytes": step["peak_bytes"],
         "parameters": forward["parameters"],
         "model_built_bytes": forward["baseline_bytes"],
-        "zo_step_peak_over_forward_peak": step["peak_bytes"] / forward["peak_bytes"],
-        "zo_step_extra_over_forward_extra": (step["peak_bytes"] - step["baseline_bytes"])
-        / max(1, forward["peak_bytes"] - forward["baseline_bytes"]),
+        "forward_peak_bytes": forward["peak_bytes"],
     }
+    extras = {}
+    for name in names:
+        run = results[name]
+        extras[name] = run["peak_bytes"] - run["baseline_bytes"]
+        result[f"{name}_peak_bytes"] = run["peak_bytes"]
+        result[f"{name}_peak_over_forward_peak"] = run["peak_bytes"] / forward["peak_bytes"]
+        result[f"{name}_extra_over_forward_extra"] = extras[name] / forward_extra
+    if "adamw" in extras and "lomo" in extras:
+        result["adamw_extra_over_lomo_extra"] = extras["adamw"] / max(1, extras["lomo"])
+    return result
 
 
 def _table(result: dict) -> str:
     rows = []
     for key, value in result.items():
         if isinstance(value, dict):
-            rows += [f"| {key}.{k} | {_fmt(v)} |" for k, v in value.items()]
+            rows += [f"| {key}.{k} | {_fmt(k, v)} |" for k, v in value.items()]
         else:
-            rows.append(f"| {key} | {_fmt(value)} |")
+            rows.append(f"| {key} | {_fmt(key, value)} |")
     return "| metric | value |\n|---|---|\n" + "\n".join(rows)
 
 
-def _fmt(value) -> str:
+def _fmt(key: str, value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, int) and value > 1 << 20:
+    if isinstance(value, int) and key.endswith("bytes"):
         return f"{value / 2**20:.1f} MiB"
     return str(value)
 
@@ -268,7 +302,12 @@ def parse(what: str, argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="engine threads (0 = auto)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--mode", choices=["forward", "zo_sgd_step"], default="forward")
+    parser.add_argument("--mode", default="forward", help="memory-worker: forward or an estimator")
+    parser.add_argument(
+        "--estimators",
+        default="zo_sgd",
+        help="memory: comma-separated estimator names, or `all` (default: zo_sgd)",
+    )
     parser.add_argument("--record", action="store_true", help="append to experiments/RESULTS.md")
     parser.add_argument(
         "--default-malloc", action="store_true", help="keep glibc's adaptive mmap threshold"

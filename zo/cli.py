@@ -97,6 +97,13 @@ def shipped_configs() -> list[Path]:
     return sorted(EXPERIMENTS.glob("**/*.yaml"))
 
 
+def is_comparison(path: Path) -> bool:
+    """A comparison plan (``zo bench compare``) has a ``base`` experiment, not sections."""
+    from zo.config import read_yaml
+
+    return "base" in read_yaml(path)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from zo.config import ConfigError, load_config
     from zo.train import validate
@@ -107,7 +114,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     failures = 0
     for path in paths:
         try:
-            validate(load_config(path))
+            if is_comparison(path):
+                from zo.compare import method_configs
+
+                for _, config in method_configs(str(path)):
+                    validate(config)
+            else:
+                validate(load_config(path))
             print(f"ok    {path}")
         except ConfigError as error:
             failures += 1
@@ -130,11 +143,26 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# Benchmarks with their own argument parsers: module name -> add_arguments + run(args).
+BENCH_MODULES = {"compare": "zo.compare"}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
     from zo import bench
 
-    return bench.main(args.what, args.options)
+    if args.what not in BENCH_MODULES:
+        return bench.main(args.what, args.options)
+    module = importlib.import_module(BENCH_MODULES[args.what])
+    parser = argparse.ArgumentParser(prog=f"zo bench {args.what}")
+    module.add_arguments(parser)
+    options = parser.parse_args(args.options)
+    options.argv = args.options
+    return module.run(options)
 
+
+BENCHES = ["step", "memory", *BENCH_MODULES]
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train,
@@ -163,8 +191,8 @@ def make_parser() -> argparse.ArgumentParser:
     validate.add_argument("paths", nargs="*")
     listing = sub.add_parser("list", help="registered models, tasks, estimators")
     listing.add_argument("kind", nargs="?", choices=["models", "tasks", "estimators"])
-    bench = sub.add_parser("bench", help="benchmarks: step | memory")
-    bench.add_argument("what", choices=["step", "memory"])
+    bench = sub.add_parser("bench", help=f"benchmarks: {' | '.join(BENCHES)}")
+    bench.add_argument("what", choices=BENCHES)
     bench.add_argument("options", nargs=argparse.REMAINDER)
     return parser
 

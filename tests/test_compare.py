@@ -1,0 +1,45 @@
+"""`zo bench compare`: methods train in their own processes; one table, one plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from zo import cli
+
+
+def _plan(tmp_path, estimators: str) -> str:
+    path = tmp_path / "plan.yaml"
+    path.write_text(
+        "base: experiments/tiny/smoke.yaml\n"
+        "overrides: [train.steps=4, train.log_every=1, train.eval_before=false]\n"
+        f"estimators:\n{estimators}"
+    )
+    return str(path)
+
+
+def test_compare_trains_each_method_and_tabulates(tmp_path, capsys):
+    plan = _plan(tmp_path, "  zo_sgd: {lr: 1.0e-3, eps: 1.0e-3}\n")
+    assert cli.main(["bench", "compare", "--config", plan, "--out", str(tmp_path / "runs")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    (result,) = json.loads(lines[0])
+    assert result["estimator"] == "zo_sgd" and result["steps"] == 4
+    assert any(line.startswith("| zo_sgd |") for line in lines)
+    figure = lines[-1].removeprefix("loss curves: ")
+    assert figure.endswith("loss_curves.png") and (tmp_path / "runs").exists()
+    assert Path(figure).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_comparison_plans_validate_per_method(tmp_path, capsys):
+    good = _plan(tmp_path, "  zo_sgd: {lr: 1.0e-3}\n")
+    assert cli.main(["validate", good]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: experiments/tiny/smoke.yaml\nestimators:\n  zo_sgd: {lr: fast}\n")
+    assert cli.main(["validate", str(bad)]) == cli.USAGE_EXIT
+    assert "estimator.lr: expected a number" in capsys.readouterr().out
+
+
+def test_unknown_estimator_in_a_plan_is_a_usage_error(tmp_path, capsys):
+    plan = _plan(tmp_path, "  zo_magic: {}\n")
+    assert cli.main(["bench", "compare", "--config", plan]) == cli.USAGE_EXIT
+    assert "unknown estimator 'zo_magic'" in capsys.readouterr().err

@@ -1,0 +1,161 @@
+"""``zo bench compare``: every estimator through the same loop, budget, task and model.
+
+A comparison config names a base experiment, overrides shared by every method (the step
+budget, the trainable set) and per-estimator settings (lr, eps: each method's own scale).
+Each method trains in a fresh process (``zo train``), so its peak memory is its own; the
+result is one table (accuracy, loss, step time, peak memory) and one plot of the loss
+curves, printed and optionally appended to experiments/RESULTS.md with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from zo.config import ConfigError, read_yaml
+
+FIGURES = Path(__file__).resolve().parent.parent / "experiments" / "figures"
+
+
+def load_plan(path: str) -> tuple[str, list[str], dict[str, dict[str, Any]]]:
+    data = read_yaml(path)
+    unknown = sorted(set(data) - {"base", "overrides", "estimators"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]}; valid: base, overrides, estimators")
+    if not isinstance(data.get("base"), str):
+        raise ConfigError(f"{path}: `base` must name the experiment config every method shares")
+    methods = data.get("estimators")
+    if not isinstance(methods, dict) or not methods:
+        raise ConfigError(f"{path}: `estimators` must map estimator names to their settings")
+    import estimators
+
+    for name in methods:
+        try:
+            estimators.get_estimator(name)
+        except estimators.UnknownEstimatorError as error:
+            raise ConfigError(f"{path}: {error}") from None
+    return data["base"], [str(o) for o in data.get("overrides") or []], methods
+
+
+def method_configs(path: str):
+    """Each method's fully resolved RunConfig (what `zo validate` checks)."""
+    from zo.config import load_config
+
+    base, overrides, methods = load_plan(path)
+    configs = []
+    for name, settings in methods.items():
+        settings = dict(settings or {})
+        extra = [str(o) for o in settings.pop("overrides", [])]
+        keys = [f"estimator.name={name}", *(f"estimator.{k}={v}" for k, v in settings.items())]
+        configs.append((name, load_config(base, [*overrides, *keys, *extra])))
+    return configs
+
+
+def run_method(
+    base: str, overrides: list[str], name: str, settings: dict[str, Any], out: Path
+) -> dict[str, Any]:
+    """Train one method in its own process; its summary plus its per-step losses."""
+    settings = dict(settings or {})
+    extra = [str(o) for o in settings.pop("overrides", [])]
+    command = [sys.executable, "-m", "zo.cli", "train", "--config", base, *overrides]
+    command += [f"estimator.name={name}"]
+    command += [f"estimator.{key}={value}" for key, value in settings.items()]
+    command += [*extra, f"train.out={out}", "train.progress=false"]
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode != 0:
+        return {"estimator": name, "error": finished.stderr.strip().splitlines()[-1:]}
+    summary = json.loads((out / "summary.json").read_text())
+    losses = _losses(out)
+    return {"estimator": name, **summary, "losses": losses}
+
+
+def _losses(run: Path) -> list[float]:
+    from zo.trajectory import read_jsonl
+
+    metrics = read_jsonl(run / "metrics.jsonl")
+    return [m["loss"] for m in metrics]
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for result in results:
+        if "losses" in result:
+            axis.plot(result["losses"], label=result["estimator"])
+    axis.set_xlabel("log step")
+    axis.set_ylabel("training loss (logged steps)")
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    rows = [
+        "| estimator | zero-shot acc | final acc | final loss | s/step | peak memory |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['estimator']} | failed: {' '.join(r['error'])} | | | | |")
+            continue
+        zero_shot = r["zero_shot_accuracy"]
+        rows.append(
+            f"| {r['estimator']} | {'-' if zero_shot is None else f'{zero_shot:.3f}'} "
+            f"| {r['final_accuracy']:.3f} "
+            f"| {r['final_loss']:.4f} | {1 / r['steps_per_second']:.3f} "
+            f"| {r['peak_memory_bytes'] / 2**20:.0f} MiB |"
+        )
+    return "\n".join(rows)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="experiments/smollm2/compare_estimators.yaml")
+    parser.add_argument("--only", default="", help="comma-separated subset of the estimators")
+    parser.add_argument("--out", default="runs/compare", help="parent of the per-method runs")
+    parser.add_argument("--record", action="store_true", help="append to experiments/RESULTS.md")
+
+
+def run(args: argparse.Namespace) -> int:
+    base, overrides, methods = load_plan(args.config)
+    only = [n for n in args.only.split(",") if n]
+    missing = sorted(set(only) - set(methods))
+    if missing:
+        raise ConfigError(f"--only: {missing} not in {args.config}; it has {sorted(methods)}")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    parent = Path(args.out) / stamp
+    results = []
+    for name, settings in methods.items():
+        if only and name not in only:
+            continue
+        print(f"training {name} ...", file=sys.stderr, flush=True)
+        results.append(run_method(base, overrides, name, settings, parent / name))
+    figure = plot(results, parent / "loss_curves.png")
+    text = table(results)
+    print(json.dumps([{k: v for k, v in r.items() if k != "losses"} for r in results]))
+    print(text)
+    print(f"loss curves: {figure}")
+    if args.record:
+        import shutil
+
+        from zo.bench import RESULTS
+
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        figure = Path(shutil.copy(figure, FIGURES / f"compare-{stamp}.png"))
+        with open(RESULTS, "a") as handle:
+            handle.write(
+                f"\n### bench compare ({stamp} UTC)\n\n`zo bench compare {' '.join(args.argv)}`\n\n"
+                f"{text}\n\nLoss curves: `{figure.relative_to(FIGURES.parent.parent)}`\n"
+            )
+    return 0
