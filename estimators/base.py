@@ -60,6 +60,29 @@ def _as_float(value: torch.Tensor | float) -> float:
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def differentiable_loss(
+    closure: Callable[[], torch.Tensor], step: int
+) -> tuple[torch.Tensor, float]:
+    """Run a first-order estimator's closure with grad enabled: the loss and its value.
+
+    Raises when the loss is non-finite or has no graph back to a trainable tensor.
+    """
+    with torch.enable_grad():
+        loss = closure()
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"the closure returned a non-finite loss ({value}) at step {step}; "
+            "lower lr or check the batch"
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            "the closure's loss does not require grad: no trainable tensor reached it "
+            "(are the parameters frozen, or did the closure run under torch.no_grad()?)"
+        )
+    return loss, value
+
+
 class ZOOptimizer(torch.optim.Optimizer):
     """Base class: two-point (or one-point) seed-replay estimates over param groups.
 
@@ -177,6 +200,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             weight_decays=[group["weight_decay"] for group in self.param_groups],
             loss=loss,
         )
+        record.extra = self._record_extra(record)
         self._pending.clear()
         self.apply_record(record)
         self.last_record = record
@@ -193,6 +217,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             coefficients = self._group_coefficients(record, group_index)
             self.engine.update(record.seeds, coefficients, decay, indices)
         self.step_count += 1
+
+    def _record_extra(self, record: StepRecord) -> dict[str, Any]:
+        """What else ``apply_record`` needs (choices, hyperparameters), decided before it runs.
+
+        Called by :meth:`step` while the micro-batch estimates are still pending.
+        """
+        return {}
 
     def _group_coefficients(self, record: StepRecord, group_index: int) -> Sequence[float]:
         """Coefficient of each query's direction in the update of one param group."""

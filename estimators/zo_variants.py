@@ -1,0 +1,352 @@
+"""The ZO-Bench variants of ZO-SGD: sign, momentum and conservative updates.
+
+All three reuse the base estimate (two-point or one-point, ``queries`` directions) and
+differ only in how the projected-gradient scalars become an update. With
+``g_hat = scale_g * mean_q(g_q z_q)`` (``scale_g`` the per-group eps ratio, 1 with one
+group), the updates are
+
+* ``zo_sgd_sign``:         ``W <- (1 - lr wd) W - lr * sign(g_hat)``
+* ``zo_sgd_momentum``:     ``m <- beta m + g_hat;  W <- (1 - lr wd) W - lr m``
+* ``zo_sgd_conservative``: the best of ``W - lr g_hat`` (plain ZO-SGD), ``W`` and
+  ``W + lr g_hat`` on the step's own batch.
+
+Sign and momentum are non-linear per element, so ``g_hat`` cannot be folded into one
+fused ``engine.update`` pass: it is rebuilt chunk by chunk from the seeds instead
+(:class:`ElementwiseZO`), one chunk-sized accumulator per worker thread, never a full
+tensor. Every update stays a pure function of the step records (plus state rebuilt by
+replaying them), so ``zo replay`` reproduces a run bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from estimators.base import Closure, StepRecord, _as_float
+from estimators.registry import register_estimator
+from estimators.zo_sgd import ZOSGD, ZOOptimizer, ZOSGDConfig
+
+ChunkRule = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], None]
+"""``rule(weights_fp32, g_hat, state_chunks)``: update one chunk in place (all fp32)."""
+
+
+class ElementwiseZO(ZOOptimizer):
+    """A ZO optimizer whose update is an elementwise function of ``g_hat`` and fp32 state.
+
+    Subclasses name their per-element state buffers (:attr:`state_keys`, one fp32 tensor
+    of the parameter's shape each, kept in ``self.state[param]`` like torch.optim) and
+    give the chunk rule of one param group (:meth:`_chunk_rule`).
+    """
+
+    state_keys: tuple[str, ...] = ()
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._accumulators = threading.local()
+
+    # ------------------------------------------------------------------ updates
+    @torch.no_grad()
+    def apply_record(self, record: StepRecord) -> None:
+        if record.step != self.step_count:
+            raise ValueError(f"record for step {record.step} applied at step {self.step_count}")
+        jobs: list[Callable[[], None]] = []
+        for group_index, indices in enumerate(self._group_indices):
+            scale = self.direction_scale(group_index) / len(record.scalars)
+            coefficients = [scale * scalar for scalar in record.scalars]
+            rule = self._chunk_rule(record, group_index)
+            for index in indices:
+                flat = self.engine.tensors[index].detach().view(-1)
+                state = [buffer.view(-1) for buffer in self._state_buffers(index)]
+                for chunk, start, stop in self.engine.chunks(index):
+                    address = (index, chunk, start, stop)
+                    jobs.append(self._job(flat, state, address, record.seeds, coefficients, rule))
+        self.engine.run_jobs(jobs, None)
+        self.step_count += 1
+
+    def _chunk_rule(self, record: StepRecord, group_index: int) -> ChunkRule:
+        raise NotImplementedError
+
+    def _job(self, flat, state, address, seeds, coefficients, rule) -> Callable[[], None]:
+        index, chunk, start, stop = address
+
+        def job() -> None:
+            g_hat = self._g_hat_chunk(seeds, coefficients, index, chunk, stop - start, flat.device)
+            piece = flat[start:stop]
+            work = piece if piece.dtype == torch.float32 else piece.float()
+            rule(work, g_hat, [buffer[start:stop] for buffer in state])
+            if work is not piece:
+                piece.copy_(work)  # low-precision weights: computed in fp32, rounded once
+
+        return job
+
+    def _g_hat_chunk(self, seeds, coefficients, index, chunk, length, device) -> torch.Tensor:
+        """``sum_q coefficients[q] * z_q`` over one chunk, in this thread's accumulator.
+
+        Like :meth:`PerturbationEngine.draw`, the buffer is reused by the thread's next job.
+        """
+        device = torch.device(device)
+        buffers = self._accumulators.__dict__
+        buffer = buffers.get(device)
+        if buffer is None or buffer.numel() < length:
+            buffer = buffers[device] = torch.empty(length, dtype=torch.float32, device=device)
+        out = buffer[:length]
+        for query, (seed, coefficient) in enumerate(zip(seeds, coefficients, strict=True)):
+            z = self.engine.draw(seed, index, chunk, length, device)
+            if query == 0:
+                torch.mul(z, coefficient, out=out)
+            else:
+                out.add_(z, alpha=coefficient)
+        return out
+
+    # ------------------------------------------------------------------ state
+    def _state_buffers(self, index: int) -> list[torch.Tensor]:
+        """This tensor's fp32 state buffers, created as zeros on first use."""
+        param = self.engine.tensors[index]
+        state = self.state[param]
+        for key in self.state_keys:
+            if key not in state:
+                state[key] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        return [state[key] for key in self.state_keys]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch.optim casts floating state to the parameter's dtype on load; the buffers
+        # are fp32 whatever the weights are, so put the saved values back uncast.
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        for index, param in enumerate(self.engine.tensors):
+            for key in self.state_keys:
+                if key in saved.get(index, {}):
+                    value = saved[index][key]
+                    self.state[param][key] = value.to(
+                        device=param.device, dtype=torch.float32, copy=True
+                    )
+
+
+# ---------------------------------------------------------------------------- sign
+@dataclass
+class ZOSGDSignConfig(ZOSGDConfig):
+    """ZO-SGD's options; ``lr`` is the step per element (every entry moves by exactly lr)
+    and the sign is taken of the average over ``queries`` directions."""
+
+
+@register_estimator("zo_sgd_sign", ZOSGDSignConfig, zeroth_order=True)
+class ZOSGDSign(ElementwiseZO):
+    """ZO-SignSGD: ``W <- (1 - lr wd) W - lr * sign(g_hat)``; no state."""
+
+    def _chunk_rule(self, record: StepRecord, group_index: int) -> ChunkRule:
+        lr = record.lrs[group_index]
+        decay = 1.0 - lr * record.weight_decays[group_index]
+
+        def rule(weights: torch.Tensor, g_hat: torch.Tensor, state: list[torch.Tensor]) -> None:
+            if decay != 1.0:
+                weights.mul_(decay)
+            weights.add_(g_hat.sign_(), alpha=-lr)
+
+        return rule
+
+
+# ---------------------------------------------------------------------------- momentum
+@dataclass
+class ZOSGDMomentumConfig:
+    lr: float = 1e-6
+    """Step size on the momentum buffer (effective step ~ lr / (1 - momentum))."""
+    eps: float = 1e-3
+    """Perturbation scale of the finite difference."""
+    momentum: float = 0.9
+    """``beta`` in ``m <- beta m + g_hat`` (torch.optim.SGD's convention, no dampening)."""
+    weight_decay: float = 0.0
+    """Decoupled decay as in ZO-SGD, ``W *= 1 - lr * weight_decay``; it does not enter m."""
+    queries: int = 1
+    """Directions per step, averaged into g_hat (seeds replayed per chunk)."""
+    one_point: bool = False
+    """``(L(W + eps z) - L(W)) / eps`` instead of the symmetric two-point difference."""
+
+
+@register_estimator("zo_sgd_momentum", ZOSGDMomentumConfig, zeroth_order=True)
+class ZOSGDMomentum(ElementwiseZO):
+    """ZO-SGD with heavy-ball momentum, torch.optim.SGD's convention:
+
+    ``m <- beta m + g_hat;  W <- (1 - lr wd) W - lr m``.
+
+    Memory: one fp32 buffer per trainable tensor (``state[p]["momentum_buffer"]``), i.e.
+    one fp32 copy of the trainable set -- 4 bytes per trainable parameter, small with a
+    sparse mask or LoRA, as large as the model in fp32 for full fine-tuning. Weight decay
+    is decoupled (as in ZO-SGD) rather than torch.optim.SGD's L2-into-the-gradient, so the
+    buffer holds only ZO gradients and ``momentum=0`` is ZO-SGD.
+    """
+
+    state_keys = ("momentum_buffer",)
+
+    def __init__(self, params, *, momentum: float = 0.9, **kwargs: Any):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        super().__init__(params, **kwargs)
+        for group in self.param_groups:
+            group.setdefault("momentum", momentum)
+
+    def _record_extra(self, record: StepRecord) -> dict[str, Any]:
+        return {"momentum": [group["momentum"] for group in self.param_groups]}
+
+    def _chunk_rule(self, record: StepRecord, group_index: int) -> ChunkRule:
+        lr = record.lrs[group_index]
+        decay = 1.0 - lr * record.weight_decays[group_index]
+        beta = recorded(record, "momentum", group_index, self.param_groups)
+
+        def rule(weights: torch.Tensor, g_hat: torch.Tensor, state: list[torch.Tensor]) -> None:
+            (buffer,) = state
+            buffer.mul_(beta).add_(g_hat)
+            if decay != 1.0:
+                weights.mul_(decay)
+            weights.add_(buffer, alpha=-lr)
+
+        return rule
+
+
+def recorded(record: StepRecord, key: str, group_index: int, groups: list[dict]) -> float:
+    """A per-group hyperparameter from the record (replay stays exact under schedules)."""
+    values = record.extra.get(key)
+    return float(values[group_index] if values is not None else groups[group_index][key])
+
+
+# ---------------------------------------------------------------------------- conservative
+@dataclass
+class ZOSGDConservativeConfig(ZOSGDConfig):
+    """ZO-SGD's options; weight decay applies only when the weights move, and a one-point
+    estimate's ``L(W)`` doubles as the "keep" candidate's loss."""
+
+
+CANDIDATES: dict[str, float] = {"descend": 1.0, "keep": 0.0, "ascend": -1.0}
+"""Multiplier of the ZO-SGD update per candidate, in order of preference on a tie."""
+
+
+@register_estimator("zo_sgd_conservative", ZOSGDConservativeConfig, zeroth_order=True)
+class ZOSGDConservative(ZOSGD):
+    """ZO-SGD that moves only where the step's own batch says it helps (ZO-Bench's ZO-SGD-Cons).
+
+    After the estimate, three candidates are scored on the same micro-batches: the ZO-SGD
+    update ``W - lr g_hat``, the weights as they are, and the mirrored ``W + lr g_hat``
+    (the estimate's sign may be wrong). The lowest mean loss wins (ties prefer that order),
+    so a step never ends on a higher loss than it started from on that batch. The choice
+    is stored in ``StepRecord.extra["choice"]``, which makes replay exact without data.
+
+    Cost per step and micro-batch: the estimate's forwards plus two candidate forwards,
+    plus one for ``L(W)`` in the two-point form (the one-point form has measured it).
+    Candidates are evaluated functionally, never by writing and restoring the weights:
+    with one query and no weight decay through ``engine.perturbed`` (per-tensor scales,
+    memory as in the estimate); otherwise through ``engine.substituted`` with each module's
+    candidate weight built chunk by chunk (one weight-sized temporary per module call).
+    Either way a candidate is computed with the update's own arithmetic, so the accepted
+    weights are the ones that were scored (bit for bit, except that ``perturbed`` adds a
+    large embedding's or head's perturbation on its output: equal up to rounding). The
+    split form keeps each
+    micro-batch's closure until :meth:`step` so the candidates see the same batches.
+    """
+
+    def __init__(self, params, **kwargs: Any):
+        super().__init__(params, **kwargs)
+        self._batches: list[tuple[Closure, float | None]] = []
+
+    @torch.no_grad()
+    def estimate(self, closure: Closure):
+        estimate = super().estimate(closure)
+        self._batches.append((closure, estimate.loss if self.one_point else None))
+        return estimate
+
+    def _record_extra(self, record: StepRecord) -> dict[str, Any]:
+        totals = dict.fromkeys(CANDIDATES, 0.0)
+        for closure, base in self._batches:
+            totals["keep"] += base if base is not None else self._evaluate(closure, None, 0.0)
+            for name in ("descend", "ascend"):
+                totals[name] += self._candidate_loss(closure, record, CANDIDATES[name])
+        losses = [totals[name] / len(self._batches) for name in CANDIDATES]
+        self._batches.clear()
+        if self.reduce_scalars is not None:  # data parallel: the mean over ranks' batches
+            losses, _ = self.reduce_scalars(losses, 0.0)
+        best = min(range(len(losses)), key=losses.__getitem__)  # first minimum: tie order
+        return {
+            "choice": list(CANDIDATES)[best],
+            "candidate_losses": {
+                name: loss if math.isfinite(loss) else None
+                for name, loss in zip(CANDIDATES, losses, strict=True)
+            },
+        }
+
+    def _candidate_loss(self, closure: Closure, record: StepRecord, direction: float) -> float:
+        with self._candidate_weights(record, direction):
+            loss = _as_float(closure())
+        return loss if math.isfinite(loss) else math.inf  # a diverging candidate loses
+
+    def _candidate_weights(self, record: StepRecord, direction: float):
+        per_tensor: dict[int, tuple[list[float], float]] = {}
+        for group_index, indices in enumerate(self._group_indices):
+            coefficients = self._coefficients(record, group_index, direction)
+            decay = 1.0 - record.lrs[group_index] * record.weight_decays[group_index]
+            for index in indices:
+                per_tensor[index] = (coefficients, decay)
+        if len(record.seeds) == 1 and all(d == 1.0 for _, d in per_tensor.values()):
+            scales = [per_tensor[i][0][0] for i in range(len(self.engine.tensors))]
+            return self.engine.perturbed(record.seeds[0], scales)
+
+        def candidate(index: int, weight: torch.Tensor) -> torch.Tensor | None:
+            coefficients, decay = per_tensor[index]
+            return self._candidate_weight(index, record.seeds, coefficients, decay)
+
+        return self.engine.substituted(candidate)
+
+    def _candidate_weight(
+        self, index: int, seeds: Sequence[int], coefficients: Sequence[float], decay: float
+    ) -> torch.Tensor | None:
+        """``decay * W + sum_q c_q z_q`` as a new tensor, rounded exactly as the update rounds."""
+        terms = [(s, c) for s, c in zip(seeds, coefficients, strict=True) if c != 0.0]
+        if not terms and decay == 1.0:
+            return None
+        tensor = self.engine.tensors[index].detach()
+        out = torch.empty_like(tensor)
+        source, target = tensor.reshape(-1), out.view(-1)
+
+        def make_job(chunk: int, start: int, stop: int) -> Callable[[], None]:
+            def job() -> None:
+                acc = source[start:stop].to(torch.float32, copy=True)
+                if decay != 1.0:
+                    acc.mul_(decay)
+                for seed, coefficient in terms:
+                    acc.add_(
+                        self.engine.draw(seed, index, chunk, stop - start, acc.device),
+                        alpha=coefficient,
+                    )
+                target[start:stop].copy_(acc)
+
+            return job
+
+        self.engine.run_jobs([make_job(*c) for c in self.engine.chunks(index)], [index])
+        return out
+
+    def _coefficients(self, record: StepRecord, group_index: int, direction: float) -> list[float]:
+        return [direction * c for c in super()._group_coefficients(record, group_index)]
+
+    def _group_coefficients(self, record: StepRecord, group_index: int) -> Sequence[float]:
+        return self._coefficients(record, group_index, CANDIDATES[record.extra["choice"]])
+
+    @torch.no_grad()
+    def apply_record(self, record: StepRecord) -> None:
+        choice = record.extra.get("choice")
+        if choice not in CANDIDATES:
+            raise ValueError(
+                f"a zo_sgd_conservative record needs extra['choice'] in {list(CANDIDATES)}, "
+                f"got {choice!r}; was the trajectory written by another estimator?"
+            )
+        if choice != "keep":
+            super().apply_record(record)
+        elif record.step != self.step_count:
+            raise ValueError(f"record for step {record.step} applied at step {self.step_count}")
+        else:
+            self.step_count += 1
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._batches.clear()
