@@ -23,6 +23,12 @@ class EstimatorSpec:
     grad_accum: bool = True
     """Supports several estimate() calls per step (LOMO updates inside backward: no)."""
 
+    @property
+    def needs_differentiable_loss(self) -> bool:
+        """Backward (first-order) or forward-mode AD (jvp) needs a loss with a derivative;
+        ZO estimators take any scalar, e.g. minus the F1 of decoded answers."""
+        return not self.zeroth_order or self.eager_attention
+
 
 ESTIMATORS: dict[str, EstimatorSpec] = {}
 

@@ -1,23 +1,36 @@
-"""What a task is: examples, a prompt per example, and the candidates it is scored on.
+"""What a task is: examples, a prompt per example, and what the model is scored on.
 
-A task knows text, not models: `tasks.scoring` turns (prompt, candidates) into token
-batches and scores. `ClassificationTask` covers every "template + verbalizer" task, the
-bundled one and a user's own JSONL file alike, so a new classification task is data,
-not code.
+A task knows text, not models: `tasks.scoring` and `tasks.generation` turn prompts and
+continuations into token batches. Three kinds of task share one interface:
+
+- "classification": a fixed candidate set (a verbalizer); the loss is cross-entropy over
+  the candidates' length-normalised log-likelihoods, the prediction their argmax.
+- "multiple_choice": candidates that differ per example (COPA's two choices, ReCoRD's
+  entities); trained by teacher forcing on the gold candidate's tokens only (as MeZO
+  trains COPA and ReCoRD), evaluated by the argmax of the candidates' log-likelihoods.
+- "generation": a free-form answer; trained by teacher forcing on the first gold answer,
+  evaluated by greedy decoding scored with SQuAD-style F1/EM against every gold answer.
+
+`ClassificationTask` and `GenerationTask` cover a user's own task over local JSONL/CSV
+files, so a new task of either kind is a config, not code.
 """
 
 from __future__ import annotations
 
 import string
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from tasks.jsonl import line_number, read_jsonl
+from tasks.jsonl import Rows, read_rows
 
-SPLITS = ("train", "dev")
+SPLITS = ("train", "dev", "test")
+KINDS = ("classification", "multiple_choice", "generation")
+OBJECTIVES = ("loss", "f1", "accuracy")
+"""What a training closure returns: the kind's differentiable loss, or minus a metric
+(ZO needs no gradient of its objective, so `-F1` on decoded answers is a valid target)."""
 
 
 class TaskError(ValueError):
@@ -26,30 +39,70 @@ class TaskError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One row of a task. `label` is the index of the gold candidate, not the raw label."""
+    """One row of a task.
+
+    `label` is the index of the gold candidate (0 for generation tasks). `group` ties
+    rows scored together: the MultiRC question an answer option belongs to, the ReCoRD
+    query. `answers` holds the gold answer texts, raw (no leading space), for the tasks
+    whose metric compares text: every gold answer of a generation task, ReCoRD's gold
+    entities. Everything else about the row stays in `fields`, in the data's own schema.
+    """
 
     # hash=False: a dict cannot be hashed; uid and label identify the example well enough.
     fields: dict[str, Any] = field(hash=False)
     label: int
     uid: str
+    group: str | None = None
+    answers: tuple[str, ...] = ()
 
 
 class Task(ABC):
-    """The interface the training loop and evaluation rely on."""
+    """The interface the training loop, scoring and evaluation rely on.
+
+    `kind` is one of KINDS, `metric` names a function in `tasks.metrics.METRICS`, and
+    `objective` (one of OBJECTIVES, "loss" by default) says what training minimises.
+    """
 
     name: str
+    kind: str = "classification"
+    metric: str = "accuracy"
+    objective: str = "loss"
+    answer_prefix: str = " "
+    """Generation tasks: put before each gold answer to make it a continuation of the
+    prompt ("Answer:" + " Denver"), as candidates carry their own leading space."""
 
     @abstractmethod
     def load(self, split: str) -> list[Example]:
-        """The examples of a split ("train" or "dev"), in file order."""
+        """The examples of a split ("train", "dev" or "test"), in a fixed order."""
 
     @abstractmethod
     def prompt(self, example: Example) -> str:
-        """The text the model reads before a candidate."""
+        """The text the model reads before a candidate or an answer."""
 
-    @abstractmethod
     def candidates(self, example: Example) -> list[str]:
-        """The continuations to score; `example.label` indexes the gold one."""
+        """The continuations to score (classification and multiple choice), each exactly
+        as appended after the prompt; `example.label` indexes the gold one."""
+        raise TaskError(f"task {self.name!r} is a {self.kind} task; it has no candidates")
+
+    def answers(self, example: Example) -> list[str]:
+        """Generation: every gold answer as a continuation of the prompt (with
+        `answer_prefix`); the first is the teacher-forcing target. Other kinds: the gold
+        answer texts the metric compares with (ReCoRD's entities), else the gold candidate.
+        """
+        if self.kind == "generation":
+            if not example.answers:
+                raise TaskError(f"task {self.name!r}: example {example.uid!r} has no answer")
+            return [self.answer_prefix + answer for answer in example.answers]
+        if example.answers:
+            return list(example.answers)
+        return [self.candidates(example)[example.label]]
+
+
+def check_choice(what: str, value: object, choices: Sequence[str]) -> str:
+    """`value` if it is one of `choices`, else a TaskError listing them."""
+    if value not in choices:
+        raise TaskError(f"{what} {value!r} is not one of {list(choices)}")
+    return str(value)
 
 
 def template_fields(template: str) -> list[str]:
@@ -74,55 +127,34 @@ def template_fields(template: str) -> list[str]:
     return names
 
 
-@dataclass
-class ClassificationTask(Task):
-    """A template with `{field}` placeholders plus a verbalizer, over JSONL files.
+class _TemplateFileTask(Task):
+    """A template over local JSONL/CSV files, one file per split, read once per split.
 
-    `verbalizer` maps a label value, as it appears in the data, to the candidate string
-    (mind the leading space: " great" is one word after "It was", "great" is glued to it).
-    Candidates are the verbalizer's values in its order, so `Example.label` is the
-    position of the row's label among the verbalizer's keys.
+    Subclasses say which fields a row needs and how a row becomes an Example.
     """
 
     name: str
     template: str
-    verbalizer: Mapping[Any, str]
     data_files: Mapping[str, str | Path]
-    label_field: str = "label"
-    _fields: list[str] = field(init=False, repr=False, compare=False)
-    _label_index: dict[str, int] = field(init=False, repr=False, compare=False)
-    _cache: dict[str, list[Example]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
+    _fields: list[str]
+    _cache: dict[str, list[Example]]
 
-    def __post_init__(self) -> None:
+    def _check_template(self) -> None:
         self._fields = template_fields(self.template)
         if not self._fields:
             raise TaskError(
                 f"task {self.name!r}: template {self.template!r} has no {{field}} placeholder"
             )
-        if len(self.verbalizer) < 2:
-            raise TaskError(
-                f"task {self.name!r}: the verbalizer needs at least two labels, got "
-                f"{dict(self.verbalizer)!r}"
-            )
-        words = list(self.verbalizer.values())
-        if any(not isinstance(word, str) or not word for word in words):
-            raise TaskError(f"task {self.name!r}: verbalizer values must be non-empty strings")
-        if len(set(words)) != len(words):
-            raise TaskError(f"task {self.name!r}: two labels share a verbalizer string {words}")
-        # Keys compare as strings: YAML gives `1:` as an int and `"1":` as a str, JSON
-        # labels may be either; both should mean the same label.
-        self._label_index = {str(key): i for i, key in enumerate(self.verbalizer)}
-        if len(self._label_index) != len(self.verbalizer):
-            raise TaskError(f"task {self.name!r}: verbalizer keys collide as strings")
+        self.objective = check_choice(f"task {self.name!r}: objective", self.objective, OBJECTIVES)
+
+    @property
+    def required_fields(self) -> list[str]:
+        return list(self._fields)
 
     @property
     def expected_format(self) -> str:
-        fields = ", ".join([*self._fields, self.label_field])
-        labels = ", ".join(repr(key) for key in self.verbalizer)
-        return (
-            f"JSONL, one object per line with fields {fields} ({self.label_field} one of {labels})"
+        return "JSONL (one object per line) or CSV (a header row), with fields " + ", ".join(
+            self.required_fields
         )
 
     def load(self, split: str) -> list[Example]:
@@ -138,36 +170,30 @@ class ClassificationTask(Task):
     def _read(self, split: str, path: Path) -> list[Example]:
         context = f"task {self.name!r} split {split!r}"
         try:
-            rows = read_jsonl(path)
+            rows = read_rows(path)
         except FileNotFoundError:
             raise TaskError(
                 f"{context}: data file {path} not found; expected {self.expected_format}"
             ) from None
-        except ValueError as error:  # empty or not JSON; the message names path and line
+        except ValueError as error:  # empty or malformed; the message names path and line
             raise TaskError(f"{context}: {error}; expected {self.expected_format}") from None
-        return [self._example(row, index, path, split) for index, row in enumerate(rows)]
+        return [self._checked(rows, index, split) for index in range(len(rows))]
 
-    def _example(self, row: dict[str, Any], index: int, path: Path, split: str) -> Example:
-        def where() -> str:
-            return f"{path}:{line_number(path, index)} (row {index + 1})"
-
-        for name in [*self._fields, self.label_field]:
+    def _checked(self, rows: Rows, index: int, split: str) -> Example:
+        row = rows[index]
+        for name in self.required_fields:
             # datasets fills a key absent from one row with None, so None means missing.
             if row.get(name) is None:
                 raise TaskError(
-                    f"{where()}: field {name!r} is missing; the template {self.template!r} "
-                    f"and label field need {[*self._fields, self.label_field]}; "
+                    f"{rows.where(index)}: field {name!r} is missing; the template "
+                    f"{self.template!r} and the task need {self.required_fields}; "
                     f"the row has {sorted(k for k, v in row.items() if v is not None)}"
                 )
-        value = row[self.label_field]
-        label = self._label_index.get(str(value))
-        if label is None:
-            raise TaskError(
-                f"{where()}: label {value!r} is not in the verbalizer; "
-                f"expected one of {list(self.verbalizer)}"
-            )
         uid = str(row.get("uid", row.get("id", f"{split}-{index}")))
-        return Example(fields=dict(row), label=label, uid=uid)
+        return self._example(row, uid, rows.where(index))
+
+    def _example(self, row: dict[str, Any], uid: str, where: str) -> Example:
+        raise NotImplementedError
 
     def prompt(self, example: Example) -> str:
         try:
@@ -178,5 +204,122 @@ class ClassificationTask(Task):
                 f"used by the template {self.template!r}"
             ) from None
 
+
+@dataclass
+class ClassificationTask(_TemplateFileTask):
+    """A template with `{field}` placeholders plus a verbalizer, over JSONL/CSV files.
+
+    `verbalizer` maps a label value, as it appears in the data, to the candidate string
+    (mind the leading space: " great" is one word after "It was", "great" is glued to it).
+    Candidates are the verbalizer's values in its order, so `Example.label` is the
+    position of the row's label among the verbalizer's keys.
+    """
+
+    name: str
+    template: str
+    verbalizer: Mapping[Any, str]
+    data_files: Mapping[str, str | Path]
+    label_field: str = "label"
+    """The row field holding the label (a key of the verbalizer)."""
+    objective: str = "loss"
+    """What training minimises: one of OBJECTIVES."""
+    metric: str = "accuracy"
+    """The evaluation metric, a name in `tasks.metrics.METRICS`."""
+    kind: ClassVar[str] = "classification"
+    _fields: list[str] = field(init=False, repr=False, compare=False)
+    _label_index: dict[str, int] = field(init=False, repr=False, compare=False)
+    _cache: dict[str, list[Example]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        self._check_template()
+        if len(self.verbalizer) < 2:
+            raise TaskError(
+                f"task {self.name!r}: the verbalizer needs at least two labels, got "
+                f"{dict(self.verbalizer)!r}"
+            )
+        words = list(self.verbalizer.values())
+        if any(not isinstance(word, str) or not word for word in words):
+            raise TaskError(f"task {self.name!r}: verbalizer values must be non-empty strings")
+        if len(set(words)) != len(words):
+            raise TaskError(f"task {self.name!r}: two labels share a verbalizer string {words}")
+        # Keys compare as strings: YAML gives `1:` as an int and `"1":` as a str, JSON
+        # labels may be either, CSV labels are always text; all should mean the same label.
+        self._label_index = {str(key): i for i, key in enumerate(self.verbalizer)}
+        if len(self._label_index) != len(self.verbalizer):
+            raise TaskError(f"task {self.name!r}: verbalizer keys collide as strings")
+
+    @property
+    def required_fields(self) -> list[str]:
+        return [*self._fields, self.label_field]
+
+    @property
+    def expected_format(self) -> str:
+        labels = ", ".join(repr(key) for key in self.verbalizer)
+        return f"{super().expected_format} ({self.label_field} one of {labels})"
+
+    def _example(self, row: dict[str, Any], uid: str, where: str) -> Example:
+        value = row[self.label_field]
+        label = self._label_index.get(str(value))
+        if label is None:
+            raise TaskError(
+                f"{where}: label {value!r} is not in the verbalizer; "
+                f"expected one of {list(self.verbalizer)}"
+            )
+        return Example(fields=dict(row), label=label, uid=uid)
+
     def candidates(self, example: Example) -> list[str]:
         return list(self.verbalizer.values())
+
+
+@dataclass
+class GenerationTask(_TemplateFileTask):
+    """A template plus a target field, over JSONL/CSV files: free-form answers.
+
+    The target field holds one answer (a string) or several (a JSON list of strings, all
+    accepted by the metric; the first is the training target). `answer_prefix` joins the
+    answer to the prompt, like a candidate's leading space.
+    """
+
+    name: str
+    template: str
+    data_files: Mapping[str, str | Path]
+    target_field: str = "target"
+    """The row field holding the gold answer(s)."""
+    answer_prefix: str = " "
+    """Put between the prompt and an answer when training on it."""
+    objective: str = "loss"
+    """What training minimises: one of OBJECTIVES."""
+    metric: str = "squad_f1"
+    """The evaluation metric, a name in `tasks.metrics.METRICS`."""
+    kind: ClassVar[str] = "generation"
+    _fields: list[str] = field(init=False, repr=False, compare=False)
+    _cache: dict[str, list[Example]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        self._check_template()
+
+    @property
+    def required_fields(self) -> list[str]:
+        return [*self._fields, self.target_field]
+
+    @property
+    def expected_format(self) -> str:
+        return f"{super().expected_format} ({self.target_field} a string or a list of strings)"
+
+    def _example(self, row: dict[str, Any], uid: str, where: str) -> Example:
+        value = row[self.target_field]
+        answers = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(answers, list)
+            or not answers
+            or not all(isinstance(a, str) and a.strip() for a in answers)
+        ):
+            raise TaskError(
+                f"{where}: target {self.target_field!r} must be a non-empty string or a "
+                f"non-empty list of non-empty strings, got {value!r}"
+            )
+        return Example(fields=dict(row), label=0, uid=uid, answers=tuple(answers))

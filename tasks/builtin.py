@@ -1,4 +1,5 @@
-"""The tasks shipped with the package: the bundled sentiment data and a user's JSONL files."""
+"""The tasks shipped with the package: the bundled sentiment data, a user's own files, and
+(by importing `tasks.suite`) the MeZO / ZO-Bench benchmark suite."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tasks.base import SPLITS, ClassificationTask
+from tasks import suite as _suite  # noqa: F401  (registers sst2, rte, ..., winogrande)
+from tasks.base import SPLITS, ClassificationTask, GenerationTask, Task, TaskError
+from tasks.jsonl import ROW_FORMATS
+from tasks.metrics import check_metric
 from tasks.registry import register_task
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -21,6 +25,7 @@ def sentiment(
     template: str = SENTIMENT_TEMPLATE,
     verbalizer: Mapping[Any, str] | None = None,
     data_dir: str | Path = DATA_DIR / "sentiment",
+    objective: str = "loss",
 ) -> ClassificationTask:
     """Short English reviews written for this project (0 = negative, 1 = positive)."""
     return ClassificationTask(
@@ -28,6 +33,7 @@ def sentiment(
         template=template,
         verbalizer=dict(SENTIMENT_VERBALIZER if verbalizer is None else verbalizer),
         data_files=split_files(data_dir),
+        objective=objective,
     )
 
 
@@ -35,26 +41,55 @@ def sentiment(
 def jsonl(
     path: str | Path | Mapping[str, str | Path],
     template: str,
-    verbalizer: Mapping[Any, str],
+    verbalizer: Mapping[Any, str] | None = None,
     label: str = "label",
+    target: str | None = None,
     name: str = "jsonl",
-) -> ClassificationTask:
-    """A user's classification task from a config: JSONL file(s), template, verbalizer."""
+    objective: str = "loss",
+    metric: str | None = None,
+    answer_prefix: str = " ",
+) -> Task:
+    """A user's own task from a config: JSONL or CSV file(s) and a template, plus either
+
+    - `verbalizer` (label value -> candidate string) and `label` (the label field): a
+      classification task, scored by accuracy; or
+    - `target` (the field holding the gold answer, or a list of them): a generation task,
+      trained by teacher forcing on the answer and scored by SQuAD-style F1.
+    """
+    if (verbalizer is None) == (target is None):
+        raise TaskError(
+            f"task {name!r}: give either `verbalizer` (a classification task) or `target` "
+            "(a generation task: the field holding the answer), not "
+            + ("both" if target is not None else "neither")
+        )
+    files = split_files(path)
+    if target is not None:
+        return GenerationTask(
+            name=name,
+            template=template,
+            data_files=files,
+            target_field=target,
+            answer_prefix=answer_prefix,
+            objective=objective,
+            metric=check_metric(metric or "squad_f1"),
+        )
     return ClassificationTask(
         name=name,
         template=template,
-        verbalizer=dict(verbalizer),
-        data_files=split_files(path),
+        verbalizer=dict(verbalizer or {}),
+        data_files=files,
         label_field=label,
+        objective=objective,
+        metric=check_metric(metric or "accuracy"),
     )
 
 
 def split_files(path: str | Path | Mapping[str, str | Path]) -> dict[str, Path]:
     """Which file holds which split.
 
-    - a mapping `{train: a.jsonl, dev: b.jsonl}`: as given;
+    - a mapping `{train: a.jsonl, dev: b.csv}`: as given;
     - a pattern with `{split}` (`data/{split}.jsonl`): filled in per split;
-    - a directory: `train.jsonl` and `dev.jsonl` inside it;
+    - a directory: `train.jsonl` (or `train.csv`), `dev...` and `test...` inside it;
     - a single file: the train split only (scoring dev on training rows would
       look like success, so there is deliberately no default dev split).
     A missing file is reported when its split is loaded, with the expected format.
@@ -67,5 +102,13 @@ def split_files(path: str | Path | Mapping[str, str | Path]) -> dict[str, Path]:
     # A path without a suffix is taken as a directory even before it exists, so a typo
     # is reported as "dir/train.jsonl not found" rather than as a file that is missing.
     if Path(text).is_dir() or Path(text).suffix == "":
-        return {split: Path(text) / f"{split}.jsonl" for split in SPLITS}
+        return {split: _split_file(Path(text), split) for split in SPLITS}
     return {"train": Path(text)}
+
+
+def _split_file(directory: Path, split: str) -> Path:
+    """`split.jsonl` or `split.csv`, whichever exists (JSONL first); JSONL if neither."""
+    for suffix in ROW_FORMATS:
+        if (directory / f"{split}{suffix}").is_file():
+            return directory / f"{split}{suffix}"
+    return directory / f"{split}{ROW_FORMATS[0]}"

@@ -1,22 +1,93 @@
-"""Reading a local JSONL file through `datasets`, without the hub and without leftovers.
+"""Reading local row files (JSONL, CSV) with the file:line of every row at hand.
 
-`datasets.load_dataset("json", ...)` uses the packaged JSON builder, which reads local
-files and never contacts the hub. By default it would also write an Arrow copy of every
-file it reads into `~/.cache/huggingface/datasets`, keyed on path and mtime: one stale
-entry per temporary file in the tests, and no speed-up for files of a few hundred rows.
-So each read goes through a throw-away cache directory and is kept in memory.
+Both go through the standard library, so every value stays what the file says. JSONL
+does not go through `datasets.load_dataset("json")`: where a column mixes types (a
+list of answers in one row, one answer in the next) its pandas fallback turns the JSON
+string "4" into the number 4; and it would write an Arrow copy of every file into the
+`datasets` cache. CSV goes through the `csv` module: every value stays the text it is
+in the file (no type guessing: a label "01" stays "01"), and the reader knows each row's
+line, which a multi-line quoted cell would otherwise make hard to recover.
 """
 
 from __future__ import annotations
 
+import csv
 import json
-import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+ROW_FORMATS = (".jsonl", ".csv")
+
+
+@dataclass(frozen=True)
+class Rows(Sequence[dict[str, Any]]):
+    """Rows of one source and where each came from, to name it in an error message."""
+
+    rows: list[dict[str, Any]]
+    locate: Callable[[int], str]
+    """Row index -> its place, e.g. "data/train.jsonl:12 (row 11)"."""
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
+        return self.rows[index]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.rows)
+
+    def where(self, index: int) -> str:
+        return self.locate(index)
+
+
+def read_rows(path: str | Path) -> Rows:
+    """The rows of a .jsonl or .csv file (chosen by suffix; anything else reads as JSONL).
+
+    Raises FileNotFoundError for a missing file and ValueError (naming the path, and the
+    line for a bad one) for an empty or malformed file.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        rows, lines = read_csv(path)
+        return Rows(rows, lambda index: f"{path}:{lines[index]} (row {index + 1})")
+    rows = read_jsonl(path)
+    return Rows(rows, lambda index: f"{path}:{line_number(path, index)} (row {index + 1})")
+
+
+def read_csv(path: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The rows of a CSV file with a header row, and the line each row ends on.
+
+    A cell missing from a short row is None (missing), never "".
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(str(path))
+    rows: list[dict[str, Any]] = []
+    lines: list[int] = []
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        try:
+            if not reader.fieldnames:
+                raise ValueError(f"data file {path} is empty")
+            for row in reader:
+                if None in row:  # DictReader files surplus cells under the key None
+                    raise ValueError(
+                        f"{path}:{reader.line_num}: {len(row) - 1 + len(row[None])} cells "
+                        f"but the header names {len(reader.fieldnames)} columns"
+                    )
+                rows.append(dict(row))
+                lines.append(reader.line_num)
+        except csv.Error as error:
+            raise ValueError(f"{path}:{reader.line_num}: not valid CSV ({error})") from None
+    if not rows:
+        raise ValueError(f"data file {path} is empty (a header and no rows)")
+    return rows, lines
+
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a JSONL file, in order.
+    """The rows of a JSONL file, in order, each value exactly as the JSON has it.
 
     Raises FileNotFoundError for a missing file and ValueError (naming the path, and the
     line for a bad one) for an empty or malformed file.
@@ -24,44 +95,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(str(path))
-    if not _has_a_row(path):
-        raise ValueError(f"data file {path} is empty")
-    import datasets  # here, not at the top: `import tasks` must stay fast
-
-    bars_were_on = not datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()  # a "Generating train split" bar per small file is noise
-    try:
-        with tempfile.TemporaryDirectory(prefix="zo-tasks-") as cache_dir:
-            table = datasets.load_dataset(
-                "json",
-                data_files={"rows": str(path)},
-                split="rows",
-                cache_dir=cache_dir,
-                keep_in_memory=True,
-            )
-            rows = table.to_list()
-    except Exception as error:  # datasets wraps parse errors without a line number
-        _raise_first_bad_line(path)
-        raise ValueError(f"data file {path} could not be read as JSONL: {error}") from error
-    finally:
-        if bars_were_on:
-            datasets.enable_progress_bars()
-    if not rows:
-        raise ValueError(f"data file {path} is empty")
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{line_number(path, index)}: a row must be a JSON object")
-    return rows
-
-
-def _has_a_row(path: Path) -> bool:
-    """Whether any line is not blank; stops at the first, so a big file costs nothing."""
-    with path.open(encoding="utf-8") as handle:
-        return any(line.strip() for line in handle)
-
-
-def _raise_first_bad_line(path: Path) -> None:
-    """Re-scan with the json module to say which line is broken."""
+    rows = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -71,7 +105,11 @@ def _raise_first_bad_line(path: Path) -> None:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
             if not isinstance(value, dict):
-                raise ValueError(f"{path}:{number}: a row must be a JSON object") from None
+                raise ValueError(f"{path}:{number}: a row must be a JSON object")
+            rows.append(value)
+    if not rows:
+        raise ValueError(f"data file {path} is empty")
+    return rows
 
 
 def line_number(path: Path, row_index: int) -> int:

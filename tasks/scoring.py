@@ -1,20 +1,26 @@
-"""Scoring candidates with a causal LM: the ZO loss, and evaluation.
+"""Scoring candidates with a language model: log-likelihoods, the training losses, evaluation.
 
-Each (example, candidate) pair is scored as `prompt tokens + candidate tokens`, and all
-sequences of a batch go through the model in one right-padded forward. Two savings:
+A "row" is a prompt and the candidate continuations scored after it. Two layouts turn
+rows into one padded batch, chosen by the model (`scorer_for`), never by family name:
 
-- Only the hidden states that predict candidate tokens reach the LM head, so the logits
-  are [scored positions, vocab] instead of [sequences, length, vocab]: with a 50k-150k
-  vocabulary the full logits would be most of a forward's memory and time.
-- A one-token candidate is predicted from the prompt alone, so it needs no sequence of
-  its own: it is read off a sequence of the same example. An example whose candidates
-  are all one token (" terrible" / " great" for most real tokenizers) costs one sequence,
-  not one per candidate, which halves the forward passes a ZO step spends on SST-2.
+- Causal LMs read `prompt tokens + candidate tokens`; token t of a candidate is scored
+  at position t - 1. A one-token candidate is predicted from the prompt alone, so it
+  needs no sequence of its own and rides on a sequence of the same row: a row whose
+  candidates are all one token (" terrible" / " great") costs one sequence, not one per
+  candidate.
+- Masked LMs (RoBERTa, MeZO's medium-model protocol) read `prompt <mask>` (or the
+  prompt's own `<mask>`) wrapped in the tokenizer's special tokens; every candidate
+  must be one token, scored at the mask position. One sequence per row.
+
+Either way only the hidden states at scored positions reach the LM head, so the logits
+are [scored positions, vocab] instead of [sequences, length, vocab]: with a 50k-150k
+vocabulary the full logits would be most of a forward's memory and time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -26,12 +32,21 @@ from tasks.base import Example, Task, TaskError
 
 
 @dataclass(frozen=True)
-class CandidateBatch:
-    """B examples, their P (example, candidate) pairs, in N <= P sequences.
+class ScoringRow:
+    """A prompt, the candidates scored after it, and the gold candidate's index."""
 
-    Pairs are grouped by example (all candidates of example 0, then of example 1...).
-    Token t of a candidate is predicted by the model's output at position t - 1: the Q
-    distinct such positions are (`score_rows`, `score_positions`), and each of the K
+    prompt: str
+    candidates: Sequence[str]
+    label: int
+    uid: str
+
+
+@dataclass(frozen=True)
+class CandidateBatch:
+    """B rows, their P (row, candidate) pairs, in N <= P sequences.
+
+    Pairs are grouped by row (all candidates of row 0, then of row 1...). Each of the Q
+    distinct scored positions is (`score_rows`, `score_positions`), and each of the K
     scored tokens names its position (`target_slot`), its token and its pair.
     """
 
@@ -41,11 +56,11 @@ class CandidateBatch:
     score_positions: Tensor  # [Q] long: the position whose output predicts a target
     target_slot: Tensor  # [K] long: index into the Q scored positions
     target_ids: Tensor  # [K] long: the candidate token predicted there
-    target_pair: Tensor  # [K] long: the (example, candidate) pair the token belongs to
+    target_pair: Tensor  # [K] long: the (row, candidate) pair the token belongs to
     candidate_lengths: Tensor  # [P] long: tokens per candidate (>= 1)
-    example_index: Tensor  # [P] long: which example a pair belongs to
-    candidate_index: Tensor  # [P] long: which candidate of that example it is
-    labels: Tensor  # [B] long: the gold candidate of each example
+    example_index: Tensor  # [P] long: which row a pair belongs to
+    candidate_index: Tensor  # [P] long: which candidate of that row it is
+    labels: Tensor  # [B] long: the gold candidate of each row
     num_candidates: Tensor  # [B] long
 
     @property
@@ -65,13 +80,32 @@ class CandidateBatch:
             f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
             for f in fields(self)
         }
-        return replace(self, **moved)
+        return replace(self, **moved)  # keeps the subclass: the layout travels with it
+
+
+class MaskedCandidateBatch(CandidateBatch):
+    """The masked-LM layout: targets are read at `<mask>`, not at the position before."""
 
 
 # ---------------------------------------------------------------------------- encoding
 
 
-def _bos_prefix(tokenizer: Any) -> list[int]:
+def rows_of(task: Task, examples: Sequence[Example]) -> list[ScoringRow]:
+    """Every candidate of every example, checked: non-empty, label in range."""
+    rows = []
+    for example in examples:
+        candidates = task.candidates(example)
+        if not candidates:
+            raise TaskError(f"example {example.uid!r} has no candidates")
+        if not 0 <= example.label < len(candidates):
+            raise TaskError(
+                f"example {example.uid!r}: label {example.label} but {len(candidates)} candidates"
+            )
+        rows.append(ScoringRow(task.prompt(example), list(candidates), example.label, example.uid))
+    return rows
+
+
+def bos_prefix(tokenizer: Any) -> list[int]:
     """[bos] when the tokenizer itself prepends BOS to plain text, else [].
 
     Prompts and candidates are tokenized without special tokens (some tokenizers also
@@ -87,7 +121,17 @@ def _bos_prefix(tokenizer: Any) -> list[int]:
     return [bos] if with_special[:1] == [bos] and without[:1] != [bos] else []
 
 
-def _pad_id(tokenizer: Any) -> int:
+def _special_wrapping(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text: ([<s>], [</s>]) for RoBERTa."""
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(without) + 1):
+        if with_special[start : start + len(without)] == without:
+            return with_special[:start], with_special[start + len(without) :]
+    return [], []
+
+
+def pad_id(tokenizer: Any) -> int:
     for name in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, name, None)
         if value is not None:
@@ -96,134 +140,224 @@ def _pad_id(tokenizer: Any) -> int:
     raise TaskError("the tokenizer has neither a pad nor an eos token to pad with")
 
 
-def encode_candidates(
-    tokenizer: Any, task: Task, examples: Sequence[Example], max_length: int = 256
-) -> CandidateBatch:
-    """Tokenize every (example, candidate) pair into one right-padded CandidateBatch.
+class _Layout:
+    """Accumulates sequences and scored tokens, then pads them into a CandidateBatch."""
 
-    Prompt and candidate are tokenized separately and their ids concatenated, so the
-    scored tokens are exactly the candidate's. A prompt too long for `max_length` loses
-    tokens from the left (after BOS), once per example so that its longest candidate
-    fits; candidates are never cut.
-    """
-    if not examples:
-        raise TaskError("encode_candidates needs at least one example")
-    bos = _bos_prefix(tokenizer)
-    pad = _pad_id(tokenizer)
-    prompts = tokenizer([task.prompt(e) for e in examples], add_special_tokens=False)
-    candidate_ids: dict[str, list[int]] = {}  # verbalizers repeat: tokenize each string once
+    def __init__(self) -> None:
+        self.sequences: list[list[int]] = []
+        self.slots: dict[tuple[int, int], int] = {}  # (sequence, position) -> slot index
+        self.target_slot: list[int] = []
+        self.target_ids: list[int] = []
+        self.target_pair: list[int] = []
+        self.lengths: list[int] = []
+        self.example_index: list[int] = []
+        self.candidate_index: list[int] = []
 
-    sequences: list[list[int]] = []
-    slots: dict[tuple[int, int], int] = {}  # (row, position) -> index among scored positions
-    target_slot: list[int] = []
-    target_ids: list[int] = []
-    target_pair: list[int] = []
-    lengths: list[int] = []
-    example_index: list[int] = []
-    candidate_index: list[int] = []
-    num_candidates: list[int] = []
+    def add_pair(self, row: int, candidate: int, targets: list[tuple[int, int, int]]) -> None:
+        """A pair whose token `t` is scored at (sequence, position) for each (s, p, t)."""
+        for sequence, position, token in targets:
+            self.target_slot.append(self.slots.setdefault((sequence, position), len(self.slots)))
+            self.target_ids.append(token)
+            self.target_pair.append(len(self.lengths))
+        self.lengths.append(len(targets))
+        self.example_index.append(row)
+        self.candidate_index.append(candidate)
 
-    def score(row: int, first: int, answer: list[int]) -> None:
-        """Targets of the next pair: answer[j] is predicted at position first + j."""
-        for j, token in enumerate(answer):
-            target_slot.append(slots.setdefault((row, first + j), len(slots)))
-            target_ids.append(token)
-            target_pair.append(len(lengths))
+    def batch(
+        self, rows: Sequence[ScoringRow], pad: int, cls: type[CandidateBatch]
+    ) -> CandidateBatch:
+        width = max(len(sequence) for sequence in self.sequences)
+        input_ids = torch.full((len(self.sequences), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(self.sequences), width), dtype=torch.long)
+        for i, sequence in enumerate(self.sequences):
+            input_ids[i, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+            attention_mask[i, : len(sequence)] = 1
 
-    for b, (example, prompt) in enumerate(zip(examples, prompts["input_ids"], strict=True)):
-        candidates = task.candidates(example)
-        if not candidates:
-            raise TaskError(f"example {example.uid!r} has no candidates")
-        if not 0 <= example.label < len(candidates):
-            raise TaskError(
-                f"example {example.uid!r}: label {example.label} but {len(candidates)} candidates"
-            )
-        num_candidates.append(len(candidates))
-        answers = []
-        for candidate in candidates:
-            if candidate not in candidate_ids:
+        def long(values: Sequence[int]) -> Tensor:
+            return torch.tensor(list(values), dtype=torch.long)
+
+        return cls(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            score_rows=long([sequence for sequence, _ in self.slots]),
+            score_positions=long([position for _, position in self.slots]),
+            target_slot=long(self.target_slot),
+            target_ids=long(self.target_ids),
+            target_pair=long(self.target_pair),
+            candidate_lengths=long(self.lengths),
+            example_index=long(self.example_index),
+            candidate_index=long(self.candidate_index),
+            labels=long([row.label for row in rows]),
+            num_candidates=long([len(row.candidates) for row in rows]),
+        )
+
+
+def _tokenized_candidates(tokenizer: Any, rows: Sequence[ScoringRow]) -> list[list[list[int]]]:
+    cache: dict[str, list[int]] = {}  # verbalizers repeat: tokenize each string once
+    result = []
+    for row in rows:
+        if not row.candidates:
+            raise TaskError(f"example {row.uid!r} has no candidates")
+        for candidate in row.candidates:
+            if candidate not in cache:
                 ids = tokenizer(candidate, add_special_tokens=False)["input_ids"]
                 if not ids:
                     raise TaskError(f"candidate {candidate!r} tokenizes to no tokens")
-                candidate_ids[candidate] = ids
-            answers.append(candidate_ids[candidate])
-        # One cut per example, sized for its longest candidate: every candidate is then
+                cache[candidate] = ids
+        result.append([cache[candidate] for candidate in row.candidates])
+    return result
+
+
+def encode_rows(
+    tokenizer: Any, rows: Sequence[ScoringRow], max_length: int = 256
+) -> CandidateBatch:
+    """The causal-LM layout of `rows`: one right-padded batch.
+
+    Prompt and candidate are tokenized separately and their ids concatenated, so the
+    scored tokens are exactly the candidate's. A prompt too long for `max_length` loses
+    tokens from the left (after BOS), once per row so that its longest candidate fits;
+    candidates are never cut.
+    """
+    if not rows:
+        raise TaskError("encoding needs at least one example")
+    bos = bos_prefix(tokenizer)
+    prompts = tokenizer([row.prompt for row in rows], add_special_tokens=False)["input_ids"]
+    layout = _Layout()
+    for b, (row, prompt, answers) in enumerate(
+        zip(rows, prompts, _tokenized_candidates(tokenizer, rows), strict=True)
+    ):
+        # One cut per row, sized for its longest candidate: every candidate is then
         # scored after the same context, so their scores stay comparable.
         longest = max(len(answer) for answer in answers)
         room = max_length - len(bos) - longest
         # At least one context token must precede a candidate to predict its first token.
         if room < (0 if bos else 1):
             raise TaskError(
-                f"example {example.uid!r}: a candidate is {longest} tokens, so "
+                f"example {row.uid!r}: a candidate is {longest} tokens, so "
                 f"max_length={max_length} leaves no room for the prompt"
             )
         context = bos + prompt[max(0, len(prompt) - room) :]
         if not context:
-            raise TaskError(f"example {example.uid!r}: empty prompt and no BOS token")
+            raise TaskError(f"example {row.uid!r}: empty prompt and no BOS token")
         first = len(context) - 1  # the position that predicts a candidate's first token
         # A sequence per multi-token candidate holds its first len - 1 tokens (the last is
         # predicted, never read). One-token candidates need only the context, which every
-        # sequence of this example starts with: they ride on the first one, or on a
+        # sequence of this row starts with: they ride on the first one, or on a
         # context-only sequence when no candidate is longer than one token.
-        row_of: dict[int, int] = {}
+        sequence_of: dict[int, int] = {}
         for c, answer in enumerate(answers):
             if len(answer) > 1:
-                row_of[c] = len(sequences)
-                sequences.append(context + answer[:-1])
-        if not row_of:  # every candidate is one token
-            sequences.append(list(context))
-        host = min(row_of.values(), default=len(sequences) - 1)
+                sequence_of[c] = len(layout.sequences)
+                layout.sequences.append(context + answer[:-1])
+        if not sequence_of:
+            layout.sequences.append(list(context))
+        host = min(sequence_of.values(), default=len(layout.sequences) - 1)
         for c, answer in enumerate(answers):
-            score(row_of.get(c, host), first, answer)
-            lengths.append(len(answer))
-            example_index.append(b)
-            candidate_index.append(c)
-
-    width = max(len(sequence) for sequence in sequences)
-    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, sequence in enumerate(sequences):
-        input_ids[i, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        attention_mask[i, : len(sequence)] = 1
-
-    def long(values: Sequence[int]) -> Tensor:
-        return torch.tensor(list(values), dtype=torch.long)
-
-    return CandidateBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        score_rows=long([row for row, _ in slots]),
-        score_positions=long([position for _, position in slots]),
-        target_slot=long(target_slot),
-        target_ids=long(target_ids),
-        target_pair=long(target_pair),
-        candidate_lengths=long(lengths),
-        example_index=long(example_index),
-        candidate_index=long(candidate_index),
-        labels=long([e.label for e in examples]),
-        num_candidates=long(num_candidates),
-    )
+            sequence = sequence_of.get(c, host)
+            layout.add_pair(b, c, [(sequence, first + j, t) for j, t in enumerate(answer)])
+    return layout.batch(rows, pad_id(tokenizer), CandidateBatch)
 
 
-# ----------------------------------------------------------------------------- scoring
+def encode_masked_rows(
+    tokenizer: Any, rows: Sequence[ScoringRow], max_length: int = 256
+) -> MaskedCandidateBatch:
+    """The masked-LM layout of `rows`: `<s> prompt <mask> </s>`, candidates read at the mask.
 
-
-def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The transformer without its LM head, and the head.
-
-    `base_model` is the backbone of every transformers *ForCausalLM (LlamaModel, OPTModel
-    (its decoder applies the final layer norm), Qwen2Model, ...). A PEFT wrapper is looked
-    through with `get_base_model()`: the adapters are injected into the wrapped model's
-    layers, and the wrapper's own `base_model` is the LoRA container, not the backbone.
+    A prompt that holds the tokenizer's mask token (a template's mask slot, as in
+    "{text} It was<mask>.") is scored there; otherwise the mask is appended to it, and
+    candidates carry their own leading space as for causal LMs. Prompts too long lose
+    tokens from the left; the mask and what follows it are never cut.
     """
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    backbone = getattr(model, "base_model", model)
-    if head is None or backbone is model:
+    if not rows:
+        raise TaskError("encoding needs at least one example")
+    mask = getattr(tokenizer, "mask_token_id", None)
+    if mask is None:
         raise TaskError(
-            f"{type(model).__name__} is not a causal LM with a separate backbone and LM head "
-            "(expected a transformers *ForCausalLM model)"
+            "masked-LM scoring needs a tokenizer with a mask token; this one has none "
+            "(pair tiny RoBERTa models with zo.models.masked_byte_tokenizer())"
+        )
+    prefix, suffix = _special_wrapping(tokenizer)
+    room = max_length - len(prefix) - len(suffix)
+    prompts = tokenizer([row.prompt for row in rows], add_special_tokens=False)["input_ids"]
+    layout = _Layout()
+    for b, (row, prompt, answers) in enumerate(
+        zip(rows, prompts, _tokenized_candidates(tokenizer, rows), strict=True)
+    ):
+        for candidate, answer in zip(row.candidates, answers, strict=True):
+            if len(answer) != 1:
+                tokens = tokenizer.convert_ids_to_tokens(answer)
+                raise TaskError(
+                    f"example {row.uid!r}: candidate {candidate!r} is {len(answer)} tokens "
+                    f"{tokens}; a masked LM scores one token at <mask>, so every candidate "
+                    "must be a single token (mind the leading space) - choose one-token "
+                    "verbalizer words or use a causal LM"
+                )
+        masks = prompt.count(mask)
+        if masks > 1:
+            raise TaskError(f"example {row.uid!r}: the prompt holds {masks} mask tokens, not 1")
+        ids = list(prompt) if masks else [*prompt, mask]
+        after = len(ids) - ids.index(mask)
+        if after > room:
+            raise TaskError(
+                f"example {row.uid!r}: the mask and the {after - 1} tokens after it do not "
+                f"fit max_length={max_length}"
+            )
+        ids = ids[max(0, len(ids) - room) :]
+        position = len(prefix) + ids.index(mask)
+        layout.sequences.append(prefix + ids + suffix)
+        for c, answer in enumerate(answers):
+            layout.add_pair(b, c, [(b, position, answer[0])])
+    return layout.batch(rows, pad_id(tokenizer), MaskedCandidateBatch)
+
+
+def encode_candidates(
+    tokenizer: Any, task: Task, examples: Sequence[Example], max_length: int = 256
+) -> CandidateBatch:
+    """Every (example, candidate) pair of a task in the causal-LM layout."""
+    if not examples:
+        raise TaskError("encode_candidates needs at least one example")
+    return encode_rows(tokenizer, rows_of(task, examples), max_length)
+
+
+# ------------------------------------------------------------------- models and scorers
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    # A PEFT wrapper is looked through: the adapters are injected into the wrapped
+    # model's layers, and the wrapper's own `base_model` is the LoRA container.
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_masked_lm(model: nn.Module) -> bool:
+    """A transformers *ForMaskedLM model (or a subclass, or one wrapped by PEFT)."""
+    return any(cls.__name__.endswith("ForMaskedLM") for cls in type(_unwrapped(model)).__mro__)
+
+
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The transformer without its LM head, and the head that maps hidden states to logits.
+
+    `base_model` is the backbone of every transformers *ForCausalLM and *ForMaskedLM
+    (LlamaModel, OPTModel (its decoder applies the final layer norm), RobertaModel...).
+    The head is the model's child that holds the output embedding: the embedding itself
+    for causal LMs, RoBERTa's `lm_head` (dense, GELU, layer norm, then the embedding).
+    """
+    model = _unwrapped(model)
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    backbone = getattr(model, "base_model", model)
+    head = None
+    if output is not None and backbone is not model:
+        head = next(
+            (
+                child
+                for child in model.children()
+                if child is not backbone and any(m is output for m in child.modules())
+            ),
+            None,
+        )
+    if head is None:
+        raise TaskError(
+            f"{type(model).__name__} is not a language model with a separate backbone and LM "
+            "head (expected a transformers *ForCausalLM or *ForMaskedLM model)"
         )
     return backbone, head
 
@@ -237,28 +371,74 @@ def _softcap(model: nn.Module) -> float | None:
     return getattr(config, "final_logit_softcapping", None)
 
 
-def pair_log_likelihoods(model: nn.Module, batch: CandidateBatch) -> Tensor:
-    """[P]: the mean log-probability of each pair's candidate tokens (fp32)."""
-    backbone, head = _backbone_and_head(model)
+def head_logits(model: nn.Module, head: nn.Module, hidden: Tensor) -> Tensor:
+    """fp32 logits of some hidden states, as the model's forward would compute them."""
+    logits = head(hidden).float()  # the head runs in the model's dtype, as in forward()
+    cap = _softcap(model)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+Encoder = Callable[[Any, Sequence[ScoringRow], int], CandidateBatch]
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """How one kind of language model reads rows: which models, and their batch layout."""
+
+    name: str
+    applies_to: Callable[[nn.Module], bool]
+    encode: Encoder
+    layout: type[CandidateBatch]
+
+
+# First match wins; the causal layout is the fallback for every other LM.
+SCORERS: list[Scorer] = [
+    Scorer("masked_lm", is_masked_lm, encode_masked_rows, MaskedCandidateBatch),
+    Scorer("causal_lm", lambda model: True, encode_rows, CandidateBatch),
+]
+
+
+def scorer_for(model: nn.Module) -> Scorer:
+    return next(scorer for scorer in SCORERS if scorer.applies_to(model))
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def token_log_probs(model: nn.Module, batch: CandidateBatch) -> Tensor:
+    """[K]: the fp32 log-probability of each scored candidate token."""
+    scorer = scorer_for(model)
+    if type(batch) is not scorer.layout:
+        raise TaskError(
+            f"the batch has the {type(batch).__name__} layout but {type(model).__name__} "
+            f"needs {scorer.layout.__name__}: encode it for this model "
+            "(tasks.evaluation.make_batch(..., model=model))"
+        )
+    backbone, head = backbone_and_head(model)
     # use_cache=False: a KV cache would be built for nothing and cost memory.
     output = backbone(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     )
     hidden = output[0]  # last_hidden_state, as a ModelOutput or a tuple
     picked = hidden[batch.score_rows, batch.score_positions]  # [Q, H]
-    logits = head(picked).float()  # the head runs in the model's dtype, as in forward()
-    cap = _softcap(model)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    log_probs = logits.log_softmax(dim=-1)  # [Q, V]
-    token_scores = log_probs[batch.target_slot, batch.target_ids]  # [K]
+    log_probs = head_logits(model, head, picked).log_softmax(dim=-1)  # [Q, V]
+    return log_probs[batch.target_slot, batch.target_ids]
+
+
+def pair_log_likelihoods(model: nn.Module, batch: CandidateBatch, normalize: bool = True) -> Tensor:
+    """[P]: each pair's candidate log-likelihood, the mean over its tokens (or the sum)."""
+    token_scores = token_log_probs(model, batch)
     totals = token_scores.new_zeros(batch.num_pairs).index_add(0, batch.target_pair, token_scores)
-    return totals / batch.candidate_lengths.to(totals.dtype)
+    return totals / batch.candidate_lengths.to(totals.dtype) if normalize else totals
 
 
-def candidate_log_likelihoods(model: nn.Module, batch: CandidateBatch) -> Tensor:
-    """[B, C_max]: length-normalised log-likelihood per candidate; -inf where none."""
-    scores = pair_log_likelihoods(model, batch)
+def candidate_log_likelihoods(
+    model: nn.Module, batch: CandidateBatch, normalize: bool = True
+) -> Tensor:
+    """[B, C_max]: the log-likelihood of each candidate (length-normalised); -inf where none."""
+    scores = pair_log_likelihoods(model, batch, normalize)
     max_candidates = int(batch.num_candidates.max())
     table = scores.new_full((batch.num_examples, max_candidates), float("-inf"))
     # Out of place, so autograd sees it (first-order baselines differentiate this).
@@ -274,44 +454,67 @@ def classification_loss(model: nn.Module, batch: CandidateBatch) -> Tensor:
     return F.cross_entropy(candidate_log_likelihoods(model, batch), batch.labels)
 
 
+def teacher_forcing_loss(model: nn.Module, batch: CandidateBatch) -> Tensor:
+    """Mean NLL over the gold candidates' tokens, pooled over the batch: a scalar tensor.
+
+    The causal-LM loss with labels -100 on prompt and padding (MeZO's loss for multiple
+    choice and generation): every gold token counts once, so long answers weigh more.
+    """
+    token_scores = token_log_probs(model, batch)
+    pair = batch.target_pair
+    gold = batch.candidate_index[pair] == batch.labels[batch.example_index[pair]]
+    return -token_scores[gold].mean()
+
+
 # -------------------------------------------------------------------------- evaluation
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     device = getattr(model, "device", None)  # transformers models know theirs
     if isinstance(device, torch.device):
         return device
     return next(model.parameters()).device
 
 
-def _scores(
-    model: nn.Module,
-    tokenizer: Any,
-    task: Task,
-    examples: Sequence[Example],
-    batch_size: int,
-    max_length: int,
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Candidate scores and labels per batch, in eval mode, restoring every module's mode."""
-    if batch_size < 1:
-        raise TaskError(f"batch_size must be >= 1, got {batch_size}")
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (dropout off) and inference mode; every module's mode restored after."""
     modes = [(module, module.training) for module in model.modules()]
-    device = _model_device(model)
-    scores: list[Tensor] = []
-    labels: list[Tensor] = []
-    model.eval()  # dropout off: evaluation must be a function of the weights
+    model.eval()  # evaluation must be a function of the weights
     try:
         with torch.inference_mode():
-            for start in range(0, len(examples), batch_size):
-                chunk = examples[start : start + batch_size]
-                batch = encode_candidates(tokenizer, task, chunk, max_length).to(device)
-                scores.append(candidate_log_likelihoods(model, batch).cpu())
-                labels.append(batch.labels.cpu())
+            yield
     finally:
         # Per module, not model.train(mode): a model partly in eval mode stays that way.
         for module, training in modes:
             module.training = training
-    return scores, labels
+
+
+def score_rows(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[ScoringRow],
+    batch_size: int = 32,
+    max_length: int = 256,
+    normalize: bool = True,
+) -> list[Tensor]:
+    """Per row, the [C] candidate log-likelihoods (on CPU), in `batch_size`-row forwards.
+
+    Rows are batched in order of prompt length, so a batch pads to similar lengths; the
+    result is in the order of `rows`. Call it under `evaluation_mode` or `no_grad`.
+    """
+    if batch_size < 1:
+        raise TaskError(f"batch_size must be >= 1, got {batch_size}")
+    scorer, device = scorer_for(model), model_device(model)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))
+    scores: list[Tensor | None] = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = scorer.encode(tokenizer, [rows[i] for i in chunk], max_length).to(device)
+        table = candidate_log_likelihoods(model, batch, normalize).cpu()
+        for b, i in enumerate(chunk):
+            scores[i] = table[b, : len(rows[i].candidates)]
+    return scores  # type: ignore[return-value]  (every slot is filled)
 
 
 def predict(
@@ -323,8 +526,9 @@ def predict(
     max_length: int = 256,
 ) -> list[int]:
     """The index of the best-scoring candidate per example."""
-    scores, _ = _scores(model, tokenizer, task, examples, batch_size, max_length)
-    return [int(i) for s in scores for i in s.argmax(dim=1).tolist()]
+    with evaluation_mode(model):
+        scores = score_rows(model, tokenizer, rows_of(task, examples), batch_size, max_length)
+    return [int(s.argmax()) for s in scores]
 
 
 def evaluate(
@@ -335,14 +539,17 @@ def evaluate(
     batch_size: int = 32,
     max_length: int = 256,
 ) -> dict[str, float]:
-    """`accuracy`, mean `loss` (the training loss) and `num_examples` over `examples`."""
+    """`accuracy`, mean `loss` (the classification loss) and `num_examples` over `examples`.
+
+    Candidate tasks only; `tasks.evaluation.evaluate` covers every task kind and metric.
+    """
     if not examples:
         raise TaskError(f"task {task.name!r}: no examples to evaluate")
-    scores, labels = _scores(model, tokenizer, task, examples, batch_size, max_length)
-    correct = sum(int((s.argmax(dim=1) == y).sum()) for s, y in zip(scores, labels, strict=True))
-    loss = sum(
-        float(F.cross_entropy(s, y, reduction="sum")) for s, y in zip(scores, labels, strict=True)
-    )
+    with evaluation_mode(model):
+        scores = score_rows(model, tokenizer, rows_of(task, examples), batch_size, max_length)
+    labels = [example.label for example in examples]
+    correct = sum(int(s.argmax()) == y for s, y in zip(scores, labels, strict=True))
+    loss = sum(-float(s.log_softmax(0)[y]) for s, y in zip(scores, labels, strict=True))
     return {
         "accuracy": correct / len(examples),
         "loss": loss / len(examples),

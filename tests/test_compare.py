@@ -43,3 +43,22 @@ def test_unknown_estimator_in_a_plan_is_a_usage_error(tmp_path, capsys):
     plan = _plan(tmp_path, "  zo_magic: {}\n")
     assert cli.main(["bench", "compare", "--config", plan]) == cli.USAGE_EXIT
     assert "unknown estimator 'zo_magic'" in capsys.readouterr().err
+
+
+def test_continue_reads_finished_methods_back_and_trains_the_rest(tmp_path, capsys):
+    plan = _plan(tmp_path, "  zo_sgd: {lr: 1.0e-3}\n  zo_sgd_sign: {lr: 1.0e-4}\n")
+    runs = tmp_path / "runs"
+    args = ["bench", "compare", "--config", plan, "--out", str(runs)]
+    assert cli.main([*args, "--only", "zo_sgd"]) == 0
+    (parent,) = runs.iterdir()
+    first = (parent / "zo_sgd" / "trajectory.jsonl").read_bytes()
+    capsys.readouterr()
+    assert cli.main([*args, "--continue", str(parent)]) == 0
+    out = capsys.readouterr()
+    assert "reading the finished zo_sgd run" in out.err and "training zo_sgd_sign" in out.err
+    assert [r["estimator"] for r in json.loads(out.out.splitlines()[0])] == [
+        "zo_sgd",
+        "zo_sgd_sign",
+    ]
+    assert (parent / "zo_sgd" / "trajectory.jsonl").read_bytes() == first  # not retrained
+    assert cli.main([*args, "--continue", str(tmp_path / "nowhere")]) == cli.USAGE_EXIT

@@ -1,4 +1,4 @@
-"""The ``zo`` command: train | eval | replay | validate | list | bench.
+"""The ``zo`` command: train | eval | replay | validate | list | bench | mask | plan | merge.
 
 Usage errors (bad config, unknown names, missing files, a run directory in the way)
 print one ``zo: error: ...`` line naming the problem and exit with code 2.
@@ -25,13 +25,14 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     import tasks
     from zo import models
     from zo.config import ConfigError
-    from zo.trajectory import NothingToResumeError, RunExistsError
+    from zo.trajectory import NothingToResumeError, ReplayError, RunExistsError
 
     return (
         UsageError,
         ConfigError,
         RunExistsError,
         NothingToResumeError,
+        ReplayError,
         models.ModelNotFoundError,
         tasks.TaskError,
     )
@@ -54,10 +55,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     summary = train(config)
-    zero_shot = summary["zero_shot_accuracy"]
-    print(f"zero-shot dev accuracy: {zero_shot:.4f}" if zero_shot is not None else "", end="")
+    metric, zero_shot = summary["metric"], summary["zero_shot_score"]
+    label = f"dev {metric}:"
+    print(f"zero-shot {label:<13} {zero_shot:.4f}" if zero_shot is not None else "", end="")
     print(
-        f"\nfinal dev accuracy:     {summary['final_accuracy']:.4f}"
+        f"\nfinal {label:<17} {summary['final_score']:.4f}"
         f"\npeak memory:            {format_bytes(summary['peak_memory_bytes'])} ({summary['device']})"
         f"\nwall time:              {summary['wall_seconds']:.1f} s"
         f" ({summary['steps_per_second']:.2f} steps/s)"
@@ -143,23 +145,39 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-# Benchmarks with their own argument parsers: module name -> add_arguments + run(args).
-BENCH_MODULES = {"compare": "zo.compare"}
+def run_module_command(module_name: str, prog: str, argv: list[str]) -> int:
+    """A command whose module owns its arguments: ``add_arguments(parser)`` + ``run(args)``.
+
+    The module is imported only when its command runs, so ``zo --help`` stays fast.
+    """
+    import importlib
+
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=prog, description=module.__doc__.split("\n")[0])
+    module.add_arguments(parser)
+    options = parser.parse_args(argv)
+    options.argv = argv
+    return module.run(options)
+
+
+# Benchmarks with their own argument parsers: bench name -> module.
+BENCH_MODULES = {"compare": "zo.compare", "eval": "zo.bench_eval"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import importlib
-
     from zo import bench
 
     if args.what not in BENCH_MODULES:
         return bench.main(args.what, args.options)
-    module = importlib.import_module(BENCH_MODULES[args.what])
-    parser = argparse.ArgumentParser(prog=f"zo bench {args.what}")
-    module.add_arguments(parser)
-    options = parser.parse_args(args.options)
-    options.argv = args.options
-    return module.run(options)
+    return run_module_command(BENCH_MODULES[args.what], f"zo bench {args.what}", args.options)
+
+
+# Commands with their own argument parsers: command -> (module, one-line help).
+MODULE_COMMANDS: dict[str, tuple[str, str]] = {
+    "mask": ("zo.masks", "compute a sensitive-parameter mask from calibration text"),
+    "plan": ("zo.plan", "predict peak memory per component for a model, estimator and batch"),
+    "merge": ("zo.merge", "merge trained mask values into a dense HF checkpoint"),
+}
 
 
 BENCHES = ["step", "memory", *BENCH_MODULES]
@@ -183,7 +201,7 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate a model (or a run's checkpoint)")
     _config_arguments(evaluate)
     evaluate.add_argument("--checkpoint", help="RUN/checkpoint to load the trained tensors from")
-    evaluate.add_argument("--split", default="dev", choices=["train", "dev"])
+    evaluate.add_argument("--split", default="dev", choices=["train", "dev", "test"])
     replay = sub.add_parser("replay", help="rebuild a run's trained tensors from its trajectory")
     replay.add_argument("run", help="run directory")
     replay.add_argument("--out", required=True, help="where to write trainable.safetensors")
@@ -194,12 +212,19 @@ def make_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help=f"benchmarks: {' | '.join(BENCHES)}")
     bench.add_argument("what", choices=BENCHES)
     bench.add_argument("options", nargs=argparse.REMAINDER)
+    for name, (_, help_text) in MODULE_COMMANDS.items():
+        # add_help=False: `zo NAME --help` reaches the module's own parser
+        command = sub.add_parser(name, help=help_text, add_help=False)
+        command.add_argument("options", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
+        if args.command in MODULE_COMMANDS:
+            module_name, _ = MODULE_COMMANDS[args.command]
+            return run_module_command(module_name, f"zo {args.command}", args.options)
         return COMMANDS[args.command](args)
     except _usage_errors() as error:
         print(f"zo: error: {error}", file=sys.stderr)

@@ -42,17 +42,26 @@ def load_plan(path: str) -> tuple[str, list[str], dict[str, dict[str, Any]]]:
     return data["base"], [str(o) for o in data.get("overrides") or []], methods
 
 
+def method_experiment(base: str, name: str, settings: dict[str, Any]) -> tuple[dict, list[str]]:
+    """A method's experiment: the base config with its estimator section replaced by the
+    method's own (the base's lr/eps belong to the base's estimator, not to this one), and
+    the method's extra overrides."""
+    settings = dict(settings or {})
+    extra = [str(o) for o in settings.pop("overrides", [])]
+    data = read_yaml(base)
+    data["estimator"] = {"name": name, **settings}
+    return data, extra
+
+
 def method_configs(path: str):
     """Each method's fully resolved RunConfig (what `zo validate` checks)."""
-    from zo.config import load_config
+    from zo.config import config_from_data
 
     base, overrides, methods = load_plan(path)
     configs = []
     for name, settings in methods.items():
-        settings = dict(settings or {})
-        extra = [str(o) for o in settings.pop("overrides", [])]
-        keys = [f"estimator.name={name}", *(f"estimator.{k}={v}" for k, v in settings.items())]
-        configs.append((name, load_config(base, [*overrides, *keys, *extra])))
+        data, extra = method_experiment(base, name, settings)
+        configs.append((name, config_from_data(data, [*overrides, *extra])))
     return configs
 
 
@@ -60,18 +69,23 @@ def run_method(
     base: str, overrides: list[str], name: str, settings: dict[str, Any], out: Path
 ) -> dict[str, Any]:
     """Train one method in its own process; its summary plus its per-step losses."""
-    settings = dict(settings or {})
-    extra = [str(o) for o in settings.pop("overrides", [])]
-    command = [sys.executable, "-m", "zo.cli", "train", "--config", base, *overrides]
-    command += [f"estimator.name={name}"]
-    command += [f"estimator.{key}={value}" for key, value in settings.items()]
+    import yaml
+
+    data, extra = method_experiment(base, name, settings)
+    config = out.parent / f"{name}.yaml"  # beside the run: `zo train` refuses a non-empty out
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    command = [sys.executable, "-m", "zo.cli", "train", "--config", str(config), *overrides]
     command += [*extra, f"train.out={out}", "train.progress=false"]
     finished = subprocess.run(command, capture_output=True, text=True)
     if finished.returncode != 0:
         return {"estimator": name, "error": finished.stderr.strip().splitlines()[-1:]}
+    return finished_method(name, out)
+
+
+def finished_method(name: str, out: Path) -> dict[str, Any]:
     summary = json.loads((out / "summary.json").read_text())
-    losses = _losses(out)
-    return {"estimator": name, **summary, "losses": losses}
+    return {"estimator": name, **summary, "losses": _losses(out)}
 
 
 def _losses(run: Path) -> list[float]:
@@ -102,18 +116,19 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
 
 
 def table(results: list[dict[str, Any]]) -> str:
+    metric = next((r["metric"] for r in results if "metric" in r), "score")
     rows = [
-        "| estimator | zero-shot acc | final acc | final loss | s/step | peak memory |",
+        f"| estimator | zero-shot {metric} | final {metric} | final loss | s/step | peak memory |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
             rows.append(f"| {r['estimator']} | failed: {' '.join(r['error'])} | | | | |")
             continue
-        zero_shot = r["zero_shot_accuracy"]
+        zero_shot = r["zero_shot_score"]
         rows.append(
             f"| {r['estimator']} | {'-' if zero_shot is None else f'{zero_shot:.3f}'} "
-            f"| {r['final_accuracy']:.3f} "
+            f"| {r['final_score']:.3f} "
             f"| {r['final_loss']:.4f} | {1 / r['steps_per_second']:.3f} "
             f"| {r['peak_memory_bytes'] / 2**20:.0f} MiB |"
         )
@@ -125,6 +140,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default="", help="comma-separated subset of the estimators")
     parser.add_argument("--out", default="runs/compare", help="parent of the per-method runs")
     parser.add_argument("--record", action="store_true", help="append to experiments/RESULTS.md")
+    parser.add_argument(
+        "--continue",
+        dest="continue_dir",
+        metavar="DIR",
+        help="finish an earlier comparison in DIR: methods with a finished run there are "
+        "read back, not retrained",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,11 +155,21 @@ def run(args: argparse.Namespace) -> int:
     missing = sorted(set(only) - set(methods))
     if missing:
         raise ConfigError(f"--only: {missing} not in {args.config}; it has {sorted(methods)}")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    parent = Path(args.out) / stamp
+    if args.continue_dir is not None:
+        parent = Path(args.continue_dir)
+        if not parent.is_dir():
+            raise ConfigError(f"--continue {parent}: no such comparison directory")
+        stamp = parent.name
+    else:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        parent = Path(args.out) / stamp
     results = []
     for name, settings in methods.items():
         if only and name not in only:
+            continue
+        if (parent / name / "summary.json").is_file():
+            print(f"reading the finished {name} run", file=sys.stderr, flush=True)
+            results.append(finished_method(name, parent / name))
             continue
         print(f"training {name} ...", file=sys.stderr, flush=True)
         results.append(run_method(base, overrides, name, settings, parent / name))

@@ -31,6 +31,9 @@ class ModelConfig:
     """Attention implementation (``eager``, ``sdpa``); None = the family's default."""
     device: str = "auto"
     """``cpu``, ``cuda``, ``cuda:1``; ``auto`` = CUDA when available."""
+    quant: str = "none"
+    """``nf4``: the base weights load frozen in 4 bits (bitsandbytes NF4, compute in
+    ``dtype``); train a mask or LoRA over them."""
 
 
 @dataclass
@@ -41,6 +44,8 @@ class TaskConfig:
     """Use only the first N training examples (after the seeded shuffle)."""
     eval_limit: int | None = None
     """Evaluate on only the first N dev examples."""
+    calibrate: bool = False
+    """Eval only: calibrate candidate scores against a content-free input (SFC/PMI)."""
     options: dict[str, Any] = field(default_factory=dict)
     """The task's own options (``path``, ``template``, ``verbalizer``, ``objective``...).
     In YAML they sit directly under ``task:``; the task validates them by name."""
@@ -48,9 +53,16 @@ class TaskConfig:
 
 @dataclass
 class TrainableConfig:
-    kind: Literal["full", "names"] = "full"
+    kind: Literal["full", "names", "mask", "lora"] = "full"
     patterns: list[str] = field(default_factory=list)
     """For ``names``: fnmatch patterns over parameter names (``*.norm.weight``)."""
+    path: str | None = None
+    """For ``mask``: the mask file (``zo mask``); only the masked entries train, as fp32
+    values added to a frozen base (``trainable: mask:PATH``)."""
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """For ``lora``: rank, scale and target module names of the peft adapters."""
 
 
 @dataclass
@@ -245,7 +257,10 @@ def _normalise_shorthands(data: dict[str, Any]) -> dict[str, Any]:
     trainable = data.get("trainable")
     if isinstance(trainable, str):
         kind, _, rest = trainable.partition(":")
-        data["trainable"] = {"kind": kind, "patterns": [p for p in rest.split(",") if p]}
+        if kind == "mask":
+            data["trainable"] = {"kind": kind, "path": rest or None}
+        else:
+            data["trainable"] = {"kind": kind, "patterns": [p for p in rest.split(",") if p]}
     estimator = data.get("estimator")
     if isinstance(estimator, str):
         data["estimator"] = {"name": estimator}
@@ -260,7 +275,11 @@ def _normalise_shorthands(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    data = read_yaml(path) if path is not None else {}
+    return config_from_data(read_yaml(path) if path is not None else {}, overrides)
+
+
+def config_from_data(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """A RunConfig from parsed YAML plus ``key.sub=value`` overrides, checked."""
     data = apply_overrides(_normalise_shorthands(data), overrides or [])
     config = build(RunConfig, _normalise_shorthands(data))
     if "name" not in config.estimator:
@@ -279,6 +298,20 @@ def _check_ranges(config: RunConfig) -> None:
             raise ConfigError(f"train.{key} must be >= 0 (0 = off), got {getattr(train, key)}")
     if config.trainable.kind == "names" and not config.trainable.patterns:
         raise ConfigError("trainable.patterns is empty; `names` needs at least one pattern")
+    if config.trainable.kind == "mask" and not config.trainable.path:
+        raise ConfigError(
+            "trainable.path is empty; `mask` needs a mask file (trainable: mask:PATH)"
+        )
+    if config.trainable.kind == "lora" and config.trainable.lora_r < 1:
+        raise ConfigError(f"trainable.lora_r must be >= 1, got {config.trainable.lora_r}")
+    if config.model.quant not in QUANTIZATIONS:
+        raise ConfigError(f"model.quant {config.model.quant!r} is not one of {list(QUANTIZATIONS)}")
+    if config.model.quant != "none" and config.trainable.kind == "full":
+        raise ConfigError(
+            f"model.quant={config.model.quant} freezes the base weights in 4 bits; train a "
+            "mask (trainable: mask:PATH), LoRA adapters (trainable: lora) or named "
+            "unquantized tensors (trainable: names:*norm*) over it"
+        )
     if config.task.max_length < 8:
         raise ConfigError(f"task.max_length must be >= 8, got {config.task.max_length}")
     if config.model.dtype not in DTYPES:
@@ -286,6 +319,7 @@ def _check_ranges(config: RunConfig) -> None:
 
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+QUANTIZATIONS = ("none", "nf4")
 
 
 def dump_yaml(config: RunConfig) -> str:

@@ -264,6 +264,70 @@ register_family(
 )
 
 
+MASKED_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<mask>")
+"""The masked byte tokenizer's ids 0..3: :data:`SPECIAL_TOKENS` with ``<mask>`` for ``<unk>``."""
+
+
+def masked_byte_tokenizer() -> PreTrainedTokenizerFast:
+    """The byte tokenizer for masked LMs: ``<mask>`` is id 3, and text is wrapped in ``<s> </s>``.
+
+    Byte ids equal :func:`byte_tokenizer`'s, so a tiny model sized for one fits the other:
+    id 3 is free because ``<unk>`` is never produced when every byte is in the vocabulary.
+    Like RoBERTa's tokenizer, encoding with special tokens gives ``<s> text </s>``.
+    """
+    from tokenizers import processors
+
+    vocab = {token: i for i, token in enumerate(MASKED_SPECIAL_TOKENS)}
+    for symbol in _byte_symbols():
+        vocab[symbol] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    pad, bos, eos, mask = MASKED_SPECIAL_TOKENS
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}",
+        pair=f"{bos} $A {eos} {eos} $B {eos}",
+        special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])],
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=pad,
+        bos_token=bos,
+        eos_token=eos,
+        mask_token=mask,
+        padding_side="right",
+        model_max_length=TINY_MAX_POSITIONS,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _tiny_roberta_config(spec: TinySpec) -> PretrainedConfig:
+    return transformers.RobertaConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        # RoBERTa numbers positions from pad_token_id + 1, so its table needs that many more rows.
+        max_position_embeddings=spec.max_positions + spec.pad_token_id + 1,
+        type_vocab_size=1,  # as in roberta-base/large
+        layer_norm_eps=1e-5,
+        pad_token_id=spec.pad_token_id,
+        bos_token_id=spec.bos_token_id,
+        eos_token_id=spec.eos_token_id,
+        tie_word_embeddings=True,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+# Masked-LM prompts (MeZO's medium-model protocol): the verbalizer word is scored at <mask>.
+# Pair tiny models with masked_byte_tokenizer(); byte_tokenizer() has no mask token.
+register_family(
+    ModelFamily("roberta", "RobertaForMaskedLM", _tiny_roberta_config, model_types=("roberta",))
+)
+
+
 def family_of(model_type: str) -> ModelFamily | None:
     """The registered family whose real checkpoints have this ``config.model_type``."""
     return next((f for f in FAMILIES.values() if model_type in f.model_types), None)

@@ -14,6 +14,9 @@ import torch
 
 import estimators
 import tasks
+from estimators.base import Closure
+from tasks.evaluation import evaluate as evaluate_task
+from tasks.objectives import objective_closure, objective_is_differentiable
 from zo import models
 from zo.blocks import checkpoint_blocks
 from zo.config import ConfigError, RunConfig, build, dump_yaml, load_config, to_dict
@@ -24,6 +27,7 @@ from zo.trajectory import (
     TRAJECTORY_FORMAT,
     Checkpoint,
     NothingToResumeError,
+    ReplayError,
     RunDirectory,
     atomic_write_text,
     save_tensors_atomic,
@@ -73,7 +77,13 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(
             f"task.name {config.task.name!r} is unknown; choose one of {tasks.available_tasks()}"
         )
-    build_task(config)
+    task = build_task(config)
+    if spec.needs_differentiable_loss and not objective_is_differentiable(task):
+        raise ConfigError(
+            f"estimator {spec.name} needs the gradient of its loss, but task.objective is "
+            f"{task.objective!r} (minus a metric of predictions, which has none): use a "
+            "zeroth-order estimator or task.objective=loss"
+        )
 
 
 def build_task(config: RunConfig) -> tasks.Task:
@@ -113,14 +123,17 @@ def build_setup(config: RunConfig) -> Setup:
     trainable = select_trainable(model, config.trainable)
     if config.train.gradient_checkpointing:
         checkpoint_blocks(model)
-    optimizer = estimators.build_estimator(
-        spec.name,
-        list(zip(trainable.names, trainable.params, strict=True)),
-        estimator_config,
-        model=model,
-        seed=config.train.seed,
-        engine=config.engine,
-    )
+    try:
+        optimizer = estimators.build_estimator(
+            spec.name,
+            list(zip(trainable.names, trainable.params, strict=True)),
+            estimator_config,
+            model=model,
+            seed=config.train.seed,
+            engine=config.engine,
+        )
+    except ValueError as error:  # a combination the estimator refuses, named by its message
+        raise ConfigError(f"estimator {spec.name}: {error}") from None
     task = build_task(config)
     return Setup(config, model, tokenizer, task, trainable, optimizer, device)
 
@@ -151,13 +164,20 @@ class BatchSampler:
 _AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def loss_on(model: torch.nn.Module, batch, precision: torch.dtype | None) -> torch.Tensor:
-    """The training loss of one batch; the estimator decides about gradients."""
+def training_closure(setup: Setup, examples: list, precision: torch.dtype | None) -> Closure:
+    """What the estimator minimises on one micro-batch: the task kind's loss, or minus a
+    metric (``task.objective``); the estimator decides about gradients."""
+    closure = objective_closure(
+        setup.model, setup.tokenizer, setup.task, examples, max_length=setup.config.task.max_length
+    )
     if precision is None:
-        return tasks.classification_loss(model, batch)
-    device_type = next(model.parameters()).device.type
-    with torch.autocast(device_type, dtype=precision):
-        return tasks.classification_loss(model, batch).float()
+        return closure
+
+    def autocast_closure() -> torch.Tensor:
+        with torch.autocast(setup.device.type, dtype=precision):
+            return closure().float()
+
+    return autocast_closure
 
 
 def learning_rate(config: RunConfig, base_lr: float, step: int) -> float:
@@ -166,14 +186,16 @@ def learning_rate(config: RunConfig, base_lr: float, step: int) -> float:
     return base_lr
 
 
-def evaluate(setup: Setup, examples: list) -> dict[str, float]:
-    return tasks.evaluate(
+def evaluate(setup: Setup, examples: list) -> dict[str, Any]:
+    """The task's metric (``metric``, ``score``, plus accuracy for candidate tasks)."""
+    return evaluate_task(
         setup.model,
         setup.tokenizer,
         setup.task,
         examples,
         batch_size=setup.config.train.eval_batch_size,
         max_length=setup.config.task.max_length,
+        calibrate=setup.config.task.calibrate,
     )
 
 
@@ -221,7 +243,7 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
         run.ensure_new()  # before any model loads: never overwrite a run
     setup = build_setup(config)
     reset_peak_memory(setup.device)  # report training's peak, not loading's (or a conversion's)
-    model, optimizer, train_cfg = setup.model, setup.optimizer, config.train
+    optimizer, train_cfg = setup.optimizer, config.train
     train_examples = setup.task.load("train")[: config.task.train_limit]
     dev_examples = setup.task.load("dev")[: config.task.eval_limit]
 
@@ -241,7 +263,10 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
 
     if start_step == 0 and train_cfg.eval_before:
         zero_shot = evaluate(setup, dev_examples)
-        log(f"zero-shot dev accuracy: {zero_shot['accuracy']:.4f} ({len(dev_examples)} examples)")
+        log(
+            f"zero-shot dev {zero_shot['metric']}: {zero_shot['score']:.4f} "
+            f"({len(dev_examples)} examples)"
+        )
 
     precision = _AUTOCAST_DTYPES[train_cfg.autocast]
     sampler = BatchSampler(len(train_examples), train_cfg.batch_size, train_cfg.seed)
@@ -253,13 +278,8 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
             group["lr"] = learning_rate(config, base_lr, step)
         for micro in range(train_cfg.grad_accum):
             picked = sampler.indices(step * train_cfg.grad_accum + micro)
-            batch = tasks.encode_candidates(
-                setup.tokenizer,
-                setup.task,
-                [train_examples[i] for i in picked],
-                max_length=config.task.max_length,
-            ).to(setup.device)
-            optimizer.estimate(lambda batch=batch: loss_on(model, batch, precision))
+            examples = [train_examples[i] for i in picked]
+            optimizer.estimate(training_closure(setup, examples, precision))
         loss = optimizer.step()
         record = getattr(optimizer, "last_record", None)
         if record is not None:
@@ -278,7 +298,7 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
                 "peak_memory_bytes": peak_memory_bytes(setup.device),
             }
             if train_cfg.eval_every and done % train_cfg.eval_every == 0:
-                metrics["dev_accuracy"] = evaluate(setup, dev_examples)["accuracy"]
+                metrics["dev_score"] = evaluate(setup, dev_examples)["score"]
             run.append(run.metrics, metrics)
         if (train_cfg.save_every and done % train_cfg.save_every == 0) or done == train_cfg.steps:
             run.save_checkpoint(
@@ -297,8 +317,11 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
     summary = {
         "run_dir": str(run.path),
         "steps": train_cfg.steps,
-        "zero_shot_accuracy": zero_shot["accuracy"] if zero_shot else None,
-        "final_accuracy": final["accuracy"],
+        "metric": final["metric"],
+        "zero_shot_score": zero_shot["score"] if zero_shot else None,
+        "final_score": final["score"],
+        "zero_shot_accuracy": zero_shot.get("accuracy") if zero_shot else None,
+        "final_accuracy": final.get("accuracy"),
         "final_loss": _last_loss(run),
         "dev_examples": len(dev_examples),
         "trainable_parameters": setup.trainable.numel(),
@@ -367,21 +390,21 @@ def replay(run_dir: str | Path, out_dir: str | Path, log=print) -> dict[str, Any
         )
     config = load_config(run.config)
     header = run.header()
+    spec, _ = resolve_estimator(config)
+    if not spec.zeroth_order:
+        raise ReplayError(
+            f"{run.path} was trained with {spec.name}, which is not seed-replayable (its "
+            "updates use gradients); load the run's checkpoint/ instead (zo eval --checkpoint)"
+        )
     setup = build_setup(config)
     fingerprint = models.model_fingerprint(setup.model)
     if fingerprint != header["model_hash"]:
-        raise ValueError(
+        raise ReplayError(
             f"base model {config.model.name} hashes to {fingerprint}, the run started from "
             f"{header['model_hash']}: replay needs the same base weights"
         )
     if setup.trainable.manifest() != header["trainable"]:
-        raise ValueError("the trainable set differs from the run's manifest")
-    spec, _ = resolve_estimator(config)
-    if not spec.zeroth_order:
-        raise ValueError(
-            f"estimator {spec.name} is not seed-replayable (it uses gradients); "
-            "use the run's checkpoint/ instead"
-        )
+        raise ReplayError("the trainable set differs from the run's manifest")
     records = run.step_records()
     for data in records:
         setup.optimizer.apply_record(

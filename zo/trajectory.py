@@ -64,6 +64,10 @@ class RunExistsError(ValueError):
     pass
 
 
+class ReplayError(ValueError):
+    """A run cannot be replayed as asked (another base model, a gradient-based estimator)."""
+
+
 class NothingToResumeError(ValueError):
     pass
 

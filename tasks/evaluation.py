@@ -1,0 +1,354 @@
+"""Training losses and evaluation for every task kind, batched.
+
+Training: `make_batch` encodes what a kind's loss reads, `batch_loss` computes it.
+
+- classification: every candidate is scored; cross-entropy over their length-normalised
+  log-likelihoods.
+- multiple_choice, generation: only the gold candidate (or the first gold answer) is
+  encoded; the mean NLL of its tokens, prompt and padding masked out (teacher forcing).
+
+Evaluation: `evaluate` predicts every example, then scores the predictions with the
+task's metric (`tasks.metrics.score`).
+
+- Candidate kinds: all candidates of `batch_size` examples in one padded forward, logits
+  only at scored positions (`tasks.scoring`); the prediction is the argmax. Causal and
+  masked LMs alike: the layout follows the model.
+- generation: greedy decoding of `batch_size` left-padded prompts at a time with the KV
+  cache, stopped at a newline or EOS (`tasks.generation`).
+
+Calibration (`calibrate=True`, candidate kinds) corrects for surface-form competition:
+a candidate that is likely after any input wins too often. The score of candidate c on
+input x becomes
+
+    log P(c | prompt(x)) - log P(c | prompt(x_cf))
+
+with both log-probabilities the *sum* over c's tokens (not the length-normalised mean)
+and x_cf the example with every text field replaced by `content_free` ("" by default,
+so "{text} It was" reads " It was"). That is domain-conditional PMI (Holtzman et al.
+2021, the template standing in for the domain premise) and MeZO's SFC option; with
+`content_free="N/A"` the content-free input is that of Zhao et al. 2021 (contextual
+calibration), applied here as a log-probability offset. A task can choose its own
+content-free prompt with a `content_free_prompt(example)` method. Identical content-free
+rows (a fixed verbalizer after a template) are scored once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tasks.base import KINDS, Example, Task, TaskError, check_choice
+from tasks.generation import GreedyConfig, greedy_generate
+from tasks.scoring import (
+    CandidateBatch,
+    ScoringRow,
+    classification_loss,
+    encode_rows,
+    evaluation_mode,
+    is_masked_lm,
+    rows_of,
+    score_rows,
+    scorer_for,
+    teacher_forcing_loss,
+)
+
+Prediction = int | str
+
+
+def task_kind(task: Task) -> str:
+    return check_choice(f"task {task.name!r}: kind", getattr(task, "kind", None), KINDS)
+
+
+# ------------------------------------------------------------------------------- losses
+
+KIND_LOSSES: Mapping[str, Callable[[nn.Module, CandidateBatch], Tensor]] = {
+    "classification": classification_loss,
+    "multiple_choice": teacher_forcing_loss,
+    "generation": teacher_forcing_loss,
+}
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """A training batch: the encoded pairs and the task kind whose loss reads them."""
+
+    kind: str
+    pairs: CandidateBatch
+
+    @property
+    def num_examples(self) -> int:
+        return self.pairs.num_examples
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TaskBatch:
+        return replace(self, pairs=self.pairs.to(device, non_blocking=non_blocking))
+
+
+def gold_rows(task: Task, examples: Sequence[Example]) -> list[ScoringRow]:
+    """Each example's teacher-forcing target as a one-candidate row: the gold candidate,
+    or for generation the first gold answer."""
+    if task_kind(task) != "generation":
+        rows = rows_of(task, examples)
+        return [ScoringRow(r.prompt, [r.candidates[r.label]], 0, r.uid) for r in rows]
+    rows = []
+    for example in examples:
+        answers = task.answers(example)
+        if not answers or not answers[0]:
+            raise TaskError(
+                f"task {task.name!r}: example {example.uid!r} has no gold answer to train on"
+            )
+        rows.append(ScoringRow(task.prompt(example), [answers[0]], 0, example.uid))
+    return rows
+
+
+def make_batch(
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    max_length: int = 256,
+    *,
+    model: nn.Module | None = None,
+) -> TaskBatch:
+    """What `batch_loss` needs for these examples, in the layout of `model`.
+
+    Without `model` the causal-LM layout is used; `batch_loss` then refuses a masked LM.
+    """
+    kind = task_kind(task)
+    if not examples:
+        raise TaskError(f"task {task.name!r}: a batch needs at least one example")
+    if kind == "generation" and model is not None and is_masked_lm(model):
+        raise TaskError(
+            f"task {task.name!r} is a generation task; a masked LM "
+            f"({type(model).__name__}) cannot decode answers: use a causal LM"
+        )
+    rows = rows_of(task, examples) if kind == "classification" else gold_rows(task, examples)
+    encode = scorer_for(model).encode if model is not None else encode_rows
+    return TaskBatch(kind, encode(tokenizer, rows, max_length))
+
+
+def batch_loss(model: nn.Module, batch: TaskBatch) -> Tensor:
+    """The kind's training loss on `batch`: a scalar tensor (autograd and no_grad alike)."""
+    return KIND_LOSSES[batch.kind](model, batch.pairs)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How `evaluate` predicts."""
+
+    batch_size: int = 32
+    """Examples per forward (candidate kinds) or per decoded batch (generation)."""
+    max_length: int = 256
+    """Tokens per sequence; longer prompts lose tokens from the left."""
+    calibrate: bool = False
+    """Candidate kinds: subtract each candidate's content-free log-probability (module doc)."""
+    content_free: str = ""
+    """What every text field of an example becomes in the content-free input."""
+    greedy: GreedyConfig = field(default_factory=GreedyConfig)
+    """Generation: max_new_tokens and stop strings (its max_length is `max_length`)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise TaskError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def content_free_row(task: Task, example: Example, row: ScoringRow, filler: str) -> ScoringRow:
+    """`row` with the prompt of the content-free input (same candidates and label)."""
+    own = getattr(task, "content_free_prompt", None)
+    if own is not None:
+        return replace(row, prompt=own(example))
+    blank = {k: filler if isinstance(v, str) else v for k, v in example.fields.items()}
+    return replace(row, prompt=task.prompt(replace(example, fields=blank)))
+
+
+def calibrated_scores(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    settings: EvalSettings,
+) -> list[Tensor]:
+    """Per example, [C]: total log P(c | x) - total log P(c | x_cf) (module doc)."""
+    rows = rows_of(task, examples)
+    free = [
+        content_free_row(task, e, r, settings.content_free)
+        for e, r in zip(examples, rows, strict=True)
+    ]
+    keys = [(r.prompt, tuple(r.candidates)) for r in free]
+    unique = list(dict.fromkeys(keys))
+    first = {key: free[keys.index(key)] for key in unique}
+    totals = score_rows(
+        model, tokenizer, rows, settings.batch_size, settings.max_length, normalize=False
+    )
+    offsets = score_rows(
+        model,
+        tokenizer,
+        [first[key] for key in unique],
+        settings.batch_size,
+        settings.max_length,
+        normalize=False,
+    )
+    offset_of = dict(zip(unique, offsets, strict=True))
+    return [total - offset_of[key] for total, key in zip(totals, keys, strict=True)]
+
+
+def candidate_scores(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    settings: EvalSettings,
+) -> list[Tensor]:
+    """Per example, the [C] scores its prediction is the argmax of (fp32, on CPU)."""
+    if settings.calibrate:
+        return calibrated_scores(model, tokenizer, task, examples, settings)
+    rows = rows_of(task, examples)
+    return score_rows(model, tokenizer, rows, settings.batch_size, settings.max_length)
+
+
+def _candidate_predictions(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    settings: EvalSettings,
+) -> tuple[list[Prediction], dict[str, float]]:
+    scores = candidate_scores(model, tokenizer, task, examples, settings)
+    predictions: list[Prediction] = [int(s.argmax()) for s in scores]
+    extras = {}
+    if task_kind(task) == "classification" and not settings.calibrate:
+        # The training loss, free from the scores at hand.
+        losses = [-float(s.log_softmax(0)[e.label]) for s, e in zip(scores, examples, strict=True)]
+        extras["loss"] = sum(losses) / len(losses)
+    return predictions, extras
+
+
+def generate_answers(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    settings: EvalSettings,
+) -> list[str]:
+    """The greedy answer per example, whitespace-stripped, batched by prompt length."""
+    if is_masked_lm(model):
+        raise TaskError(
+            f"task {task.name!r} is a generation task; a masked LM "
+            f"({type(model).__name__}) cannot decode answers: use a causal LM"
+        )
+    greedy = replace(settings.greedy, max_length=settings.max_length)
+    prompts = [task.prompt(example) for example in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers = [""] * len(prompts)
+    for start in range(0, len(order), settings.batch_size):
+        chunk = order[start : start + settings.batch_size]
+        generations = greedy_generate(model, tokenizer, [prompts[i] for i in chunk], greedy)
+        for i, generation in zip(chunk, generations, strict=True):
+            answers[i] = generation.text.strip()
+    return answers
+
+
+def _generation_predictions(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    settings: EvalSettings,
+) -> tuple[list[Prediction], dict[str, float]]:
+    if settings.calibrate:
+        raise TaskError(
+            f"task {task.name!r} is a generation task; calibration applies to candidate "
+            "scores only: set calibrate=False"
+        )
+    return list(generate_answers(model, tokenizer, task, examples, settings)), {}
+
+
+Predictor = Callable[
+    [nn.Module, Any, Task, Sequence[Example], EvalSettings],
+    tuple[list[Prediction], dict[str, float]],
+]
+PREDICTORS: Mapping[str, Predictor] = {
+    "classification": _candidate_predictions,
+    "multiple_choice": _candidate_predictions,
+    "generation": _generation_predictions,
+}
+
+
+def predictions_with_extras(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    settings: EvalSettings,
+) -> tuple[list[Prediction], dict[str, float]]:
+    """Candidate indices or answers, plus what came for free (classification's loss).
+
+    Runs in the caller's grad and module modes; `evaluate` sets eval + inference mode.
+    """
+    return PREDICTORS[task_kind(task)](model, tokenizer, task, examples, settings)
+
+
+def summarize(
+    task: Task, examples: Sequence[Example], predictions: Sequence[Prediction]
+) -> dict[str, Any]:
+    """The task's metric, plus accuracy for candidate kinds (defined for all of them)."""
+    from tasks import metrics  # its own import cost stays out of `import tasks.evaluation`
+
+    summary = dict(metrics.score(task, examples, predictions))
+    if task_kind(task) != "generation":
+        correct = sum(p == e.label for p, e in zip(predictions, examples, strict=True))
+        summary["accuracy"] = correct / len(examples)
+    return summary
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    batch_size: int = 32,
+    max_length: int = 256,
+    calibrate: bool = False,
+    max_new_tokens: int = GreedyConfig.max_new_tokens,
+    content_free: str = "",
+) -> dict[str, Any]:
+    """`metric`, `score` and the metric's other values; `accuracy` for candidate kinds;
+    `loss` for classification without calibration; `num_examples`.
+
+    Runs in eval and inference mode and restores every module's mode afterwards.
+    """
+    if not examples:
+        raise TaskError(f"task {task.name!r}: no examples to evaluate")
+    settings = EvalSettings(
+        batch_size=batch_size,
+        max_length=max_length,
+        calibrate=calibrate,
+        content_free=content_free,
+        greedy=GreedyConfig(max_new_tokens=max_new_tokens, max_length=max_length),
+    )
+    with evaluation_mode(model):
+        predictions, extras = predictions_with_extras(model, tokenizer, task, examples, settings)
+    return {**summarize(task, examples, predictions), **extras, "num_examples": len(examples)}
+
+
+__all__ = [
+    "KIND_LOSSES",
+    "PREDICTORS",
+    "EvalSettings",
+    "TaskBatch",
+    "batch_loss",
+    "calibrated_scores",
+    "candidate_scores",
+    "evaluate",
+    "generate_answers",
+    "gold_rows",
+    "make_batch",
+    "predictions_with_extras",
+    "summarize",
+    "task_kind",
+]

@@ -1,0 +1,431 @@
+"""The MeZO benchmark suite (Malladi et al. 2023) and WinoGrande (added by ZO-Bench,
+Zhang et al. 2024): each task's prompt, candidates, loss kind and metric.
+
+Rows keep the datasets' own Hugging Face schema (GLUE / SuperGLUE field names, SQuAD's
+`answers`, DROP's `answers_spans`, ...), whatever the source (`tasks.sources`), and the
+splits are MeZO's seeded samples (`tasks.sampling`). The prompts are those of MeZO's
+appendix, written here from the paper:
+
+- classification (cross-entropy over the candidates' length-normalised log-likelihoods):
+  SST-2, RTE, CB, BoolQ, WSC, WiC and MultiRC, each with a fixed verbalizer;
+- multiple choice (teacher forcing on the gold candidate's tokens, argmax at eval):
+  COPA, ReCoRD, WinoGrande;
+- generation (teacher forcing on the first gold answer, greedy decoding at eval):
+  SQuAD and DROP.
+
+Metrics are the published ones: accuracy, except MultiRC (F1a), ReCoRD (F1 over the best
+gold entity) and SQuAD / DROP (SQuAD-style F1, with EM beside it).
+
+Every task takes the same options: where the data is (`path`, `fixtures`, `hub`), how
+much of it to sample (`num_train`, `num_dev`, `num_test`, `sample_seed`, `test_seed`)
+and what training minimises (`objective`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from tasks.base import OBJECTIVES, SPLITS, Example, Task, TaskError, check_choice
+from tasks.jsonl import Rows
+from tasks.registry import register_task
+from tasks.sampling import ORIGINAL_SPLIT_OF, Sampling
+from tasks.sources import LocalPath, load_split
+
+GLUE = "nyu-mll/glue"
+SUPER_GLUE = "aps/super_glue"
+
+
+class RowError(TaskError):
+    """A row cannot become an example; `SuiteTask` adds where the row is."""
+
+
+@dataclass
+class SuiteTask(Task):
+    """A benchmark task over its dataset's rows: sources, seeded samples, one cache.
+
+    Subclasses set the class attributes and turn a row into an Example (`example`); the
+    prompt and candidates read `Example.fields`, which hold the row as it is.
+    """
+
+    path: LocalPath | None = None
+    """A directory with train.jsonl / validation.jsonl (or .csv, or a `save_to_disk`
+    directory), or {split: file}; rows in the Hugging Face schema."""
+    fixtures: bool = False
+    """Use the project's few sample rows (tests and demos; too few to measure anything)."""
+    hub: bool = True
+    """Without `path`: try `datasets.load_dataset` (its cache when HF_HUB_OFFLINE is set)."""
+    num_train: int | None = 1000
+    num_dev: int | None = 500
+    num_test: int | None = 1000
+    sample_seed: int = 0
+    """Draws train and dev (disjoint, both from the original training split)."""
+    test_seed: int = 0
+    """Draws test from the original validation split; fixed, so runs share a test set."""
+    objective: str = "loss"
+    """What training minimises: one of OBJECTIVES."""
+
+    name: ClassVar[str]
+    hf_id: ClassVar[str]
+    hf_config: ClassVar[str | None] = None
+    schema: ClassVar[tuple[str, ...]]
+    """The row fields the task reads (besides optional ones)."""
+    template: ClassVar[str] = ""
+    """The prompt, `{field}` filled with the row's stripped text (tasks that override
+    `prompt` need none)."""
+    verbalizer: ClassVar[tuple[str, ...]] = ()
+    """Classification: the candidate of each label value 0, 1, ... (the dataset's labels)."""
+
+    _sampling: Sampling = field(init=False, repr=False, compare=False)
+    _rows: dict[str, Rows] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _cache: dict[str, list[Example]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        self.objective = check_choice(f"task {self.name!r}: objective", self.objective, OBJECTIVES)
+        if self.path is not None and self.fixtures:
+            raise TaskError(f"task {self.name!r}: give `path` or `fixtures: true`, not both")
+        try:
+            self._sampling = Sampling(
+                self.num_train, self.num_dev, self.num_test, self.sample_seed, self.test_seed
+            )
+        except TaskError as error:
+            raise TaskError(f"task {self.name!r}: {error}") from None
+
+    # ------------------------------------------------------------------------ loading
+
+    def load(self, split: str) -> list[Example]:
+        check_choice(f"task {self.name!r}: split", split, SPLITS)
+        if split not in self._cache:
+            rows = self.original_rows(ORIGINAL_SPLIT_OF[split])
+            indices = self._sampling.indices(split, len(rows))
+            original = ORIGINAL_SPLIT_OF[split]
+            self._cache[split] = [self._checked(rows, index, original) for index in indices]
+        return list(self._cache[split])
+
+    def original_rows(self, split: str) -> Rows:
+        """Every row of an original split ("train" or "validation"), read once."""
+        if split not in self._rows:
+            self._rows[split] = load_split(
+                self.name,
+                split,
+                self.path,
+                fixtures=self.fixtures,
+                hf_id=self.hf_id,
+                hf_config=self.hf_config,
+                hub=self.hub,
+                schema=self.schema,
+            )
+        return self._rows[split]
+
+    def _checked(self, rows: Rows, index: int, original: str) -> Example:
+        row = rows[index]
+        for name in self.schema:
+            # datasets fills a key absent from one row with None, so None means missing.
+            if row.get(name) is None:
+                present = sorted(k for k, v in row.items() if v is not None)
+                raise TaskError(
+                    f"task {self.name!r}: {rows.where(index)}: field {name!r} is missing; "
+                    f"the task reads {list(self.schema)}, the row has {present}"
+                )
+        try:
+            # The uid names the row by its place in the original split, whatever the source.
+            return self.example(row, uid=f"{original}-{index}")
+        except RowError as error:
+            raise TaskError(f"task {self.name!r}: {rows.where(index)}: {error}") from None
+
+    def example(self, row: dict[str, Any], uid: str) -> Example:
+        """The Example of a row that has every field of `schema`; RowError if it is bad.
+        By default: a classification row whose `label` indexes the verbalizer."""
+        return Example(dict(row), label_of(row, "label", len(self.verbalizer)), uid)
+
+    # ---------------------------------------------------------------------- text
+
+    def prompt(self, example: Example) -> str:
+        return self.template.format_map(_Stripped(example.fields))
+
+    def candidates(self, example: Example) -> list[str]:
+        return list(self.verbalizer)
+
+
+class _Stripped(dict):
+    """Row fields as the prompt shows them: text without surrounding whitespace (SST-2's
+    sentences end in a space), everything else as it is."""
+
+    def __init__(self, fields: Mapping[str, Any]) -> None:
+        super().__init__({k: v.strip() if isinstance(v, str) else v for k, v in fields.items()})
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def structured(value: Any) -> Any:
+    """A list or dict field; from CSV it arrives as JSON text, decoded here."""
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as error:
+            raise RowError(f"{value[:40]!r}... is not valid JSON ({error.msg})") from None
+    return value
+
+
+def label_of(row: Mapping[str, Any], name: str, num_labels: int) -> int:
+    """The row's label as an index 0 .. num_labels - 1 (CSV gives it as text)."""
+    value = row[name]
+    try:
+        label = int(value)
+        if isinstance(value, float) and value != label:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise RowError(f"{name} {value!r} is not a whole number") from None
+    if not 0 <= label < num_labels:
+        hint = " (unlabelled: GLUE/SuperGLUE test splits have none)" if label == -1 else ""
+        raise RowError(f"{name} {value!r} is not one of {list(range(num_labels))}{hint}")
+    return label
+
+
+def texts_of(value: Any, what: str) -> tuple[str, ...]:
+    """A non-empty list of non-empty strings (or one string), duplicates dropped."""
+    value = structured(value)
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise RowError(f"{what} must be a list of strings, got {value!r}")
+    texts = list(dict.fromkeys(t for t in texts if t.strip()))
+    if not texts:
+        raise RowError(f"{what} has no non-empty text")
+    return tuple(texts)
+
+
+# -------------------------------------------------------------------- classification
+
+
+class SST2(SuiteTask):
+    name = "sst2"
+    hf_id, hf_config = GLUE, "sst2"
+    schema = ("sentence", "label")
+    template = "{sentence} It was"
+    verbalizer = (" terrible", " great")  # 0 negative, 1 positive
+
+
+class RTE(SuiteTask):
+    name = "rte"
+    hf_id, hf_config = SUPER_GLUE, "rte"
+    schema = ("premise", "hypothesis", "label")
+    template = '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n'
+    verbalizer = ("Yes", "No")  # 0 entailment, 1 not_entailment
+
+
+class CB(SuiteTask):
+    name = "cb"
+    hf_id, hf_config = SUPER_GLUE, "cb"
+    schema = ("premise", "hypothesis", "label")
+    template = 'Suppose {premise} Can we infer that "{hypothesis}"? Yes, No, or Maybe?\n'
+    verbalizer = ("Yes", "No", "Maybe")  # 0 entailment, 1 contradiction, 2 neutral
+
+
+class BoolQ(SuiteTask):
+    name = "boolq"
+    hf_id, hf_config = SUPER_GLUE, "boolq"
+    schema = ("passage", "question", "label")
+    template = "{passage} {question}?"
+    verbalizer = (" No", " Yes")  # 0 False, 1 True
+
+
+class WSC(SuiteTask):
+    name = "wsc"
+    hf_id, hf_config = SUPER_GLUE, "wsc.fixed"
+    schema = ("text", "span1_text", "span2_text", "label")
+    template = (
+        '{text}\nIn the previous sentence, does the pronoun "{span2_text}" refer to '
+        "{span1_text}? Yes or No?\n"
+    )
+    verbalizer = ("No", "Yes")  # 0 False, 1 True
+
+
+class WiC(SuiteTask):
+    name = "wic"
+    hf_id, hf_config = SUPER_GLUE, "wic"
+    schema = ("word", "sentence1", "sentence2", "label")
+    template = (
+        'Does the word "{word}" have the same meaning in these two sentences? Yes, No?\n'
+        "{sentence1}\n{sentence2}\n"
+    )
+    verbalizer = ("No", "Yes")  # 0 different meanings, 1 the same
+
+
+class MultiRC(SuiteTask):
+    """One example per (paragraph, question, answer option), as the dataset's rows are;
+    `Example.group` ties the options of one question for the metric's EM."""
+
+    name = "multirc"
+    metric = "multirc_f1a"
+    hf_id, hf_config = SUPER_GLUE, "multirc"
+    schema = ("paragraph", "question", "answer", "label")
+    template = (
+        '{paragraph}\nQuestion: {question}\nI found this answer "{answer}". '
+        "Is that correct? Yes or No?\n"
+    )
+    verbalizer = ("No", "Yes")  # 0 False, 1 True: the metric's "true" is candidate 1
+
+    def example(self, row: dict[str, Any], uid: str) -> Example:
+        # The texts, not `idx`, name the question: rows from any source group alike.
+        group = f"{row['paragraph'].strip()}\n{row['question'].strip()}"
+        return Example(dict(row), label_of(row, "label", 2), uid, group=group)
+
+
+# ------------------------------------------------------------------- multiple choice
+
+
+class COPA(SuiteTask):
+    """'<premise without its period> because|so' + ' <choice, first letter lowered>'."""
+
+    name = "copa"
+    kind = "multiple_choice"
+    hf_id, hf_config = SUPER_GLUE, "copa"
+    schema = ("premise", "choice1", "choice2", "question", "label")
+    CONNECTORS: ClassVar[dict[str, str]] = {"cause": "because", "effect": "so"}
+
+    def example(self, row: dict[str, Any], uid: str) -> Example:
+        if row["question"] not in self.CONNECTORS:
+            raise RowError(f"question {row['question']!r} is not one of {list(self.CONNECTORS)}")
+        return Example(dict(row), label_of(row, "label", 2), uid)
+
+    def prompt(self, example: Example) -> str:
+        premise = example.fields["premise"].strip()
+        premise = premise[:-1] if premise.endswith(".") else premise
+        return f"{premise} {self.CONNECTORS[example.fields['question']]}"
+
+    def candidates(self, example: Example) -> list[str]:
+        choices = (example.fields["choice1"].strip(), example.fields["choice2"].strip())
+        return [" " + choice[:1].lower() + choice[1:] for choice in choices]
+
+
+class ReCoRD(SuiteTask):
+    """The passage (its '@highlight' lines as '- ' bullets), then the query with
+    '@placeholder' replaced by each entity: the candidates are whole filled-in queries.
+
+    `fields["entities"]` holds the row's entities de-duplicated, in candidate order (the
+    metric maps a predicted index back to its text); `Example.answers` the gold ones.
+    """
+
+    name = "record"
+    kind = "multiple_choice"
+    metric = "record_f1"
+    hf_id, hf_config = SUPER_GLUE, "record"
+    schema = ("passage", "query", "entities", "answers")
+
+    def example(self, row: dict[str, Any], uid: str) -> Example:
+        entities = texts_of(row["entities"], "entities")
+        answers = texts_of(row["answers"], "answers")
+        if "@placeholder" not in row["query"]:
+            raise RowError("the query has no '@placeholder' to fill in")
+        gold = [i for i, entity in enumerate(entities) if entity in answers]
+        if not gold:
+            raise RowError(f"no answer {list(answers)} is among the entities {list(entities)}")
+        fields = {**row, "entities": list(entities)}
+        return Example(fields, gold[0], uid, group=row["query"], answers=answers)
+
+    def prompt(self, example: Example) -> str:
+        return example.fields["passage"].strip().replace("@highlight\n", "- ") + "\n"
+
+    def candidates(self, example: Example) -> list[str]:
+        query = example.fields["query"].strip()
+        return [query.replace("@placeholder", entity) for entity in example.fields["entities"]]
+
+
+class WinoGrande(SuiteTask):
+    """The sentence up to the blank is the prompt; each candidate is an option followed by
+    the rest of the sentence, so the two candidates share their continuation."""
+
+    name = "winogrande"
+    kind = "multiple_choice"
+    hf_id, hf_config = "allenai/winogrande", "winogrande_xl"
+    schema = ("sentence", "option1", "option2", "answer")
+
+    def example(self, row: dict[str, Any], uid: str) -> Example:
+        blanks = row["sentence"].count("_")
+        if blanks != 1:
+            raise RowError(f"the sentence must hold one blank '_', it holds {blanks}")
+        if str(row["answer"]).strip() not in ("1", "2"):
+            raise RowError(f"answer {row['answer']!r} is not '1' or '2'")
+        return Example(dict(row), int(str(row["answer"]).strip()) - 1, uid)
+
+    def _halves(self, example: Example) -> tuple[str, str, str]:
+        before, after = example.fields["sentence"].strip().split("_")
+        space = " " if before.endswith(" ") else ""
+        return before.rstrip(" "), space, after
+
+    def prompt(self, example: Example) -> str:
+        return self._halves(example)[0]
+
+    def candidates(self, example: Example) -> list[str]:
+        _, space, after = self._halves(example)
+        options = (example.fields["option1"].strip(), example.fields["option2"].strip())
+        return [space + option + after for option in options]
+
+
+# ------------------------------------------------------------------------ generation
+
+
+class _Extractive(SuiteTask):
+    """A template over the passage and question; the gold answers are the texts in
+    `row[answer_field][answer_key]` (a list, all accepted by the metric)."""
+
+    kind = "generation"
+    metric = "squad_f1"
+    answer_field: ClassVar[str]
+    answer_key: ClassVar[str]
+
+    def example(self, row: dict[str, Any], uid: str) -> Example:
+        nested = structured(row[self.answer_field])
+        if not isinstance(nested, dict) or self.answer_key not in nested:
+            raise RowError(
+                f"{self.answer_field} must be an object with a {self.answer_key!r} list, "
+                f"got {nested!r}"
+            )
+        answers = texts_of(nested[self.answer_key], f"{self.answer_field}.{self.answer_key}")
+        return Example(dict(row), 0, uid, answers=answers)
+
+    candidates = Task.candidates  # free-form answers: no candidate set, a clear error
+
+
+class SQuAD(_Extractive):
+    name = "squad"
+    hf_id, hf_config = "rajpurkar/squad", None
+    schema = ("title", "context", "question", "answers")
+    answer_field, answer_key = "answers", "text"
+    template = "Title: {title}\nContext: {context}\nQuestion: {question}\nAnswer:"
+
+
+class DROP(_Extractive):
+    name = "drop"
+    hf_id, hf_config = "ucinlp/drop", None
+    schema = ("passage", "question", "answers_spans")
+    answer_field, answer_key = "answers_spans", "spans"
+    template = "Passage: {passage}\nQuestion: {question}\nAnswer:"
+
+
+SUITE: dict[str, type[SuiteTask]] = {
+    task.name: task
+    for task in (
+        SST2,
+        RTE,
+        CB,
+        BoolQ,
+        WSC,
+        WiC,
+        MultiRC,
+        COPA,
+        ReCoRD,
+        SQuAD,
+        DROP,
+        WinoGrande,
+    )
+}
+"""The suite by task name, in the order of the MeZO paper (WinoGrande last)."""
+
+for _name, _task in SUITE.items():
+    register_task(_name, _task)

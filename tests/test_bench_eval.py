@@ -1,0 +1,68 @@
+"""`zo bench eval` compares like with like: its one-at-a-time anchors compute what the
+batched scoring and decoding compute (on a tiny model; the benchmark runs the real one)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from tasks.base import Example
+from tasks.evaluation import EvalSettings, candidate_scores
+from tasks.generation import GreedyConfig, greedy_generate
+from tests.test_evaluation import CHOICES, TemplateTask, lively
+from zo import bench_eval
+
+
+def test_anchor_scores_equal_batched_scores():
+    model, tokenizer = lively("llama")
+    task = TemplateTask(kind="multiple_choice")
+    with torch.inference_mode():
+        batched = candidate_scores(model, tokenizer, task, CHOICES, EvalSettings(batch_size=2))
+        anchored = bench_eval.anchor_scores(model, tokenizer, task, CHOICES)
+    for a, b in zip(batched, anchored, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_anchor_greedy_equals_batched_greedy():
+    model, tokenizer = lively("opt")
+    prompts = ["Review: fine\nReply:", "x", "A longer prompt than the others"]
+    config = GreedyConfig(max_new_tokens=6, stop=())
+    with torch.inference_mode():
+        batched = [g.token_ids for g in greedy_generate(model, tokenizer, prompts, config)]
+        anchored = [bench_eval.anchor_greedy(model, tokenizer, p, config) for p in prompts]
+    assert batched == anchored
+
+
+def test_interleaved_sums_both_sides_over_all_parts():
+    calls = []
+    parts = bench_eval.chunks(list(range(5)), 2)
+    assert parts == [[0, 1], [2, 3], [4]]
+    _, batched, _, anchor = bench_eval.interleaved(
+        parts,
+        lambda part: calls.append(("b", part)) or [x * 10 for x in part],
+        lambda part: calls.append(("a", part)) or [-x for x in part],
+        torch.device("cpu"),
+    )
+    assert batched == [0, 10, 20, 30, 40] and anchor == [0, -1, -2, -3, -4]
+    assert [kind for kind, _ in calls] == ["b", "a"] * 3  # alternating, part by part
+
+
+def test_arguments_and_bench_tasks():
+    parser = argparse.ArgumentParser()
+    bench_eval.add_arguments(parser)
+    options = parser.parse_args(["--tasks", "sentiment-5way", "--record"])
+    assert options.record and options.batch_size == 16
+    task = bench_eval.build_task(options.tasks)
+    example = Example({"text": "Fine."}, label=1, uid="u")
+    assert task.candidates(example) == list(bench_eval.FIVE_WAY_VERBALIZER.values())
+
+
+def test_bench_examples_pool_the_splits_a_task_has_and_cycle():
+    task = bench_eval.build_task("sentiment")
+    examples, distinct = bench_eval.bench_examples(task, ["test", "dev"], 3)
+    assert distinct == 3 and examples == task.load("dev")[:3]  # sentiment has no test split
+    few = task.load("dev")[:2]
+    task.load = lambda split: list(few)  # a task with two examples, like a fixture split
+    examples, distinct = bench_eval.bench_examples(task, ["dev"], 5)
+    assert distinct == 2 and examples == [few[0], few[1], few[0], few[1], few[0]]
