@@ -61,7 +61,7 @@ def make_batch(batch: int, seq: int, vocab: int, device: str) -> torch.Tensor:
 
 def scored_loss(model, ids: torch.Tensor) -> torch.Tensor:
     """Next-token loss on the last SCORED positions only: no full sequence x vocab logits."""
-    hidden = model.model(input_ids=ids).last_hidden_state[:, -SCORED - 1 : -1]
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, -SCORED - 1 : -1]
     logits = model.get_output_embeddings()(hidden).float()
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), ids[:, -SCORED:].reshape(-1)

@@ -174,7 +174,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # Commands with their own argument parsers: command -> (module, one-line help).
 MODULE_COMMANDS: dict[str, tuple[str, str]] = {
-    "mask": ("zo.masks", "compute a sensitive-parameter mask from calibration text"),
+    "mask": ("zo.mask_cli", "compute a sensitive-parameter mask from calibration text"),
     "plan": ("zo.plan", "predict peak memory per component for a model, estimator and batch"),
     "merge": ("zo.merge", "merge trained mask values into a dense HF checkpoint"),
 }
@@ -220,11 +220,14 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if args.command in MODULE_COMMANDS:
-            module_name, _ = MODULE_COMMANDS[args.command]
-            return run_module_command(module_name, f"zo {args.command}", args.options)
+        if argv and argv[0] in MODULE_COMMANDS:
+            # Dispatched before parsing: argparse's REMAINDER cannot start with an option
+            # (`zo plan --model x`), and the module's parser owns every argument anyway.
+            module_name, _ = MODULE_COMMANDS[argv[0]]
+            return run_module_command(module_name, f"zo {argv[0]}", argv[1:])
+        args = make_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except _usage_errors() as error:
         print(f"zo: error: {error}", file=sys.stderr)

@@ -1,0 +1,276 @@
+"""Check ``zo plan`` against measured peaks on small random models, one fresh process each.
+
+    .venv/bin/python experiments/plan_check.py [--device cpu|cuda] [--sizes tiny,small]
+        [--families llama,opt] [--estimators zo_sgd,adamw,lomo] [--json]
+
+Per config a worker process builds a random model of the family (``zo.models`` tiny
+configs at the size asked), runs two training steps on random tokens with the project's
+loss (logits only at the scored positions) and reports
+
+* ``static``: bytes of the model's parameters and buffers (what is resident before a step);
+* ``step``: the allocator peak during the steps above what was allocated before them:
+  ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the peak of live tensor bytes that
+  torch's profiler counts with ``profile_memory=True`` (the same quantity, without malloc
+  slack or the runtime that peak RSS would add).
+
+The plan predicts ``peak_allocated`` = resident + step transient; the table compares totals
+(static + step) and the step part alone, each as predicted / measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from zo.plan import ModelShape, PlanRequest, plan_memory  # noqa: E402
+
+SIZES = {  # hidden, layers, intermediate, heads, batch, seq, vocab
+    "tiny": (256, 4, 768, 4, 8, 64, 4096),
+    "small": (512, 8, 1536, 8, 8, 128, 8192),
+}
+SCORED = 4
+
+
+@dataclasses.dataclass
+class Case:
+    family: str
+    size: str
+    estimator: str
+    device: str
+    attention: str = "eager"
+    dtype: str = "fp32"
+
+    def shape_args(self) -> dict:
+        hidden, layers, inter, heads, batch, seq, vocab = SIZES[self.size]
+        if self.family == "opt":
+            inter = 4 * hidden
+        return dict(hidden=hidden, layers=layers, inter=inter, heads=heads, vocab=vocab)
+
+    def batch_seq(self) -> tuple[int, int]:
+        _, _, _, _, batch, seq, _ = SIZES[self.size]
+        return batch, seq
+
+
+def build_model(case: Case):
+    import torch
+
+    from zo.models import FAMILIES, TinySpec
+
+    args = case.shape_args()
+    spec = TinySpec(
+        vocab_size=args["vocab"],
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        max_positions=case.batch_seq()[1],
+        hidden=args["hidden"],
+        heads=args["heads"],
+        intermediate=args["inter"],
+        layers=args["layers"],
+    )
+    family = FAMILIES[case.family]
+    config = family.tiny_config(spec)
+    config._attn_implementation = case.attention
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = family.model_class()(config)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[case.dtype]
+    return model.to(device=case.device, dtype=dtype).eval(), config
+
+
+def shape_of(config) -> ModelShape:
+    from zo.plan import shape_from_hf_config
+
+    return shape_from_hf_config(config.to_dict())
+
+
+def request_for(case: Case, shape: ModelShape) -> PlanRequest:
+    batch, seq = case.batch_seq()
+    return PlanRequest(
+        shape=shape,
+        estimator=case.estimator,
+        dtype=case.dtype,
+        batch=batch,
+        seq_len=seq,
+        scored=SCORED,
+        attention=case.attention,
+        device=case.device,
+        threads=1,
+    )
+
+
+def scored_loss(model, backbone, head, ids, mask):
+    """The project's loss shape (tasks.scoring): hidden states gathered at the scored
+    positions, the head there only, fp32 log-softmax, NLL of the next tokens."""
+    import torch
+
+    hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+    batch, seq = ids.shape
+    rows = torch.arange(batch, device=ids.device).repeat_interleave(SCORED)
+    positions = torch.arange(seq - SCORED - 1, seq - 1, device=ids.device).repeat(batch)
+    picked = hidden[rows, positions]
+    log_probs = head(picked).float().log_softmax(dim=-1)
+    targets = ids[rows, positions + 1]
+    return -log_probs.gather(1, targets[:, None]).mean()
+
+
+def worker(case: Case) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import estimators
+    from tasks.scoring import backbone_and_head
+    from zo.engine import EngineConfig
+
+    torch.set_num_threads(1)  # the profiler counts allocations of profiled threads only
+    model, config = build_model(case)
+    backbone, head = backbone_and_head(model)
+    batch, seq = case.batch_seq()
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, config.vocab_size, (batch, seq), generator=generator).to(case.device)
+    mask = torch.ones_like(ids)
+    spec = estimators.get_estimator(case.estimator)
+    fields = {f.name for f in dataclasses.fields(spec.config_class)}
+    optimizer = estimators.build_estimator(
+        case.estimator,
+        list(model.named_parameters()),
+        model=model,
+        seed=0,
+        engine=EngineConfig(threads=1),
+        **({"lr": 1e-7} if "lr" in fields else {}),
+    )
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in model.state_dict().values()
+    }
+    static = sum(storages.values())
+
+    def steps() -> None:
+        for _ in range(2):
+            optimizer.step(lambda: scored_loss(model, backbone, head, ids, mask))
+
+    gc.collect()
+    if case.device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        steps()
+        torch.cuda.synchronize()
+        step = torch.cuda.max_memory_allocated() - before
+    else:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            steps()
+        step = max(
+            (e.total_allocated for e in _memory_events(prof)),
+            default=0,
+        )
+    return {
+        "static_bytes": static,
+        "step_bytes": step,
+        "shape": dataclasses.asdict(shape_of(config)),
+    }
+
+
+def _memory_events(prof):
+    """The profiler's allocation records: (bytes, running total of live profiled bytes)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        events = json.loads(Path(trace.name).read_text())["traceEvents"]
+    for event in events:
+        if event.get("name") == "[memory]" and event["args"].get("Device Type") == 0:
+            yield _Allocation(event["args"]["Bytes"], event["args"]["Total Allocated"])
+
+
+@dataclasses.dataclass
+class _Allocation:
+    bytes: int
+    total_allocated: int
+
+
+def measure(case: Case) -> dict:
+    """Run one case in a fresh interpreter, so nothing of another case is resident."""
+    command = [sys.executable, __file__, "--worker", json.dumps(dataclasses.asdict(case))]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(f"worker for {case} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def compare(case: Case) -> dict:
+    measured = measure(case)
+    shape = ModelShape(**measured["shape"])
+    plan = plan_memory(request_for(case, shape))
+    resident = sum(plan.component(name) for name in RESIDENT)
+    predicted_step = plan.peak_allocated - resident
+    measured_total = measured["static_bytes"] + measured["step_bytes"]
+    return {
+        "case": f"{case.family}-{case.size} {case.estimator} ({case.device}, {case.attention}, "
+        f"{case.dtype})",
+        "predicted_total": plan.peak_allocated,
+        "measured_total": measured_total,
+        "total_ratio": plan.peak_allocated / measured_total,
+        "predicted_static": resident,
+        "measured_static": measured["static_bytes"],
+        "predicted_step": predicted_step,
+        "measured_step": measured["step_bytes"],
+        "step_ratio": predicted_step / max(1, measured["step_bytes"]),
+        "peak_phase": plan.peak_phase,
+    }
+
+
+RESIDENT = ("4-bit weights", "quant states", "dense weights", "trainable values", "mask indices")
+"""Plan components resident before a step; the rest (optimizer state included: it is
+created by the first step) is what a step adds."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--sizes", default="tiny,small")
+    parser.add_argument("--families", default="llama,opt")
+    parser.add_argument("--estimators", default="zo_sgd,adamw,lomo")
+    parser.add_argument("--attention", default="eager", choices=["eager", "sdpa"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    if options.worker:
+        print(json.dumps(worker(Case(**json.loads(options.worker)))))
+        return 0
+    rows = []
+    for size in options.sizes.split(","):
+        for family in options.families.split(","):
+            for estimator in options.estimators.split(","):
+                case = Case(
+                    family, size, estimator, options.device, options.attention, options.dtype
+                )
+                rows.append(compare(case))
+                print(json.dumps(rows[-1]) if options.json else _row(rows[-1]), flush=True)
+    worst = max(abs(r["total_ratio"] - 1) for r in rows)
+    worst_step = max(abs(r["step_ratio"] - 1) for r in rows)
+    print(f"worst |total ratio - 1| = {worst:.3f}; worst |step ratio - 1| = {worst_step:.3f}")
+    return 0 if worst <= 0.15 else 1
+
+
+def _row(row: dict) -> str:
+    mib = 2**20
+    return (
+        f"{row['case']:<48} total {row['predicted_total'] / mib:8.1f} / "
+        f"{row['measured_total'] / mib:8.1f} MiB = {row['total_ratio']:.3f}   "
+        f"step {row['predicted_step'] / mib:7.1f} / {row['measured_step'] / mib:7.1f} MiB = "
+        f"{row['step_ratio']:.3f}  [{row['peak_phase']}]"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
