@@ -182,3 +182,17 @@ def test_list(capsys):
     assert zo("list") == 0
     out = capsys.readouterr().out
     assert "zo_sgd" in out and "sentiment" in out and "tiny-llama" in out
+
+
+def test_module_commands_take_their_own_options(capsys, tmp_path):
+    args = ["plan", "--model", "llama-2-7b", "--quant", "nf4", "--trainable", "mask:0.001"]
+    assert zo(*args, "--batch", "16", "--seq-len", "256", "--device", "cuda", "--json") == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan  # the planner's own tests check the numbers
+    assert zo("plan", "--model", "no-such-size") == 2
+    assert "no-such-size" in capsys.readouterr().err
+    assert zo("mask", "--model", "tiny-llama", "--out", str(tmp_path / "m"), "--density", "2") == 2
+    assert "density" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as help_exit:
+        zo("merge", "--help")
+    assert help_exit.value.code == 0 and "zo merge" in capsys.readouterr().out

@@ -14,8 +14,9 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -447,13 +448,41 @@ def _load_local(
         trust_remote_code=trust_remote_code,
         local_files_only=True,
     )
+    return model, load_tokenizer(path, trust_remote_code)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         path, local_files_only=True, trust_remote_code=trust_remote_code
     )
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         # Batches need a pad id; padded positions are masked, so EOS is a safe stand-in.
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
+
+
+@contextlib.contextmanager
+def checkpoint_directory(name_or_path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A local HF checkpoint directory of the model, for loaders that need files (4-bit
+    quantization through ``from_pretrained``): a local path as it is, the bundled model's
+    cache, or a registered in-memory model (the tiny ones) saved to a temporary directory
+    for the duration of the ``with``."""
+    name = str(name_or_path)
+    if name == BUNDLED_MODEL:
+        yield bundled_model_dir()
+        return
+    if name not in MODELS:
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            load_model(name)  # raises ModelNotFoundError with the registered names
+        yield path
+        return
+    model, tokenizer = load_model(name)
+    with tempfile.TemporaryDirectory(prefix="zo-checkpoint-") as directory:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        del model
+        yield Path(directory)
 
 
 # --- the bundled model ------------------------------------------------------------------------

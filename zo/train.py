@@ -113,12 +113,32 @@ class Setup:
     device: torch.device
 
 
+def load_base_model(config: RunConfig, attn: str | None) -> tuple[torch.nn.Module, Any]:
+    """The model as ``model.*`` says: as stored, or with its linear layers frozen in 4 bits
+    (``model.quant``), computing in ``model.dtype``."""
+    if config.model.quant == "none":
+        return models.load_model(config.model.name, dtype=config.model.dtype, attn=attn)
+    from zo.quant import QuantizationError, load_quantized
+
+    with models.checkpoint_directory(config.model.name) as path:
+        try:
+            model = load_quantized(
+                path,
+                config.model.quant,
+                compute_dtype=models.resolve_dtype(config.model.dtype),
+                attn=attn or "eager",
+            )
+        except QuantizationError as error:
+            raise ConfigError(f"model.quant: {error}") from None
+        return model, models.load_tokenizer(path)
+
+
 def build_setup(config: RunConfig) -> Setup:
     validate(config)
     spec, estimator_config = resolve_estimator(config)
     device = resolve_device(config.model.device)
     attn = "eager" if spec.eager_attention else config.model.attn
-    model, tokenizer = models.load_model(config.model.name, dtype=config.model.dtype, attn=attn)
+    model, tokenizer = load_base_model(config, attn)
     model.to(device).eval()  # eval: no dropout, so a step is a deterministic function of seeds
     trainable = select_trainable(model, config.trainable)
     if config.train.gradient_checkpointing:

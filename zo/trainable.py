@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,31 +45,91 @@ class TrainableSet:
             p.copy_(tensors[name])
 
 
+Selector = Callable[[nn.Module, TrainableConfig], list[tuple[str, nn.Parameter]]]
+
+SELECTORS: dict[str, Selector] = {}
+"""Trainable-set kinds by name; each picks ``(name, tensor)`` pairs and may rewrap layers."""
+
+
+def register_selector(kind: str) -> Callable[[Selector], Selector]:
+    def decorator(selector: Selector) -> Selector:
+        if kind in SELECTORS:
+            raise ValueError(f"trainable kind {kind!r} is registered twice")
+        SELECTORS[kind] = selector
+        return selector
+
+    return decorator
+
+
 def select_trainable(model: nn.Module, spec: TrainableConfig) -> TrainableSet:
     """Pick the trainable tensors; everything else gets ``requires_grad=False``.
 
     Tied weights appear once (under their first name), as ``named_parameters`` lists them.
+    ``lora`` and ``mask`` change the model in place (adapters injected, linear layers
+    wrapped in sparse-delta layers) before picking.
     """
-    named = list(model.named_parameters())
-    if spec.kind == "full":
-        chosen = named
-    elif spec.kind == "names":
-        chosen = [
-            (name, p)
-            for name, p in named
-            if any(fnmatch.fnmatchcase(name, pat) for pat in spec.patterns)
-        ]
-        unmatched = [
-            pat for pat in spec.patterns if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named)
-        ]
-        if unmatched:
-            examples = ", ".join(name for name, _ in named[:6])
-            raise ConfigError(
-                f"trainable.patterns {unmatched} match no parameter; names look like: {examples}"
-            )
-    else:  # the config schema admits no other kind
-        raise ConfigError(f"trainable.kind {spec.kind!r} is not supported")
+    if spec.kind not in SELECTORS:
+        raise ConfigError(
+            f"trainable.kind {spec.kind!r} is not supported; choose one of {sorted(SELECTORS)}"
+        )
+    chosen = SELECTORS[spec.kind](model, spec)
+    quantized = [name for name, p in chosen if not p.is_floating_point()]
+    if quantized:
+        raise ConfigError(
+            f"trainable.kind {spec.kind!r} picks quantized (4-bit) weights such as "
+            f"{quantized[0]}, which stay frozen: train a sparse delta (trainable=mask:PATH) "
+            "or LoRA (trainable=lora) over a quantized base"
+        )
     chosen_ids = {id(p) for _, p in chosen}
-    for _, p in named:
+    for _, p in model.named_parameters():
         p.requires_grad_(id(p) in chosen_ids)
     return TrainableSet([name for name, _ in chosen], [p for _, p in chosen])
+
+
+@register_selector("full")
+def _full(model: nn.Module, spec: TrainableConfig) -> list[tuple[str, nn.Parameter]]:
+    return list(model.named_parameters())
+
+
+@register_selector("names")
+def _names(model: nn.Module, spec: TrainableConfig) -> list[tuple[str, nn.Parameter]]:
+    named = list(model.named_parameters())
+    unmatched = [
+        pat for pat in spec.patterns if not any(fnmatch.fnmatchcase(n, pat) for n, _ in named)
+    ]
+    if unmatched:
+        examples = ", ".join(name for name, _ in named[:6])
+        raise ConfigError(
+            f"trainable.patterns {unmatched} match no parameter; names look like: {examples}"
+        )
+    return [
+        (name, p)
+        for name, p in named
+        if any(fnmatch.fnmatchcase(name, pat) for pat in spec.patterns)
+    ]
+
+
+@register_selector("mask")
+def _mask(model: nn.Module, spec: TrainableConfig) -> list[tuple[str, nn.Parameter]]:
+    """``mask:PATH``: sparse fp32 deltas at the mask file's indices (``zo mask`` writes it)."""
+    from zo.quant import select_mask_trainable
+
+    path = spec.path or (spec.patterns[0] if len(spec.patterns) == 1 else None)
+    if not path:
+        raise ConfigError(
+            "trainable kind mask needs the mask file: trainable=mask:PATH "
+            "(make one with `zo mask --model ... --out PATH`)"
+        )
+    return select_mask_trainable(model, path)
+
+
+@register_selector("lora")
+def _lora(model: nn.Module, spec: TrainableConfig) -> list[tuple[str, nn.Parameter]]:
+    """``lora`` or ``lora:q_proj,v_proj``: peft LoRA adapters on those modules."""
+    from zo.quant import DEFAULT_LORA_TARGETS, QuantizationError, add_lora
+
+    targets = spec.patterns or spec.lora_targets or list(DEFAULT_LORA_TARGETS)
+    try:
+        return add_lora(model, r=spec.lora_r, alpha=spec.lora_alpha, target_modules=targets)
+    except QuantizationError as error:
+        raise ConfigError(f"trainable lora: {error}") from None
