@@ -62,3 +62,18 @@ def test_continue_reads_finished_methods_back_and_trains_the_rest(tmp_path, caps
     ]
     assert (parent / "zo_sgd" / "trajectory.jsonl").read_bytes() == first  # not retrained
     assert cli.main([*args, "--continue", str(tmp_path / "nowhere")]) == cli.USAGE_EXIT
+
+
+def test_methods_may_be_labelled_to_compare_trainable_sets(tmp_path):
+    from zo.compare import method_configs
+
+    plan = _plan(
+        tmp_path,
+        "  full: {estimator: zo_sgd, lr: 1.0e-4}\n"
+        "  norms: {estimator: zo_sgd, lr: 1.0e-3, overrides: ['trainable=names:*norm*']}\n",
+    )
+    (full_label, full), (norms_label, norms) = method_configs(plan)
+    assert (full_label, norms_label) == ("full", "norms")
+    assert full.estimator == {"name": "zo_sgd", "lr": 1.0e-4}
+    assert norms.trainable.kind == "names" and norms.trainable.patterns == ["*norm*"]
+    assert full.trainable.kind == "full"

@@ -34,20 +34,27 @@ def load_plan(path: str) -> tuple[str, list[str], dict[str, dict[str, Any]]]:
         raise ConfigError(f"{path}: `estimators` must map estimator names to their settings")
     import estimators
 
-    for name in methods:
+    for label, settings in methods.items():
         try:
-            estimators.get_estimator(name)
+            estimators.get_estimator(estimator_of(label, settings))
         except estimators.UnknownEstimatorError as error:
             raise ConfigError(f"{path}: {error}") from None
     return data["base"], [str(o) for o in data.get("overrides") or []], methods
 
 
-def method_experiment(base: str, name: str, settings: dict[str, Any]) -> tuple[dict, list[str]]:
+def estimator_of(label: str, settings: dict[str, Any] | None) -> str:
+    """A method is named by its estimator, or labelled freely with ``estimator: NAME``
+    among its settings (to compare one estimator on several trainable sets)."""
+    return str((settings or {}).get("estimator", label))
+
+
+def method_experiment(base: str, label: str, settings: dict[str, Any]) -> tuple[dict, list[str]]:
     """A method's experiment: the base config with its estimator section replaced by the
     method's own (the base's lr/eps belong to the base's estimator, not to this one), and
     the method's extra overrides."""
     settings = dict(settings or {})
     extra = [str(o) for o in settings.pop("overrides", [])]
+    name = str(settings.pop("estimator", label))
     data = read_yaml(base)
     data["estimator"] = {"name": name, **settings}
     return data, extra
