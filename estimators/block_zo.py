@@ -41,6 +41,7 @@ from torch import nn
 
 from estimators.base import Closure, StepRecord, ZOEstimate, ZOOptimizer
 from estimators.registry import register_estimator
+from estimators.zo_sgd import ZOSGDConfig
 from zo.blocks import NoBlocksError, decoder_blocks
 from zo.engine import EngineConfig, mix_seed
 
@@ -74,17 +75,10 @@ ORDERS: dict[str, Callable[[int, int, int], int]] = {
 
 
 @dataclass
-class BlockZOConfig:
-    lr: float = 1e-6
-    """Step size on the projected gradient of the chosen block (ZO-SGD's lr)."""
-    eps: float = 1e-3
-    """Perturbation scale of the finite difference."""
-    weight_decay: float = 0.0
-    """Decoupled decay of the chosen block, ``W *= 1 - lr * weight_decay`` per visit."""
-    queries: int = 1
-    """Directions per step within the chosen block, averaged."""
-    one_point: bool = False
-    """``(L(W + eps z) - L(W)) / eps`` instead of the symmetric two-point difference."""
+class BlockZOConfig(ZOSGDConfig):
+    """ZO-SGD's options, applied to the chosen block only (weight decay once per visit),
+    plus which block each step perturbs."""
+
     order: str = "cycle"
     """Which block each step perturbs: ``cycle``, ``random`` or ``shuffle``."""
     reuse_activations: bool = True

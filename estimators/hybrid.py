@@ -38,7 +38,7 @@ import torch
 from estimators.base import Closure, StepRecord, ZOEstimate
 from estimators.first_order import SGD, AdamW
 from estimators.registry import register_estimator
-from estimators.zo_sgd import ZOSGD
+from estimators.zo_sgd import ZOSGD, ZOSGDConfig
 from zo.engine import EngineConfig
 
 FIRST_ORDER_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": SGD, "adamw": AdamW}
@@ -51,21 +51,14 @@ class HybridSplitError(ValueError):
 
 
 @dataclass
-class HybridConfig:
+class HybridConfig(ZOSGDConfig):
+    """ZO-SGD's options (lr, eps, weight_decay, queries, one_point) for the ZO part, plus
+    the first-order part and its optimizer."""
+
     first_order: list[str] = field(default_factory=list)
     """fnmatch patterns over parameter names trained with gradients (e.g. ``["lm_head.*"]``);
     required (the optimizer refuses an empty list: there is no sensible default part), every
     pattern must match a trainable tensor, and some tensor must be left for ZO."""
-    lr: float = 1e-6
-    """ZO part: step size on the projected gradient (ZO-SGD's lr)."""
-    eps: float = 1e-3
-    """ZO part: perturbation scale of the finite difference."""
-    weight_decay: float = 0.0
-    """ZO part: decoupled decay, ``W *= 1 - lr * weight_decay``."""
-    queries: int = 1
-    """ZO part: directions per step, averaged."""
-    one_point: bool = False
-    """ZO part: one-point difference ``(L(W + eps z) - L(W)) / eps``."""
     first_order_optimizer: str = "sgd"
     """First-order part's optimizer: ``sgd`` or ``adamw``."""
     first_order_lr: float = 1e-3

@@ -1,16 +1,22 @@
 """Scoring candidates with a language model: log-likelihoods, the training losses, evaluation.
 
-A "row" is a prompt and the candidate continuations scored after it. Two layouts turn
-rows into one padded batch, chosen by the model (`scorer_for`), never by family name:
+A "row" is a prompt and the candidate continuations scored after it, or (partial
+scoring, WinoGrande) one prompt per candidate: a task with a `candidate_prompts(example)`
+method gives each candidate its own prompt, so the options can differ in the prompt and
+share the scored continuation. Two layouts turn rows into one padded batch, chosen by the
+model (`scorer_for`), never by family name:
 
 - Causal LMs read `prompt tokens + candidate tokens`; token t of a candidate is scored
   at position t - 1. A one-token candidate is predicted from the prompt alone, so it
   needs no sequence of its own and rides on a sequence of the same row: a row whose
   candidates are all one token (" terrible" / " great") costs one sequence, not one per
-  candidate.
+  candidate. Candidates with prompts of their own share sequences only with candidates
+  of the same prompt.
 - Masked LMs (RoBERTa, MeZO's medium-model protocol) read `prompt <mask>` (or the
   prompt's own `<mask>`) wrapped in the tokenizer's special tokens; every candidate
-  must be one token, scored at the mask position. One sequence per row.
+  must be one token, scored at the mask position. One sequence per row, so rows with a
+  prompt per candidate are refused: partial scoring reads a multi-token continuation
+  after each prompt, which a masked LM does not predict left to right.
 
 Either way only the hidden states at scored positions reach the LM head, so the logits
 are [scored positions, vocab] instead of [sequences, length, vocab]: with a 50k-150k
@@ -33,12 +39,32 @@ from tasks.base import Example, Task, TaskError
 
 @dataclass(frozen=True)
 class ScoringRow:
-    """A prompt, the candidates scored after it, and the gold candidate's index."""
+    """A prompt, the candidates scored after it, and the gold candidate's index.
+
+    `prompts`, when given, holds one prompt per candidate and replaces `prompt` for
+    scoring (partial scoring); `prompt` then only describes the row (the text the
+    candidate prompts share) and orders rows into batches.
+    """
 
     prompt: str
     candidates: Sequence[str]
     label: int
     uid: str
+    prompts: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompts is not None and len(self.prompts) != len(self.candidates):
+            raise TaskError(
+                f"example {self.uid!r}: {len(self.prompts)} candidate prompts for "
+                f"{len(self.candidates)} candidates; give one prompt per candidate"
+            )
+
+    @property
+    def candidate_prompts(self) -> list[str]:
+        """The prompt each candidate is scored after."""
+        if self.prompts is None:
+            return [self.prompt] * len(self.candidates)
+        return list(self.prompts)
 
 
 @dataclass(frozen=True)
@@ -91,7 +117,12 @@ class MaskedCandidateBatch(CandidateBatch):
 
 
 def rows_of(task: Task, examples: Sequence[Example]) -> list[ScoringRow]:
-    """Every candidate of every example, checked: non-empty, label in range."""
+    """Every candidate of every example, checked: non-empty, label in range.
+
+    A task with a `candidate_prompts(example)` method scores each candidate after its own
+    prompt (`ScoringRow.prompts`); `prompt(example)` still names the row.
+    """
+    prompts_of = getattr(task, "candidate_prompts", None)
     rows = []
     for example in examples:
         candidates = task.candidates(example)
@@ -101,7 +132,10 @@ def rows_of(task: Task, examples: Sequence[Example]) -> list[ScoringRow]:
             raise TaskError(
                 f"example {example.uid!r}: label {example.label} but {len(candidates)} candidates"
             )
-        rows.append(ScoringRow(task.prompt(example), list(candidates), example.label, example.uid))
+        prompts = None if prompts_of is None else list(prompts_of(example))
+        rows.append(
+            ScoringRow(task.prompt(example), list(candidates), example.label, example.uid, prompts)
+        )
     return rows
 
 
@@ -215,19 +249,22 @@ def encode_rows(
 
     Prompt and candidate are tokenized separately and their ids concatenated, so the
     scored tokens are exactly the candidate's. A prompt too long for `max_length` loses
-    tokens from the left (after BOS), once per row so that its longest candidate fits;
-    candidates are never cut.
+    tokens from the left (after BOS), cut to the same room for every prompt of a row so
+    that its longest candidate fits; candidates are never cut.
     """
     if not rows:
         raise TaskError("encoding needs at least one example")
     bos = bos_prefix(tokenizer)
-    prompts = tokenizer([row.prompt for row in rows], add_special_tokens=False)["input_ids"]
+    answers_of = _tokenized_candidates(tokenizer, rows)
+    texts = list(dict.fromkeys(text for row in rows for text in row.candidate_prompts))
+    prompt_ids = dict(
+        zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True)
+    )
     layout = _Layout()
-    for b, (row, prompt, answers) in enumerate(
-        zip(rows, prompts, _tokenized_candidates(tokenizer, rows), strict=True)
-    ):
-        # One cut per row, sized for its longest candidate: every candidate is then
-        # scored after the same context, so their scores stay comparable.
+    for b, (row, answers) in enumerate(zip(rows, answers_of, strict=True)):
+        # One room per row, sized for its longest candidate: every candidate is then
+        # scored after the same context (or, with a prompt each, contexts cut alike), so
+        # their scores stay comparable.
         longest = max(len(answer) for answer in answers)
         room = max_length - len(bos) - longest
         # At least one context token must precede a candidate to predict its first token.
@@ -236,24 +273,31 @@ def encode_rows(
                 f"example {row.uid!r}: a candidate is {longest} tokens, so "
                 f"max_length={max_length} leaves no room for the prompt"
             )
-        context = bos + prompt[max(0, len(prompt) - room) :]
-        if not context:
-            raise TaskError(f"example {row.uid!r}: empty prompt and no BOS token")
-        first = len(context) - 1  # the position that predicts a candidate's first token
-        # A sequence per multi-token candidate holds its first len - 1 tokens (the last is
-        # predicted, never read). One-token candidates need only the context, which every
-        # sequence of this row starts with: they ride on the first one, or on a
-        # context-only sequence when no candidate is longer than one token.
-        sequence_of: dict[int, int] = {}
+        sharing: dict[str, list[int]] = {}  # prompt -> the candidates scored after it
+        for c, text in enumerate(row.candidate_prompts):
+            sharing.setdefault(text, []).append(c)
+        scored_at: dict[int, tuple[int, int]] = {}  # candidate -> (sequence, first position)
+        for text, members in sharing.items():
+            prompt = prompt_ids[text]
+            context = bos + prompt[max(0, len(prompt) - room) :]
+            if not context:
+                raise TaskError(f"example {row.uid!r}: empty prompt and no BOS token")
+            first = len(context) - 1  # the position that predicts a candidate's first token
+            # A sequence per multi-token candidate holds its first len - 1 tokens (the last
+            # is predicted, never read). One-token candidates need only the context, which
+            # every sequence of this prompt starts with: they ride on the first one, or on
+            # a context-only sequence when no candidate is longer than one token.
+            for c in members:
+                if len(answers[c]) > 1:
+                    scored_at[c] = (len(layout.sequences), first)
+                    layout.sequences.append(context + answers[c][:-1])
+            if not any(c in scored_at for c in members):
+                layout.sequences.append(list(context))
+            host = min((scored_at[c][0] for c in members if c in scored_at), default=None)
+            for c in members:
+                scored_at.setdefault(c, (len(layout.sequences) - 1 if host is None else host, first))
         for c, answer in enumerate(answers):
-            if len(answer) > 1:
-                sequence_of[c] = len(layout.sequences)
-                layout.sequences.append(context + answer[:-1])
-        if not sequence_of:
-            layout.sequences.append(list(context))
-        host = min(sequence_of.values(), default=len(layout.sequences) - 1)
-        for c, answer in enumerate(answers):
-            sequence = sequence_of.get(c, host)
+            sequence, first = scored_at[c]
             layout.add_pair(b, c, [(sequence, first + j, t) for j, t in enumerate(answer)])
     return layout.batch(rows, pad_id(tokenizer), CandidateBatch)
 
@@ -283,6 +327,12 @@ def encode_masked_rows(
     for b, (row, prompt, answers) in enumerate(
         zip(rows, prompts, _tokenized_candidates(tokenizer, rows), strict=True)
     ):
+        if row.prompts is not None:
+            raise TaskError(
+                f"example {row.uid!r} scores each candidate after a prompt of its own "
+                "(partial scoring, as WinoGrande's); a masked LM reads one prompt per row "
+                "and one token at <mask>, so it cannot score that: use a causal LM"
+            )
         for candidate, answer in zip(row.candidates, answers, strict=True):
             if len(answer) != 1:
                 tokens = tokenizer.convert_ids_to_tokens(answer)
