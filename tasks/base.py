@@ -84,6 +84,11 @@ class Task(ABC):
         as appended after the prompt; `example.label` indexes the gold one."""
         raise TaskError(f"task {self.name!r} is a {self.kind} task; it has no candidates")
 
+    # Optional: `candidate_prompts(example) -> list[str]`, one prompt per candidate, for
+    # tasks whose candidates differ in what precedes a shared continuation (WinoGrande's
+    # partial scoring: the option fills the blank, the rest of the sentence is scored).
+    # Scoring then reads each candidate after its own prompt (`tasks.scoring.rows_of`).
+
     def answers(self, example: Example) -> list[str]:
         """Generation: every gold answer as a continuation of the prompt (with
         `answer_prefix`); the first is the teacher-forcing target. Other kinds: the gold

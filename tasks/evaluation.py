@@ -6,6 +6,8 @@ Training: `make_batch` encodes what a kind's loss reads, `batch_loss` computes i
   log-likelihoods.
 - multiple_choice, generation: only the gold candidate (or the first gold answer) is
   encoded; the mean NLL of its tokens, prompt and padding masked out (teacher forcing).
+  With a prompt per candidate (partial scoring, WinoGrande) that is the shared
+  continuation after the gold candidate's prompt.
 
 Evaluation: `evaluate` predicts every example, then scores the predictions with the
 task's metric (`tasks.metrics.score`).
@@ -29,7 +31,9 @@ so "{text} It was" reads " It was"). That is domain-conditional PMI (Holtzman et
 `content_free="N/A"` the content-free input is that of Zhao et al. 2021 (contextual
 calibration), applied here as a log-probability offset. A task can choose its own
 content-free prompt with a `content_free_prompt(example)` method. Identical content-free
-rows (a fixed verbalizer after a template) are scored once.
+rows (a fixed verbalizer after a template) are scored once. Partial scoring (a prompt per
+candidate, one shared continuation) has no content-free counterpart, so calibrating it is
+an error.
 """
 
 from __future__ import annotations
@@ -88,11 +92,19 @@ class TaskBatch:
 
 
 def gold_rows(task: Task, examples: Sequence[Example]) -> list[ScoringRow]:
-    """Each example's teacher-forcing target as a one-candidate row: the gold candidate,
-    or for generation the first gold answer."""
+    """Each example's teacher-forcing target as a one-candidate row: the gold candidate
+    (after its own prompt, if it has one), or for generation the first gold answer."""
     if task_kind(task) != "generation":
-        rows = rows_of(task, examples)
-        return [ScoringRow(r.prompt, [r.candidates[r.label]], 0, r.uid) for r in rows]
+        return [
+            replace(
+                r,
+                candidates=[r.candidates[r.label]],
+                label=0,
+                # kept as a one-prompt list, so a masked LM refuses it as it refuses eval
+                prompts=None if r.prompts is None else [r.prompts[r.label]],
+            )
+            for r in rows_of(task, examples)
+        ]
     rows = []
     for example in examples:
         answers = task.answers(example)
@@ -175,6 +187,12 @@ def calibrated_scores(
 ) -> list[Tensor]:
     """Per example, [C]: total log P(c | x) - total log P(c | x_cf) (module doc)."""
     rows = rows_of(task, examples)
+    if any(row.prompts is not None for row in rows):
+        raise TaskError(
+            f"task {task.name!r} scores each candidate after a prompt of its own (partial "
+            "scoring); calibration subtracts the candidates' scores after one content-free "
+            "prompt, which has no counterpart here: set calibrate=False"
+        )
     free = [
         content_free_row(task, e, r, settings.content_free)
         for e, r in zip(examples, rows, strict=True)

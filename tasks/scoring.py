@@ -287,15 +287,15 @@ def encode_rows(
             # is predicted, never read). One-token candidates need only the context, which
             # every sequence of this prompt starts with: they ride on the first one, or on
             # a context-only sequence when no candidate is longer than one token.
-            for c in members:
-                if len(answers[c]) > 1:
-                    scored_at[c] = (len(layout.sequences), first)
-                    layout.sequences.append(context + answers[c][:-1])
-            if not any(c in scored_at for c in members):
+            longer = [c for c in members if len(answers[c]) > 1]
+            for c in longer:
+                scored_at[c] = (len(layout.sequences), first)
+                layout.sequences.append(context + answers[c][:-1])
+            if not longer:
                 layout.sequences.append(list(context))
-            host = min((scored_at[c][0] for c in members if c in scored_at), default=None)
+            host = scored_at[longer[0]][0] if longer else len(layout.sequences) - 1
             for c in members:
-                scored_at.setdefault(c, (len(layout.sequences) - 1 if host is None else host, first))
+                scored_at.setdefault(c, (host, first))
         for c, answer in enumerate(answers):
             sequence, first = scored_at[c]
             layout.add_pair(b, c, [(sequence, first + j, t) for j, t in enumerate(answer)])

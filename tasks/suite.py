@@ -9,7 +9,8 @@ appendix, written here from the paper:
 - classification (cross-entropy over the candidates' length-normalised log-likelihoods):
   SST-2, RTE, CB, BoolQ, WSC, WiC and MultiRC, each with a fixed verbalizer;
 - multiple choice (teacher forcing on the gold candidate's tokens, argmax at eval):
-  COPA, ReCoRD, WinoGrande;
+  COPA, ReCoRD, WinoGrande (partial scoring: the option is in the prompt, the rest of
+  the sentence is the scored candidate);
 - generation (teacher forcing on the first gold answer, greedy decoding at eval):
   SQuAD and DROP.
 
@@ -337,8 +338,16 @@ class ReCoRD(SuiteTask):
 
 
 class WinoGrande(SuiteTask):
-    """The sentence up to the blank is the prompt; each candidate is an option followed by
-    the rest of the sentence, so the two candidates share their continuation."""
+    """Partial scoring (Trinh & Le 2018; the WinoGrande paper and ZO-Bench score it so):
+    each option fills the blank of its own prompt, the sentence up to and including the
+    option, and both options' candidate is the rest of the sentence after the blank.
+
+    So only the continuation's tokens are scored, after each option; the prediction is
+    the option after which it is likelier, and training is teacher forcing on it after the
+    gold option. The options' own tokens are never scored (a longer or rarer name would
+    otherwise lose for its spelling), and a sentence that starts with the blank still
+    has a prompt: the option. `prompt` is the text before the blank, shared by both.
+    """
 
     name = "winogrande"
     kind = "multiple_choice"
@@ -349,22 +358,31 @@ class WinoGrande(SuiteTask):
         blanks = row["sentence"].count("_")
         if blanks != 1:
             raise RowError(f"the sentence must hold one blank '_', it holds {blanks}")
+        if not row["sentence"].strip().split("_")[1].strip():
+            raise RowError(
+                "nothing follows the blank '_'; partial scoring scores the text after it"
+            )
         if str(row["answer"]).strip() not in ("1", "2"):
             raise RowError(f"answer {row['answer']!r} is not '1' or '2'")
         return Example(dict(row), int(str(row["answer"]).strip()) - 1, uid)
 
-    def _halves(self, example: Example) -> tuple[str, str, str]:
+    def _halves(self, example: Example) -> tuple[str, str]:
         before, after = example.fields["sentence"].strip().split("_")
-        space = " " if before.endswith(" ") else ""
-        return before.rstrip(" "), space, after
+        return before, after
+
+    def _options(self, example: Example) -> tuple[str, str]:
+        return example.fields["option1"].strip(), example.fields["option2"].strip()
 
     def prompt(self, example: Example) -> str:
-        return self._halves(example)[0]
+        return self._halves(example)[0].rstrip(" ")
+
+    def candidate_prompts(self, example: Example) -> list[str]:
+        before = self._halves(example)[0]
+        return [before + option for option in self._options(example)]
 
     def candidates(self, example: Example) -> list[str]:
-        _, space, after = self._halves(example)
-        options = (example.fields["option1"].strip(), example.fields["option2"].strip())
-        return [space + option + after for option in options]
+        after = self._halves(example)[1]
+        return [after for _ in self._options(example)]
 
 
 # ------------------------------------------------------------------------ generation

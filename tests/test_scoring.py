@@ -3,7 +3,7 @@ loss of each task kind reads exactly the tokens it should, and masked-LM scoring
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import pytest
 import torch
@@ -311,3 +311,115 @@ def test_masked_lm_cannot_train_a_generation_task(roberta):
     model, tokenizer = roberta
     with pytest.raises(TaskError, match="masked LM .* cannot decode"):
         make_batch(tokenizer, AnswerTask(), GENERATION, model=model)
+
+
+# ----------------------------------------------- a prompt per candidate (partial scoring)
+
+PARTIAL_ROWS = [
+    # the options differ in the prompt, the scored continuation is shared
+    ScoringRow("Ann met Bo", [" Ann", " Bo"], 1, "plain"),
+    ScoringRow("So", [" was late.", " was late."], 0, "p0", prompts=["So Ann", "So Bo"]),
+    ScoringRow("", [".", "."], 1, "p1", prompts=["Ann", "Bo left"]),  # one-token continuation
+    ScoringRow("Hi", ["!", " there"], 0, "p2", prompts=["Hi", "Hi"]),  # one prompt after all
+]
+
+
+def test_each_candidate_is_scored_after_its_own_prompt(causal):
+    model, tokenizer = causal
+    batch = encode_rows(tokenizer, PARTIAL_ROWS)
+    # Sequences: the plain row one per multi-token candidate (or one), p0 one per prompt,
+    # p1 a context-only one per prompt, p2 one for both, like a row without prompts.
+    lengths = {c: len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in (" Ann", " Bo")}
+    plain = sum(1 for n in lengths.values() if n > 1) or 1
+    assert batch.num_sequences == plain + 2 + 2 + 1
+    with torch.no_grad():
+        scores = candidate_log_likelihoods(model, batch, normalize=False)
+    for b, row in enumerate(PARTIAL_ROWS):
+        reference = torch.stack(
+            [
+                pair_token_scores(model, tokenizer, p, c).sum()
+                for p, c in zip(row.candidate_prompts, row.candidates, strict=True)
+            ]
+        )
+        torch.testing.assert_close(scores[b], reference, atol=1e-5, rtol=0)
+    # Only the continuations' tokens are scored, never the prompts' (the options').
+    expected = [
+        t
+        for row in PARTIAL_ROWS
+        for c in row.candidates
+        for t in tokenizer(c, add_special_tokens=False)["input_ids"]
+    ]
+    assert batch.target_ids.tolist() == expected
+
+
+def test_equal_candidate_prompts_encode_like_one_prompt(causal):
+    _, tokenizer = causal
+    rows = [ScoringRow("Hi", ["!", " there", "?"], 1, "u"), ScoringRow("Tea or", ["+"], 0, "v")]
+    shared = encode_rows(tokenizer, rows)
+    own = encode_rows(tokenizer, [replace(r, prompts=r.candidate_prompts) for r in rows])
+    for f in fields(CandidateBatch):
+        assert torch.equal(getattr(shared, f.name), getattr(own, f.name)), f.name
+
+
+def test_candidate_prompts_are_cut_from_the_left_to_one_room(causal):
+    """A row's prompts lose tokens from the left to the same room, sized for its longest
+    candidate, so each candidate keeps the end of its prompt (the option)."""
+    _, tokenizer = causal
+    row = ScoringRow("", [" was late.", " was late."], 0, "p", prompts=["So Ann", "So Bo"])
+    answer = tokenizer(" was late.", add_special_tokens=False)["input_ids"]
+    room = 3
+    batch = encode_rows(tokenizer, [row], max_length=len(answer) + room)
+    for s, prompt in enumerate(row.prompts):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-room:]
+        assert batch.input_ids[s][batch.attention_mask[s].bool()].tolist() == ids + answer[:-1]
+
+
+def test_candidate_prompts_must_match_the_candidates():
+    with pytest.raises(TaskError, match="1 candidate prompts for 2 candidates"):
+        ScoringRow("x", ["a", "b"], 0, "u", prompts=["x a"])
+
+
+def test_a_task_with_candidate_prompts_trains_after_the_gold_prompt(causal):
+    """`candidate_prompts(example)` on a task: teacher forcing reads the gold candidate
+    after the gold prompt; the prediction compares the candidates after their prompts."""
+    model, tokenizer = causal
+
+    @dataclass
+    class Fill(ListTask):
+        kind: str = "multiple_choice"
+
+        def candidate_prompts(self, example: Example) -> list[str]:
+            return [example.fields["text"] + o for o in example.fields["fills"]]
+
+    task = Fill()
+    examples = [
+        Example({"text": "So", "fills": [" Ann", " Bo"], "options": [" ran.", " ran."]}, 1, "a"),
+        Example({"text": "", "fills": ["Cy", "Di"], "options": [" sat down", " sat down"]}, 0, "b"),
+    ]
+    batch = make_batch(tokenizer, task, examples, model=model)
+    gold = [task.candidate_prompts(e)[e.label] for e in examples]
+    tokens = torch.cat(
+        [
+            pair_token_scores(model, tokenizer, p, task.candidates(e)[e.label])
+            for p, e in zip(gold, examples, strict=True)
+        ]
+    )
+    with torch.no_grad():
+        loss = batch_loss(model, batch)
+        scores = candidate_scores(model, tokenizer, task, examples, EvalSettings())
+    assert loss.item() == pytest.approx(-tokens.mean().item(), abs=1e-5)
+    for example, got in zip(examples, scores, strict=True):
+        reference = [
+            pair_token_scores(model, tokenizer, p, c).mean()
+            for p, c in zip(task.candidate_prompts(example), task.candidates(example), strict=True)
+        ]
+        torch.testing.assert_close(got, torch.stack(reference), atol=1e-5, rtol=0)
+    with pytest.raises(TaskError, match="partial scoring.*calibrate=False"):
+        candidate_scores(model, tokenizer, task, examples, EvalSettings(calibrate=True))
+
+
+def test_masked_lm_refuses_a_prompt_per_candidate(roberta):
+    model, tokenizer = roberta
+    row = ScoringRow("", [".", "."], 0, "p", prompts=["Ann", "Bo"])
+    with pytest.raises(TaskError, match="prompt of its own.*use a causal LM"):
+        encode_masked_rows(tokenizer, [row])

@@ -28,7 +28,7 @@ from tasks.base import Example, TaskError
 from tasks.evaluation import batch_loss, evaluate, generate_answers, make_batch
 from tasks.metrics import score
 from tasks.sampling import Sampling
-from tasks.scoring import bos_prefix
+from tasks.scoring import bos_prefix, encode_rows, rows_of, score_rows
 from tasks.sources import FIXTURES_DIR
 from tasks.suite import SUITE
 from zo.models import FAMILIES, masked_byte_tokenizer, tiny_model
@@ -71,12 +71,20 @@ def fixture_task(name: str, **options):
     return tasks.get_task(name, fixtures=True, **options)
 
 
+def candidate_prompts(task, example: Example) -> list[str]:
+    """The prompt each candidate is scored after: its own (partial scoring) or the task's."""
+    own = getattr(task, "candidate_prompts", None)
+    return own(example) if own else [task.prompt(example)] * len(task.candidates(example))
+
+
 def rendered(task, example: Example) -> dict:
     shown = {"uid": example.uid, "prompt": task.prompt(example), "label": example.label}
     if task.kind == "generation":
         shown["answers"] = task.answers(example)
     else:
         shown["candidates"] = task.candidates(example)
+    if hasattr(task, "candidate_prompts"):
+        shown["candidate_prompts"] = task.candidate_prompts(example)
     return shown
 
 
@@ -131,9 +139,12 @@ def test_prompts_follow_the_mezo_templates():
     ]
     wino = fixture_task("winogrande")
     last = first_rows(wino, 4)[3]
-    assert wino.prompt(last) + wino.candidates(last)[last.label] == (
-        "Rosa's garden grew better than Ana's because Ana forgot to water hers."
-    )
+    assert wino.prompt(last) == "Rosa's garden grew better than"
+    assert wino.candidate_prompts(last) == [
+        "Rosa's garden grew better than Rosa",
+        "Rosa's garden grew better than Ana",
+    ]
+    assert wino.candidates(last) == ["'s because Ana forgot to water hers."] * 2
     record = fixture_task("record")
     duplicated = first_rows(record)[1]  # "Sara Lind" twice among the entities
     assert record.candidates(duplicated)[0] == "Sara Lind brought the plane down safely."
@@ -210,21 +221,111 @@ def test_loss_reads_the_tokens_of_its_kind(llama, name):
             task.answers(e)[0] if task.kind == "generation" else task.candidates(e)[e.label]
             for e in examples
         ]
+        prompts = [
+            task.prompt(e) if task.kind == "generation" else candidate_prompts(task, e)[e.label]
+            for e in examples
+        ]
         assert scored_texts(tokenizer, batch) == [[text] for text in gold]
         tokens = torch.cat(
             [
                 continuation_log_probs(
                     model,
                     tokenizer,
-                    task.prompt(e),
+                    prompt,
                     text,
                     len(tokenizer(text, add_special_tokens=False)["input_ids"]),
                 )
-                for e, text in zip(examples, gold, strict=True)
+                for prompt, text in zip(prompts, gold, strict=True)
             ]
         )
         reference = -tokens.mean()
     assert loss == pytest.approx(float(reference), rel=1e-5, abs=1e-6)
+
+
+# ------------------------------------------------------------- WinoGrande partial scoring
+
+
+def winogrande_examples(task) -> list[Example]:
+    """The fixture rows, plus one whose sentence starts with the blank."""
+    first = task.example(
+        {
+            "sentence": "_ was too heavy for Ana to lift.",
+            "option1": "Rosa",
+            "option2": "The box",
+            "answer": "2",
+        },
+        uid="blank-first",
+    )
+    return [*first_rows(task, len(task.original_rows("validation"))), first]
+
+
+def continuation_sum(model, tokenizer, prompt: str, continuation: str) -> tuple[float, int]:
+    """Naively: one unpadded forward over BOS + prompt + continuation, full logits; the
+    summed log P of the continuation's tokens only, and how many there are."""
+    prompt_ids = bos_prefix(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        log_probs = model(torch.tensor([prompt_ids + answer])).logits[0].float().log_softmax(-1)
+    picked = [log_probs[len(prompt_ids) - 1 + j, t] for j, t in enumerate(answer)]
+    return float(torch.stack(picked).sum()), len(answer)
+
+
+def test_winogrande_scores_the_rest_of_the_sentence_after_each_option(llama):
+    model, tokenizer = llama
+    task = fixture_task("winogrande")
+    examples = winogrande_examples(task)
+    assert bos_prefix(tokenizer) == []  # no BOS: a prompt must never be empty
+    assert task.prompt(examples[-1]) == ""
+    assert task.candidate_prompts(examples[-1]) == ["Rosa", "The box"]
+    rows = rows_of(task, examples)
+    with torch.no_grad():
+        batched = score_rows(
+            model, tokenizer, rows, batch_size=4, max_length=MAX_LENGTH, normalize=False
+        )
+    naive = []
+    for example, scores in zip(examples, batched, strict=True):
+        before, after = example.fields["sentence"].strip().split("_")
+        options = [example.fields["option1"], example.fields["option2"]]
+        sums = [continuation_sum(model, tokenizer, before + o, after)[0] for o in options]
+        torch.testing.assert_close(scores, torch.tensor(sums), atol=1e-4, rtol=0)
+        naive.append(int(torch.tensor(sums).argmax()))
+    # The scored tokens are the continuation's, for both options: never the option's own.
+    batch = encode_rows(tokenizer, rows, MAX_LENGTH)
+    for p in range(batch.num_pairs):
+        row = rows[int(batch.example_index[p])]
+        scored = batch.target_ids[batch.target_pair == p].tolist()
+        assert scored == tokenizer(row.candidates[0], add_special_tokens=False)["input_ids"]
+    # The same continuation after both options: the mean and the sum rank alike.
+    result = evaluate(model, tokenizer, task, examples, batch_size=4, max_length=MAX_LENGTH)
+    expected = sum(p == e.label for p, e in zip(naive, examples, strict=True)) / len(examples)
+    assert result["accuracy"] == pytest.approx(expected)
+
+
+def test_winogrande_trains_on_the_continuation_after_the_gold_option(llama):
+    model, tokenizer = llama
+    task = fixture_task("winogrande")
+    examples = winogrande_examples(task)[-4:]
+    batch = make_batch(tokenizer, task, examples, MAX_LENGTH, model=model)
+    total, count = 0.0, 0
+    for example in examples:
+        before, after = example.fields["sentence"].strip().split("_")
+        gold = example.fields[f"option{example.label + 1}"]
+        summed, tokens = continuation_sum(model, tokenizer, before + gold, after)
+        total, count = total + summed, count + tokens
+    assert scored_texts(tokenizer, batch) == [[task.candidates(e)[0]] for e in examples]
+    with torch.no_grad():
+        loss = float(batch_loss(model, batch))
+    assert loss == pytest.approx(-total / count, rel=1e-5)
+
+
+def test_winogrande_on_a_masked_lm_or_calibrated_is_a_clear_error(roberta, llama):
+    task = fixture_task("winogrande")
+    model, tokenizer = roberta
+    with pytest.raises(TaskError, match="prompt of its own.*use a causal LM"):
+        make_batch(tokenizer, task, task.load("train")[:2], MAX_LENGTH, model=model)
+    model, tokenizer = llama
+    with pytest.raises(TaskError, match="partial scoring.*calibrate=False"):
+        evaluate(model, tokenizer, task, task.load("test")[:2], calibrate=True)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -394,6 +495,7 @@ def bad_rows(tmp_path: Path, name: str, change) -> Path:
         ("copa", lambda row: row.update(question="why"), "question 'why' is not one of"),
         ("record", lambda row: row.update(answers=["Lisbon"]), r"no answer \['Lisbon'\] is among"),
         ("winogrande", lambda row: row.update(sentence="A _ and _."), "one blank '_', it holds 2"),
+        ("winogrande", lambda row: row.update(sentence="They met _ "), "nothing follows the blank"),
         (
             "squad",
             lambda row: row.update(answers={"text": []}),
@@ -416,8 +518,8 @@ def naive_prediction(model, tokenizer, task, example: Example) -> int:
     candidates = task.candidates(example)
     longest = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in candidates)
     scores = [
-        continuation_log_probs(model, tokenizer, task.prompt(example), c, longest).mean()
-        for c in candidates
+        continuation_log_probs(model, tokenizer, prompt, c, longest).mean()
+        for prompt, c in zip(candidate_prompts(task, example), candidates, strict=True)
     ]
     return int(torch.stack(scores).argmax())
 
@@ -507,7 +609,12 @@ def test_classification_tasks_evaluate_on_roberta_at_the_mask(roberta, name):
 
 
 @pytest.mark.parametrize(
-    ("name", "message"), [("copa", "must be a single token"), ("squad", "cannot decode")]
+    ("name", "message"),
+    [
+        ("copa", "must be a single token"),
+        ("squad", "cannot decode"),
+        ("winogrande", "prompt of its own.*use a causal LM"),
+    ],
 )
 def test_other_kinds_on_roberta_are_clear_errors(roberta, name, message):
     model, tokenizer = roberta

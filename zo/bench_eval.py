@@ -97,9 +97,11 @@ def anchor_scores(model: Any, tokenizer: Any, task: tasks.Task, examples: Sequen
     device = model.device
     scores = []
     for row in rows_of(task, examples):
-        context = bos + tokenizer(row.prompt, add_special_tokens=False)["input_ids"]
         per_candidate = []
-        for candidate in row.candidates:
+        # a candidate is read after its own prompt (WinoGrande's partial scoring), else
+        # after the row's shared one
+        for prompt, candidate in zip(row.candidate_prompts, row.candidates, strict=True):
+            context = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
             answer = tokenizer(candidate, add_special_tokens=False)["input_ids"]
             ids = torch.tensor([context + answer], device=device)
             log_probs = model(input_ids=ids).logits[0].float().log_softmax(dim=-1)
