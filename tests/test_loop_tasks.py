@@ -97,6 +97,8 @@ def test_replaying_a_hybrid_run_is_a_usage_error(tmp_path, capsys):
     run = tmp_path / "run"
     hybrid = ["estimator.name=hybrid", "estimator.first_order=[model.norm.*]"]
     assert main(["train", "--config", SMOKE, f"train.out={run}", *QUICK, *hybrid]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_loss"] is not None  # logged, though no trajectory records exist
     capsys.readouterr()
     assert main(["replay", str(run), "--out", str(tmp_path / "out")]) == 2
     assert "not seed-replayable" in capsys.readouterr().err

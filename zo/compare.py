@@ -92,7 +92,10 @@ def run_method(
 
 def finished_method(name: str, out: Path) -> dict[str, Any]:
     summary = json.loads((out / "summary.json").read_text())
-    return {"estimator": name, **summary, "losses": _losses(out)}
+    losses = _losses(out)
+    if summary.get("final_loss") is None and losses:  # runs from before summaries had it
+        summary["final_loss"] = losses[-1]
+    return {"estimator": name, **summary, "losses": losses}
 
 
 def _losses(run: Path) -> list[float]:

@@ -30,6 +30,7 @@ from zo.trajectory import (
     ReplayError,
     RunDirectory,
     atomic_write_text,
+    read_jsonl,
     save_tensors_atomic,
 )
 
@@ -357,8 +358,10 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
 
 
 def _last_loss(run: RunDirectory) -> float | None:
-    records = run.step_records()
-    return records[-1]["loss"] if records else None
+    """The last logged training loss (metrics.jsonl: every estimator logs there, while
+    gradient-based ones write no trajectory records)."""
+    logged = list(read_jsonl(run.metrics))
+    return logged[-1]["loss"] if logged else None
 
 
 def _progress(start: int, total: int, enabled: bool):
