@@ -579,29 +579,3 @@ def predict(
     with evaluation_mode(model):
         scores = score_rows(model, tokenizer, rows_of(task, examples), batch_size, max_length)
     return [int(s.argmax()) for s in scores]
-
-
-def evaluate(
-    model: nn.Module,
-    tokenizer: Any,
-    task: Task,
-    examples: Sequence[Example],
-    batch_size: int = 32,
-    max_length: int = 256,
-) -> dict[str, float]:
-    """`accuracy`, mean `loss` (the classification loss) and `num_examples` over `examples`.
-
-    Candidate tasks only; `tasks.evaluation.evaluate` covers every task kind and metric.
-    """
-    if not examples:
-        raise TaskError(f"task {task.name!r}: no examples to evaluate")
-    with evaluation_mode(model):
-        scores = score_rows(model, tokenizer, rows_of(task, examples), batch_size, max_length)
-    labels = [example.label for example in examples]
-    correct = sum(int(s.argmax()) == y for s, y in zip(scores, labels, strict=True))
-    loss = sum(-float(s.log_softmax(0)[y]) for s, y in zip(scores, labels, strict=True))
-    return {
-        "accuracy": correct / len(examples),
-        "loss": loss / len(examples),
-        "num_examples": len(examples),
-    }
