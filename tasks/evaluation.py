@@ -198,8 +198,10 @@ def calibrated_scores(
         for e, r in zip(examples, rows, strict=True)
     ]
     keys = [(r.prompt, tuple(r.candidates)) for r in free]
-    unique = list(dict.fromkeys(keys))
-    first = {key: free[keys.index(key)] for key in unique}
+    first: dict[tuple, ScoringRow] = {}
+    for key, row in zip(keys, free, strict=True):
+        first.setdefault(key, row)
+    unique = list(first)
     totals = score_rows(
         model, tokenizer, rows, settings.batch_size, settings.max_length, normalize=False
     )

@@ -184,7 +184,7 @@ MASKED = ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_pro
 def test_trainable_mask_kind_trains_sparse_values_over_a_4bit_base(tiny_dir, tmp_path):
     model = load_quantized(tiny_dir)
     mask = write_mask(tmp_path / "mask.safetensors", model, MASKED)
-    spec = TrainableConfig(kind="mask", patterns=[str(tmp_path / "mask.safetensors")])
+    spec = TrainableConfig(kind="mask", path=str(tmp_path / "mask.safetensors"))
     trainable = select_trainable(model, spec)
     assert trainable.names == [  # model order, not file order
         "model.layers.0.self_attn.q_proj.values",
@@ -206,14 +206,16 @@ def test_trainable_mask_without_a_path_is_a_config_error(tiny_dir):
     with pytest.raises(ConfigError, match="mask:PATH"):
         select_trainable(model, TrainableConfig(kind="mask"))
     with pytest.raises(ConfigError, match="does not exist"):
-        select_trainable(model, TrainableConfig(kind="mask", patterns=["/nonexistent.safetensors"]))
+        select_trainable(model, TrainableConfig(kind="mask", path="/nonexistent.safetensors"))
 
 
 def test_trainable_lora_kind_trains_adapters_over_a_4bit_base(tiny_dir):
     model = load_quantized(tiny_dir)
     with torch.no_grad():
         before = model(IDS).logits
-    trainable = select_trainable(model, TrainableConfig(kind="lora", patterns=["q_proj", "v_proj"]))
+    trainable = select_trainable(
+        model, TrainableConfig(kind="lora", lora_targets=["q_proj", "v_proj"])
+    )
     assert len(trainable.names) == 2 * 2 * 2  # 2 layers x 2 modules x (A, B)
     assert all("lora_" in n for n in trainable.names)
     with torch.no_grad():  # B starts at zero: the adapted model computes the base model
@@ -225,7 +227,7 @@ def test_trainable_lora_kind_trains_adapters_over_a_4bit_base(tiny_dir):
     with torch.no_grad():
         assert not torch.equal(model(IDS).logits, before)
     with pytest.raises(ConfigError, match="lora"):
-        select_trainable(fresh_tiny()[0], TrainableConfig(kind="lora", patterns=["nope"]))
+        select_trainable(fresh_tiny()[0], TrainableConfig(kind="lora", lora_targets=["nope"]))
 
 
 def test_full_and_names_kinds_keep_their_behaviour():

@@ -92,10 +92,7 @@ def run_method(
 
 def finished_method(name: str, out: Path) -> dict[str, Any]:
     summary = json.loads((out / "summary.json").read_text())
-    losses = _losses(out)
-    if summary.get("final_loss") is None and losses:  # runs from before summaries had it
-        summary["final_loss"] = losses[-1]
-    return {"estimator": name, **summary, "losses": losses}
+    return {"estimator": name, **summary, "losses": _losses(out)}
 
 
 def _losses(run: Path) -> list[float]:

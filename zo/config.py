@@ -51,6 +51,9 @@ class TaskConfig:
     In YAML they sit directly under ``task:``; the task validates them by name."""
 
 
+DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
+
+
 @dataclass
 class TrainableConfig:
     kind: Literal["full", "names", "mask", "lora"] = "full"
@@ -61,7 +64,7 @@ class TrainableConfig:
     values added to a frozen base (``trainable: mask:PATH``)."""
     lora_r: int = 8
     lora_alpha: float = 16.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     """For ``lora``: rank, scale and target module names of the peft adapters."""
 
 
@@ -257,10 +260,14 @@ def _normalise_shorthands(data: dict[str, Any]) -> dict[str, Any]:
     trainable = data.get("trainable")
     if isinstance(trainable, str):
         kind, _, rest = trainable.partition(":")
+        items = [p for p in rest.split(",") if p]
+        # each kind's argument goes to its own field: a mask's file, LoRA's target modules
         if kind == "mask":
             data["trainable"] = {"kind": kind, "path": rest or None}
+        elif kind == "lora":
+            data["trainable"] = {"kind": kind, **({"lora_targets": items} if items else {})}
         else:
-            data["trainable"] = {"kind": kind, "patterns": [p for p in rest.split(",") if p]}
+            data["trainable"] = {"kind": kind, "patterns": items}
     estimator = data.get("estimator")
     if isinstance(estimator, str):
         data["estimator"] = {"name": estimator}

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from zo.config import DEFAULT_LORA_TARGETS
 from zo.sparse_delta import apply_sparse_deltas, read_mask_indices
 
 if TYPE_CHECKING:
@@ -245,9 +246,6 @@ def select_mask_trainable(
 ) -> list[tuple[str, nn.Parameter]]:
     """Sparse fp32 deltas at a mask file's indices; everything else frozen."""
     return apply_sparse_deltas(model, read_mask_indices(mask_path))
-
-
-DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 
 
 def add_lora(

@@ -55,8 +55,10 @@ def resolve_estimator(config: RunConfig) -> tuple[estimators.EstimatorSpec, Any]
     return spec, build(spec.config_class, section, "estimator")
 
 
-def validate(config: RunConfig) -> None:
-    """Every check that needs no model: estimator keys and combinations, model, task."""
+def validate(config: RunConfig) -> tasks.Task:
+    """Every check that needs no model: estimator keys and combinations, model, task.
+
+    Returns the task, built and checked (its data is read only when a split is loaded)."""
     spec, _ = resolve_estimator(config)
     if spec.eager_attention and config.model.attn not in (None, "eager"):
         raise ConfigError(
@@ -85,6 +87,7 @@ def validate(config: RunConfig) -> None:
             f"{task.objective!r} (minus a metric of predictions, which has none): use a "
             "zeroth-order estimator or task.objective=loss"
         )
+    return task
 
 
 def build_task(config: RunConfig) -> tasks.Task:
@@ -135,7 +138,7 @@ def load_base_model(config: RunConfig, attn: str | None) -> tuple[torch.nn.Modul
 
 
 def build_setup(config: RunConfig) -> Setup:
-    validate(config)
+    task = validate(config)
     spec, estimator_config = resolve_estimator(config)
     device = resolve_device(config.model.device)
     attn = "eager" if spec.eager_attention else config.model.attn
@@ -155,7 +158,6 @@ def build_setup(config: RunConfig) -> Setup:
         )
     except ValueError as error:  # a combination the estimator refuses, named by its message
         raise ConfigError(f"estimator {spec.name}: {error}") from None
-    task = build_task(config)
     return Setup(config, model, tokenizer, task, trainable, optimizer, device)
 
 

@@ -114,22 +114,22 @@ def _mask(model: nn.Module, spec: TrainableConfig) -> list[tuple[str, nn.Paramet
     """``mask:PATH``: sparse fp32 deltas at the mask file's indices (``zo mask`` writes it)."""
     from zo.quant import select_mask_trainable
 
-    path = spec.path or (spec.patterns[0] if len(spec.patterns) == 1 else None)
-    if not path:
+    if not spec.path:
         raise ConfigError(
             "trainable kind mask needs the mask file: trainable=mask:PATH "
             "(make one with `zo mask --model ... --out PATH`)"
         )
-    return select_mask_trainable(model, path)
+    return select_mask_trainable(model, spec.path)
 
 
 @register_selector("lora")
 def _lora(model: nn.Module, spec: TrainableConfig) -> list[tuple[str, nn.Parameter]]:
-    """``lora`` or ``lora:q_proj,v_proj``: peft LoRA adapters on those modules."""
-    from zo.quant import DEFAULT_LORA_TARGETS, QuantizationError, add_lora
+    """``lora`` or ``lora:q_proj,v_proj``: peft LoRA adapters on ``lora_targets``."""
+    from zo.quant import QuantizationError, add_lora
 
-    targets = spec.patterns or spec.lora_targets or list(DEFAULT_LORA_TARGETS)
     try:
-        return add_lora(model, r=spec.lora_r, alpha=spec.lora_alpha, target_modules=targets)
+        return add_lora(
+            model, r=spec.lora_r, alpha=spec.lora_alpha, target_modules=spec.lora_targets
+        )
     except QuantizationError as error:
         raise ConfigError(f"trainable lora: {error}") from None
