@@ -5,8 +5,13 @@ build the random NF4 model layer by layer (:func:`zo.quant.build_random_quantize
 sparse deltas at a random 0.1% of every decoder linear weight (a sensitivity mask needs
 gradients of the real model; a random mask of the same density costs the same memory), then
 
-* ``forward``: one forward of a 1 x 64 batch (the loss closure, under ``no_grad``);
+* ``forward``: one forward of the batch (the loss closure, under ``no_grad``);
 * ``zo_step``: one ZO-SGD step (two perturbed forwards and the update) on the same batch.
+
+The loss is the project's (``--loss scored``, as :mod:`tasks.scoring`): hidden states at the
+last position of each sequence, the head there only; ``--loss full`` is a language-model loss
+over every position (a sequence x vocabulary logits tensor). On CUDA the script also prints
+``zo plan``'s prediction for the same configuration next to the measured peak.
 
 Peaks are taken after the build (CPU: VmHWM reset through ``/proc/self/clear_refs``; CUDA:
 ``max_memory_allocated`` after ``reset_peak_memory_stats``), so the ratio compares the
@@ -14,7 +19,7 @@ training step with inference, not with the build; the build's own peak is printe
 
     .venv/bin/python experiments/bench_7b_nf4.py                  # CPU, several minutes
     .venv/bin/python experiments/bench_7b_nf4.py --layers 2       # quick check of the plumbing
-    python experiments/bench_7b_nf4.py --device cuda --cap-gib 8  # GPU, 8 GiB cap (untested here)
+    python3 experiments/bench_7b_nf4.py --device cuda --cap-gib 8 --batch 16 --seq 256
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -61,27 +67,58 @@ def llama2_7b_config(layers: int):
     )
 
 
-def random_mask(model: torch.nn.Module, density: float, seed: int) -> dict[str, torch.Tensor]:
-    """Sorted unique int32 indices at ``density`` of every 4-bit decoder linear weight."""
-    generator = torch.Generator().manual_seed(seed)
-    mask = {}
-    for name, module in model.named_modules():
-        if type(module).__name__ != "Linear4bit":
-            continue
-        numel = module.out_features * module.in_features
-        k = max(1, round(numel * density))
-        # sample with replacement, keep unique, top up: no numel-sized permutation
-        picked = torch.empty(0, dtype=torch.int64)
-        while picked.numel() < k:
-            draw = torch.randint(numel, (k - picked.numel() + k // 50 + 16,), generator=generator)
-            picked = torch.unique(torch.cat([picked, draw]))
-        keep = torch.randperm(picked.numel(), generator=generator)[:k]
-        mask[name + ".weight"] = picked[keep].sort().values.to(torch.int32)
-    return mask
+def compute_dtype_name(args: argparse.Namespace) -> str:
+    """fp32 on CPU (bitsandbytes' exact path there), bf16 on CUDA, unless given."""
+    return args.compute_dtype or ("float32" if args.device == "cpu" else "bfloat16")
+
+
+def predicted_peak_bytes(args: argparse.Namespace) -> int:
+    """``zo plan``'s allocator peak for this configuration."""
+    from zo.plan import PRESETS, PlanRequest, plan_memory
+
+    shape = replace(PRESETS["llama-2-7b"], layers=args.layers)
+    request = PlanRequest(
+        shape=shape,
+        estimator="zo_sgd",
+        trainable=f"mask:{args.density}",
+        quant="nf4",
+        compute_dtype=compute_dtype_name(args),
+        dtype={"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[args.float_dtype],
+        batch=args.batch,
+        seq_len=args.seq,
+        logits=args.loss,
+        attention=args.attention,
+        device=torch.device(args.device).type,
+        threads=1,
+    )
+    return plan_memory(request).peak_allocated
+
+
+def loss_closure(model, ids: torch.Tensor, loss: str):
+    """The measured loss: ``scored`` (last position's logits, the project's) or ``full``."""
+    if loss == "full":
+
+        def full() -> torch.Tensor:
+            logits = model(input_ids=ids[:, :-1], use_cache=False).logits
+            flat = logits.reshape(-1, logits.shape[-1]).float()
+            return F.cross_entropy(flat, ids[:, 1:].reshape(-1))
+
+        return full
+    from tasks.scoring import backbone_and_head
+
+    backbone, head = backbone_and_head(model)
+
+    def scored() -> torch.Tensor:
+        hidden = backbone(input_ids=ids[:, :-1], use_cache=False)[0]
+        log_probs = head(hidden[:, -1]).float().log_softmax(dim=-1)
+        return -log_probs.gather(1, ids[:, -1:]).mean()
+
+    return scored
 
 
 def measure(args: argparse.Namespace) -> dict:
     import estimators
+    from zo.masks import compute_mask
     from zo.quant import build_random_quantized
     from zo.sparse_delta import apply_sparse_deltas
 
@@ -91,7 +128,7 @@ def measure(args: argparse.Namespace) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * 2**30 / total), device)
     elif not args.default_malloc:
         return_large_frees_to_os()
-    compute = getattr(torch, args.compute_dtype)
+    compute = getattr(torch, compute_dtype_name(args))
     started = time.perf_counter()
     model = build_random_quantized(
         llama2_7b_config(args.layers),
@@ -99,18 +136,18 @@ def measure(args: argparse.Namespace) -> dict:
         float_dtype=getattr(torch, args.float_dtype),
         seed=0,
         device=device,
+        attn=args.attention,
     )
-    named = apply_sparse_deltas(model, random_mask(model, args.density, seed=1))
+    # a sensitivity mask needs the real model's gradients; a random one costs the same
+    mask = compute_mask(model, selection="random", density=args.density, seed=1)
+    named = apply_sparse_deltas(model, mask)
     build_seconds = time.perf_counter() - started
     build_peak = peak_rss_bytes() if device.type == "cpu" else torch.cuda.max_memory_allocated()
     ids = torch.randint(
         32000, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(2)
     ).to(device)
 
-    def closure() -> torch.Tensor:
-        logits = model(input_ids=ids[:, :-1], use_cache=False).logits
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
-
+    closure = loss_closure(model, ids, args.loss)
     optimizer = None
     if args.measure == "zo_step":
         optimizer = estimators.build_estimator("zo_sgd", named, lr=1e-6, eps=1e-3)
@@ -122,9 +159,11 @@ def measure(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
+    reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
     return {
         "measure": args.measure,
         "peak_bytes": peak_memory_bytes(device),
+        "reserved_peak_bytes": reserved,
         "resident_before_bytes": baseline,
         "build_peak_bytes": build_peak,
         "build_seconds": build_seconds,
@@ -151,11 +190,24 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cap-gib", type=float, default=8.0, help="CUDA memory cap")
-    parser.add_argument("--compute-dtype", default="float32", help="4-bit layers' compute dtype")
-    parser.add_argument("--float-dtype", default="bfloat16", help="embeddings and head")
+    parser.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="4-bit layers' compute dtype (default: float32 on CPU, bfloat16 on CUDA)",
+    )
+    parser.add_argument(
+        "--float-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="bfloat16",
+        help="embeddings and head",
+    )
+    parser.add_argument("--loss", choices=("scored", "full"), default="scored")
+    parser.add_argument("--attention", choices=("eager", "sdpa"), default="eager")
     parser.add_argument("--default-malloc", action="store_true")
     parser.add_argument("--measure", choices=MEASUREMENTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: this torch build sees no CUDA device; use --device cpu")
     if args.measure:
         print(json.dumps(measure(args)))
         return 0
@@ -163,9 +215,14 @@ def main() -> int:
     results = {which: run_fresh(args, which) for which in MEASUREMENTS}
     forward, step = results["forward"], results["zo_step"]
     ratio = step["peak_bytes"] / forward["peak_bytes"]
-    unit = "max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (VmHWM)"
-    print(f"device {args.device}, {args.layers} layers, batch {args.batch}x{args.seq}, ", end="")
+    cuda = args.device.startswith("cuda")
+    unit = "max_memory_allocated" if cuda else "peak RSS (VmHWM)"
+    where = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"device {where}, {args.layers} layers, batch {args.batch}x{args.seq}, ", end="")
+    print(f"compute {compute_dtype_name(args)}, {args.attention} attention, {args.loss} loss, ")
     print(f"density {args.density}, trainable values {step['trainable']:,}, pid {os.getpid()}")
+    if cuda:
+        print(f"cap: set_per_process_memory_fraction = {args.cap_gib:g} GiB")
     for which, r in results.items():
         print(
             f"  {which:8s} {unit} after build {format_bytes(r['peak_bytes'])} "
@@ -175,6 +232,14 @@ def main() -> int:
         )
     verdict = "met" if ratio <= TARGET_RATIO else "missed"
     print(f"ZO-SGD step peak / forward peak = {ratio:.3f} (target <= {TARGET_RATIO}: {verdict})")
+    if cuda:
+        predicted = predicted_peak_bytes(args)
+        print(
+            f"ZO-SGD step max_memory_allocated {format_bytes(step['peak_bytes'])} "
+            f"(max_memory_reserved {format_bytes(step['reserved_peak_bytes'])}); zo plan "
+            f"predicts {format_bytes(predicted)}: predicted / measured = "
+            f"{predicted / step['peak_bytes']:.3f}"
+        )
     return 0
 
 

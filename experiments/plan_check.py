@@ -2,6 +2,7 @@
 
     .venv/bin/python experiments/plan_check.py [--device cpu|cuda] [--sizes tiny,small]
         [--families llama,opt] [--estimators zo_sgd,adamw,lomo] [--json]
+        [--quant nf4 --trainable mask:0.01 [--compute-dtype fp32]]
 
 Per config a worker process builds a random model of the family (``zo.models`` tiny
 configs at the size asked), runs two training steps on random tokens with the project's
@@ -35,6 +36,8 @@ from zo.plan import ModelShape, PlanRequest, plan_memory  # noqa: E402
 SIZES = {  # hidden, layers, intermediate, heads, batch, seq, vocab
     "tiny": (256, 4, 768, 4, 8, 64, 4096),
     "small": (512, 8, 1536, 8, 8, 128, 8192),
+    # two decoder layers of Llama-2-7B at its real widths: the per-layer peak of the 7B plan
+    "7b-2l": (4096, 2, 11008, 32, 8, 256, 32000),
 }
 SCORED = 4
 
@@ -47,6 +50,9 @@ class Case:
     device: str
     attention: str = "eager"
     dtype: str = "fp32"
+    quant: str = "none"
+    trainable: str = "full"
+    compute_dtype: str = "fp32"
 
     def shape_args(self) -> dict:
         hidden, layers, inter, heads, batch, seq, vocab = SIZES[self.size]
@@ -79,11 +85,54 @@ def build_model(case: Case):
     family = FAMILIES[case.family]
     config = family.tiny_config(spec)
     config._attn_implementation = case.attention
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[case.dtype]
+    if case.quant == "nf4":
+        from zo.quant import build_random_quantized
+
+        compute = {"fp32": torch.float32, "bf16": torch.bfloat16}[case.compute_dtype]
+        model = build_random_quantized(
+            config,
+            compute_dtype=compute,
+            float_dtype=dtype,
+            attn=case.attention,
+            device=case.device,
+        )
+        return model, config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = family.model_class()(config)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[case.dtype]
     return model.to(device=case.device, dtype=dtype).eval(), config
+
+
+def trainable_set(model, case: Case) -> list:
+    """``(name, parameter)`` pairs the estimator trains: every weight, or a random mask's
+    sparse-delta values (a sensitive mask of the same density costs the same memory)."""
+    if case.trainable == "full":
+        return list(model.named_parameters())
+    from zo.masks import compute_mask
+    from zo.sparse_delta import apply_sparse_deltas
+
+    density = float(case.trainable.removeprefix("mask:"))
+    return apply_sparse_deltas(model, compute_mask(model, selection="random", density=density))
+
+
+def resident_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers, each storage once, plus the quantization
+    state of 4-bit weights (absmax, code, and their own state when double-quantized)."""
+    import torch
+
+    tensors = [*model.parameters(), *model.buffers()]
+    for param in model.parameters():
+        state = getattr(param, "quant_state", None)
+        while state is not None:
+            tensors += [t for t in (state.absmax, state.code, state.offset) if t is not None]
+            state = state.state2 if state.nested else None
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in tensors
+        if isinstance(t, torch.Tensor)
+    }
+    return sum(storages.values())
 
 
 def shape_of(config) -> ModelShape:
@@ -104,6 +153,9 @@ def request_for(case: Case, shape: ModelShape) -> PlanRequest:
         attention=case.attention,
         device=case.device,
         threads=1,
+        quant=case.quant,
+        trainable=case.trainable,
+        compute_dtype=case.compute_dtype,
     )
 
 
@@ -139,19 +191,16 @@ def worker(case: Case) -> dict:
     mask = torch.ones_like(ids)
     spec = estimators.get_estimator(case.estimator)
     fields = {f.name for f in dataclasses.fields(spec.config_class)}
+    named = trainable_set(model, case)
     optimizer = estimators.build_estimator(
         case.estimator,
-        list(model.named_parameters()),
+        named,
         model=model,
         seed=0,
         engine=EngineConfig(threads=1),
         **({"lr": 1e-7} if "lr" in fields else {}),
     )
-    storages = {
-        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-        for t in model.state_dict().values()
-    }
-    static = sum(storages.values())
+    static = resident_bytes(model)
 
     def steps() -> None:
         for _ in range(2):
@@ -215,7 +264,7 @@ def compare(case: Case) -> dict:
     measured_total = measured["static_bytes"] + measured["step_bytes"]
     return {
         "case": f"{case.family}-{case.size} {case.estimator} ({case.device}, {case.attention}, "
-        f"{case.dtype})",
+        f"{case.dtype}{_quant_label(case)})",
         "predicted_total": plan.peak_allocated,
         "measured_total": measured_total,
         "total_ratio": plan.peak_allocated / measured_total,
@@ -241,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--estimators", default="zo_sgd,adamw,lomo")
     parser.add_argument("--attention", default="eager", choices=["eager", "sdpa"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--quant", default="none", choices=["none", "nf4"])
+    parser.add_argument("--trainable", default="full", help="full | mask:DENSITY")
+    parser.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
@@ -252,7 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         for family in options.families.split(","):
             for estimator in options.estimators.split(","):
                 case = Case(
-                    family, size, estimator, options.device, options.attention, options.dtype
+                    family,
+                    size,
+                    estimator,
+                    options.device,
+                    options.attention,
+                    options.dtype,
+                    options.quant,
+                    options.trainable,
+                    options.compute_dtype,
                 )
                 rows.append(compare(case))
                 print(json.dumps(rows[-1]) if options.json else _row(rows[-1]), flush=True)
@@ -260,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     worst_step = max(abs(r["step_ratio"] - 1) for r in rows)
     print(f"worst |total ratio - 1| = {worst:.3f}; worst |step ratio - 1| = {worst_step:.3f}")
     return 0 if worst <= 0.15 else 1
+
+
+def _quant_label(case: Case) -> str:
+    quant = f", nf4 {case.compute_dtype} compute" if case.quant == "nf4" else ""
+    return quant + (f", {case.trainable}" if case.trainable != "full" else "")
 
 
 def _row(row: dict) -> str:

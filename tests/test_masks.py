@@ -199,6 +199,19 @@ def test_random_is_seeded_uniform_per_matrix(llama):
     assert torch.equal(alone[name], first[name])
 
 
+def test_random_mask_of_a_4bit_model_equals_the_full_precision_one(tmp_path, llama):
+    pytest.importorskip("bitsandbytes")
+    from zo.quant import load_quantized
+
+    model, _ = llama
+    model.save_pretrained(tmp_path)
+    quantized = load_quantized(tmp_path)
+    expected = compute_mask(model, selection="random", density=0.03, seed=5)
+    assert_same_mask(compute_mask(quantized, selection="random", density=0.03, seed=5), expected)
+    with pytest.raises(MaskError, match="needs full-precision weights.*unquantized checkpoint"):
+        compute_mask(quantized, selection="magnitude", density=0.03)
+
+
 def test_random_covers_indices_uniformly():
     generator = torch.Generator().manual_seed(0)
     counts = torch.zeros(10)

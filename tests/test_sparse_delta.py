@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import estimators
+from zo import sparse_chunks, sparse_delta
 from zo.engine import FrozenTensorError, PerturbationEngine
 from zo.jvp import directional_derivative
 from zo.models import tiny_model
 from zo.sparse_delta import (
     SparseDeltaError,
     SparseDeltaLinear,
+    add_sparse_delta,
     apply_sparse_deltas,
     sparse_delta_layers,
 )
@@ -31,13 +33,13 @@ IDS = torch.tensor([[1, 70, 71, 72, 73, 74, 2], [1, 80, 81, 82, 2, 90, 91]])
 
 
 @functools.cache
-def _cached_tiny():
-    return tiny_model("llama")
+def _cached_tiny(family: str):
+    return tiny_model(family)
 
 
-def fresh_tiny():
-    """``tiny_model("llama")``, built once per session and deep-copied (building is slow)."""
-    model, tokenizer = _cached_tiny()
+def fresh_tiny(family: str = "llama"):
+    """``tiny_model(family)``, built once per session and deep-copied (building is slow)."""
+    model, tokenizer = _cached_tiny(family)
     return copy.deepcopy(model), tokenizer
 
 
@@ -61,7 +63,14 @@ def layer_mask(model: nn.Module, density: float = 0.05) -> dict[str, torch.Tenso
     """Indices for every attention/MLP projection of a tiny model (built by hand, as a test)."""
     mask = {}
     for i, (name, module) in enumerate(model.named_modules()):
-        if name.rsplit(".", 1)[-1] in {"q_proj", "v_proj", "up_proj", "down_proj"}:
+        if name.rsplit(".", 1)[-1] in {
+            "q_proj",
+            "v_proj",
+            "up_proj",
+            "down_proj",
+            "out_proj",
+            "fc2",
+        }:
             mask[name + ".weight"] = random_indices(
                 module.out_features * module.in_features, density, i
             )
@@ -119,6 +128,79 @@ def test_nf4_base_equals_the_dequantized_weight_plus_delta():
     x = torch.randn(5, 64)
     weight = dequantized(base) + dense_delta(indices, values, (24, 64))
     torch.testing.assert_close(layer(x), F.linear(x, weight, base.bias), rtol=1e-5, atol=1e-5)
+
+
+def add_in_one_block(layer: SparseDeltaLinear, x: torch.Tensor) -> torch.Tensor:
+    return add_sparse_delta(x, layer.base(x), layer.values, layer.rows, layer.cols)
+
+
+def seeded_layer(dtype: torch.dtype, density: float) -> SparseDeltaLinear:
+    torch.manual_seed(0)
+    indices = random_indices(64 * 24, density, 1)
+    return SparseDeltaLinear(
+        nn.Linear(64, 24).to(dtype), indices, random_values(indices.numel(), 2)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_grad_forward_in_token_chunks_is_bit_identical_to_one_block(monkeypatch, dtype):
+    layer = seeded_layer(dtype, 0.1)
+    indices = layer.indices
+    x = torch.randn(3, 7, 64, dtype=dtype)
+    with torch.no_grad():
+        whole = add_in_one_block(layer, x)
+    size = x.element_size()
+    per_token = sparse_chunks.forward_bytes_per_token(indices.numel(), 24, size, size)
+    monkeypatch.setattr(sparse_chunks, "SPARSE_SCRATCH_BYTES", 4 * per_token)
+    assert sparse_chunks.chunk_tokens(per_token) == 4  # 21 tokens: 6 chunks
+    blocks = []
+    one_block = sparse_delta.add_sparse_delta
+
+    def counting(x, *args):
+        blocks.append(x.shape[0])
+        return one_block(x, *args)
+
+    monkeypatch.setattr(sparse_delta, "add_sparse_delta", counting)
+    with torch.no_grad():
+        chunked = layer(x)
+    assert blocks == [4, 4, 4, 4, 4, 1]
+    assert chunked.shape == whole.shape and torch.equal(chunked, whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_autograd_equals_the_composite_and_saves_no_gathered_block(monkeypatch, dtype):
+    layer = seeded_layer(dtype, 0.2)
+    base, indices = layer.base, layer.indices
+    x = torch.randn(3, 7, 64, dtype=dtype, requires_grad=True)
+    head = torch.randn(24, dtype=dtype)
+    reference = (add_in_one_block(layer, x) * head).square().sum()
+    # the fp32 composite is the reference (in bf16 the composite itself rounds every term)
+    x32 = x.detach().float().requires_grad_()
+    exact_layer = SparseDeltaLinear(copy.deepcopy(base).float(), indices, layer.values.detach())
+    exact = (add_in_one_block(exact_layer, x32) * head.float()).square().sum()
+    expected = torch.autograd.grad(exact, [x32, exact_layer.values])
+    k = indices.numel()
+    per_token = sparse_chunks.backward_bytes_per_token(k, x.element_size(), x.element_size())
+    monkeypatch.setattr(sparse_chunks, "SPARSE_SCRATCH_BYTES", 5 * per_token)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(t.shape) or t, lambda t: t
+    ):
+        out = layer(x)
+    assert out.grad_fn is not None and (21, k) not in saved and (3, 7, k) not in saved
+    loss = (out * head).square().sum()
+    assert torch.equal(loss, reference) if dtype == torch.float32 else True
+    grads = torch.autograd.grad(loss, [x, layer.values])
+    assert grads[0].dtype == dtype and grads[1].dtype == torch.float32
+    if dtype == torch.float32:
+        for got, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got, want)
+        return
+    # bf16: no further from the fp32 gradients than the bf16 composite's own autograd is
+    composite = torch.autograd.grad(reference, [x, layer.values])
+    for got, rounded, want in zip(grads, composite, expected, strict=True):
+        error = (got.float() - want).abs().max()
+        assert error <= 1.25 * (rounded.float() - want).abs().max() + 1e-3
 
 
 def test_only_the_values_are_parameters_that_train():
@@ -277,10 +359,11 @@ def test_forward_ad_through_the_sparse_4bit_layer_equals_autograd():
     torch.testing.assert_close(derivative, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_forward_grad_through_a_4bit_model_with_sparse_deltas_equals_autograd(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "opt"])  # OPT: biased 4-bit layers
+def test_forward_grad_through_a_4bit_model_with_sparse_deltas_equals_autograd(tmp_path, family):
     from zo.quant import load_quantized
 
-    source, _ = fresh_tiny()
+    source, _ = fresh_tiny(family)
     source.save_pretrained(tmp_path)
     model = load_quantized(tmp_path, attn="eager")
     named = apply_sparse_deltas(model, layer_mask(model))

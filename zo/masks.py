@@ -42,6 +42,7 @@ larger ``pool_factor`` certifies more matrices at the price of bigger pools.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -87,6 +88,13 @@ def mask_targets(
                 chosen.append(module.weight)
     unique = list({id(p): p for p in chosen}.values())
     return [(names[id(p)], p) for p in unique]
+
+
+def weight_numel(weight: torch.Tensor) -> int:
+    """Entries of the matrix a weight stands for: a 4-bit ``Params4bit`` packs two per byte
+    and keeps the original shape in its quantization state."""
+    state = getattr(weight, "quant_state", None)
+    return math.prod(state.shape) if state is not None else weight.numel()
 
 
 def budget(density: float, numel: int) -> int:
@@ -348,9 +356,10 @@ def _by_random(request: MaskRequest) -> tuple[dict[str, torch.Tensor], Sensitivi
     for name, p in request.targets:
         # seeded by name, so adding a target elsewhere leaves this matrix's draw unchanged
         generator = torch.Generator().manual_seed(mix_seed(request.seed, zlib.crc32(name.encode())))
-        indices[name] = _uniform_subset(
-            p.numel(), budget(request.density, p.numel()), generator
-        ).to(torch.int32)
+        numel = weight_numel(p)
+        indices[name] = _uniform_subset(numel, budget(request.density, numel), generator).to(
+            torch.int32
+        )
     return indices, SensitivityStats()
 
 
@@ -400,9 +409,16 @@ def build_mask(
             f"batch_size and pool_factor must be >= 1 (got {batch_size}, {pool_factor})"
         )
     chosen = _resolve_targets(model, include_embeddings, targets)
-    total = sum(p.numel() for _, p in chosen)
+    total = sum(weight_numel(p) for _, p in chosen)
     budget(density, total)  # validates density before any work
     spec = SELECTIONS[selection]
+    quantized = [name for name, p in chosen if not p.is_floating_point()]
+    if quantized and selection != "random":
+        raise MaskError(
+            f"selection {selection!r} needs full-precision weights, but {quantized[0]} is "
+            "quantized: compute the mask on the unquantized checkpoint (zo mask --model DIR), "
+            "then train over the 4-bit base with model.quant: nf4"
+        )
     batches: list[torch.Tensor] = []
     if spec.needs_data:
         from zo.calibration import read_texts, tokenize_chunks
@@ -415,7 +431,8 @@ def build_mask(
         device = chosen[0][1].device
         batches = [b.to(device) for b in chunks.split(batch_size)]
     request = MaskRequest(model, chosen, density, batches, seed, pool_factor)
-    with only_targets_need_grad(model, [p for _, p in chosen]):
+    needs_grad = only_targets_need_grad(model, [p for _, p in chosen])
+    with needs_grad if spec.needs_data else contextlib.nullcontext():
         indices, stats = spec.choose(request)
     return MaskResult(indices, sum(b.numel() for b in batches), total, stats)
 

@@ -28,6 +28,8 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from zo.sparse_chunks import backward_bytes_per_token, chunk_tokens, forward_bytes_per_token
+
 GIB = 2**30
 MIB = 2**20
 
@@ -266,8 +268,9 @@ class PlanRequest:
     """``none`` or ``nf4`` (the decoder's linear layers in 4 bits, the rest in ``dtype``)."""
     compute_dtype: str = "bf16"
     """NF4 compute dtype (``fp32`` on CPU): the dtype of activations and dequantized weights."""
-    double_quant: bool = False
-    """NF4 absmax quantized again to 8 bits (bitsandbytes ``compress_statistics``)."""
+    double_quant: bool = True
+    """NF4 absmax quantized again to 8 bits (bitsandbytes ``compress_statistics``), as
+    :mod:`zo.quant` loads and builds 4-bit models by default."""
     dtype: str = "auto"
     """Dtype of the (non-4-bit) weights: ``fp32``, ``bf16``, ``fp16``; auto = fp32 on CPU,
     bf16 on CUDA."""
@@ -449,14 +452,42 @@ class _Run:
     def eager(self) -> bool:
         return self.request.attention == "eager"
 
-    def weight_temp_bytes(self) -> int:
-        """Bytes per element of the temporaries that accompany each linear layer's call:
-        a perturbed copy of a dense trainable weight (ZO), a dequantized NF4 weight, and
-        (assumed) the mask's sparse delta scattered into a dense matrix."""
+    def linear_temp_bytes(self, rows: int, cols: int) -> int:
+        """Temporaries of one ``rows x cols`` linear layer's call besides its output: a
+        dequantized NF4 weight, or a perturbed copy of a dense trainable weight (ZO); then,
+        once the base output exists, a sparse-delta layer's scratch (its gathered inputs,
+        token chunk by token chunk without grad; see :mod:`zo.sparse_delta`)."""
         if self.request.quant == "nf4":
-            return self.act_bytes * (2 if self.trainable.kind == "mask" else 1)
-        zo_full = self.estimator.zeroth_order and self.trainable.kind == "full"
-        return self.weight_bytes if zo_full else 0
+            weight = rows * cols * self.act_bytes
+        elif self.estimator.zeroth_order and self.trainable.kind == "full":
+            weight = rows * cols * self.weight_bytes
+        else:
+            weight = 0
+        if self.trainable.kind != "mask":
+            return weight
+        per_token = forward_bytes_per_token(
+            self.mask_entries(rows, cols), rows, *[self.act_bytes] * 2
+        )
+        tokens = self.tokens
+        if not self.estimator.tangents:  # forward AD takes the whole block at once
+            tokens = min(tokens, chunk_tokens(per_token))
+        return max(weight, tokens * per_token)
+
+    def mask_entries(self, rows: int, cols: int) -> int:
+        return round(self.trainable.density * rows * cols)
+
+    def sparse_backward_bytes(self) -> int:
+        """A sparse-delta layer's backward: one token chunk's scratch and the fp32 input
+        gradient it accumulates (plus its copy in the activation dtype)."""
+        if self.trainable.kind != "mask":
+            return 0
+        s, worst = self.act_bytes, 0
+        for rows, cols in self.shape.layer_matrices():
+            per_token = backward_bytes_per_token(self.mask_entries(rows, cols), s, s)
+            chunk = min(self.tokens, chunk_tokens(per_token)) * per_token
+            grad_x = self.tokens * cols * (4 + (s if s < 4 else 0))
+            worst = max(worst, chunk + grad_x)
+        return worst
 
     def offloaded(self, numel: int, rows: int) -> bool:
         return numel > OFFLOAD_THRESHOLD and rows <= OFFLOAD_MAX_ROWS
@@ -529,9 +560,9 @@ def _forward_phases(run: _Run) -> dict[str, int]:
     batch, seq, heads = request.batch, request.seq_len, shape.heads
     mask = batch * seq * seq * (s if run.eager else 1)
     rope = 0 if arch.position_rows is not None else 2 * batch * seq * (h // heads) * s
-    temp = run.weight_temp_bytes()
-    attention_weight = max(rows * cols for rows, cols in shape.layer_matrices()[:4]) * temp
-    mlp_weight = max(rows * cols for rows, cols in shape.layer_matrices()[4:]) * temp
+    matrices = shape.layer_matrices()
+    attention_weight = max(run.linear_temp_bytes(rows, cols) for rows, cols in matrices[:4])
+    mlp_weight = max(run.linear_temp_bytes(rows, cols) for rows, cols in matrices[4:])
 
     qkv = n * (h + 2 * shape.kv_width) * s
     repeat = 2 * n * h * s if shape.kv_heads < heads and run.eager else 0
@@ -595,7 +626,7 @@ def _backward_transient(run: _Run) -> int:
     n = run.tokens
     mlp = 2 * n * shape.intermediate * s + 2 * n * shape.hidden * s
     scores = 2 * request.batch * shape.heads * request.seq_len**2 * 4 if run.eager else 0
-    return max(mlp, scores)
+    return max(mlp, scores, 2 * n * shape.intermediate * s + run.sparse_backward_bytes())
 
 
 def plan_memory(request: PlanRequest) -> Plan:
@@ -634,7 +665,7 @@ def plan_memory(request: PlanRequest) -> Plan:
     if spec.kind == "mask":
         components += [
             Component("trainable values", trainable * 4, f"fp32, density {spec.density:g}"),
-            Component("mask indices", trainable * 4, "int32"),
+            Component("mask indices", trainable * 12, "int32: flat index, row, column"),
         ]
     elif spec.kind == "lora":
         components.append(Component("trainable values", trainable * 4, f"LoRA r={spec.lora_r}"))
@@ -735,7 +766,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument("--trainable", default="full", help="full | lora:R | mask:DENSITY")
     run_group.add_argument("--quant", default="none", help="none | nf4")
     run_group.add_argument("--compute-dtype", default=None, help="NF4 compute dtype")
-    run_group.add_argument("--double-quant", action="store_true", help="NF4 absmax in 8 bits")
+    run_group.add_argument(
+        "--double-quant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="NF4 absmax in 8 bits (zo's default when it loads a 4-bit model)",
+    )
     run_group.add_argument("--dtype", default="auto", help="weights: fp32 | bf16 | fp16")
     run_group.add_argument("--batch", type=int, default=16)
     run_group.add_argument("--seq", "--seq-len", type=int, default=256, dest="seq_len")

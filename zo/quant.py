@@ -52,8 +52,10 @@ def load_quantized(
     compute_dtype: torch.dtype = torch.float32,
     attn: str = "eager",
     double_quant: bool = True,
+    device: str | torch.device = "cpu",
 ) -> PreTrainedModel:
-    """A local HF checkpoint with every linear layer but the head in 4 bits, in eval mode.
+    """A local HF checkpoint with every linear layer but the head in 4 bits, in eval mode,
+    quantized shard by shard straight onto ``device``.
 
     Non-quantized weights (embeddings, norms, head) load in ``compute_dtype``.
     """
@@ -76,7 +78,7 @@ def load_quantized(
         attn_implementation=attn,
         use_safetensors=True,
         local_files_only=True,
-        device_map="cpu" if not torch.cuda.is_available() else None,
+        device_map={"": _device_map_target(torch.device(device))},
     )
     fp32_4bit_kernels(model)
     model.eval()
@@ -146,6 +148,12 @@ def quantize_linear(
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().to(device, compute_dtype), requires_grad=False)
     return layer
+
+
+def _device_map_target(device: torch.device) -> str | int:
+    if device.type != "cuda":
+        return device.type
+    return torch.cuda.current_device() if device.index is None else device.index
 
 
 def _cast_input(dtype: torch.dtype):

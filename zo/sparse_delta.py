@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from zo.config import ConfigError
+from zo.sparse_chunks import backward_bytes_per_token, chunk_tokens, forward_bytes_per_token
 
 VALUES_FORMAT = "zo-sparse-delta-values/1"
 _VALUES_SUFFIX = ".values"
@@ -93,14 +94,12 @@ class SparseDeltaLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._base_forward(x)
-        values = self.values
-        picked = x.index_select(-1, self.cols).to(values.dtype) * values
-        if out.dtype == values.dtype:
-            return torch.index_add(out, -1, self.rows, picked)
-        shape = (*out.shape[:-1], self.out_features)
-        delta = torch.zeros(shape, dtype=values.dtype, device=out.device)
-        # one rounding of the fp32 sum to the base's dtype, not one per term
-        return delta.index_add_(-1, self.rows, picked).add_(out).to(out.dtype)
+        if _carries_tangent(x) or _carries_tangent(self.values):
+            # forward-mode AD needs the differentiable composite (the whole block at once)
+            return add_sparse_delta(x, out, self.values, self.rows, self.cols)
+        if torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad):
+            return _SparseDeltaAdd.apply(out, x, self.values, self.rows, self.cols)
+        return _add_sparse_delta_in_chunks(x, out.contiguous(), self.values, self.rows, self.cols)
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if _is_4bit(self.base) and _carries_tangent(x):
@@ -119,6 +118,75 @@ class SparseDeltaLinear(nn.Module):
     def extra_repr(self) -> str:
         density = self.indices.numel() / (self.out_features * self.in_features)
         return f"k={self.indices.numel()}, density={density:.2e}"
+
+
+def add_sparse_delta(
+    x: torch.Tensor, out: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """``out + x @ D.T`` for ``D[rows[j], cols[j]] = values[j]``, differentiable (autograd
+    and forward AD), the whole ``[tokens, k]`` gathered block at once."""
+    picked = x.index_select(-1, cols).to(values.dtype) * values
+    if out.dtype == values.dtype:
+        return torch.index_add(out, -1, rows, picked)
+    delta = torch.zeros(out.shape, dtype=values.dtype, device=out.device)
+    # one rounding of the fp32 sum to the base's dtype, not one per term
+    return delta.index_add_(-1, rows, picked).add_(out).to(out.dtype)
+
+
+def _add_sparse_delta_in_chunks(
+    x: torch.Tensor, out: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
+    """:func:`add_sparse_delta` written into the (contiguous, fresh) ``out``, token chunk by
+    token chunk, so the scratch stays under ``SPARSE_SCRATCH_BYTES`` whatever the batch.
+    Per token the arithmetic is the same, so the result is bit-identical to one block."""
+    flat_x = x.reshape(-1, x.shape[-1])
+    flat_out = out.view(-1, out.shape[-1])
+    per_token = forward_bytes_per_token(
+        cols.numel(), out.shape[-1], x.element_size(), out.element_size()
+    )
+    chunk = chunk_tokens(per_token)
+    for start in range(0, flat_x.shape[0], chunk):
+        part = slice(start, start + chunk)
+        flat_out[part] = add_sparse_delta(flat_x[part], flat_out[part], values, rows, cols)
+    return out
+
+
+class _SparseDeltaAdd(torch.autograd.Function):
+    """Autograd for :func:`add_sparse_delta` that saves only the layer input and the values.
+
+    The composite would save two ``[tokens, k]`` fp32 blocks per masked matrix (the gathered
+    inputs for the values' gradient and the products for ``index_add``'s); at Llama-2-7B
+    shapes that is several GiB for one step of LOMO. The backward re-gathers per token chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, out, x, values, rows, cols):
+        ctx.save_for_backward(x, values, rows, cols)
+        # a copy, not in place: the base's output may be a view made by its own Function
+        result = out.clone(memory_format=torch.contiguous_format)
+        return _add_sparse_delta_in_chunks(x, result, values, rows, cols)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, values, rows, cols = ctx.saved_tensors
+        _, needs_x, needs_values, _, _ = ctx.needs_input_grad
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        flat_x = x.reshape(-1, x.shape[-1])
+        grad_x = torch.zeros(flat_x.shape, dtype=values.dtype, device=x.device) if needs_x else None
+        grad_values = torch.zeros_like(values) if needs_values else None
+        per_token = backward_bytes_per_token(values.numel(), x.element_size(), grad.element_size())
+        chunk = chunk_tokens(per_token)
+        for start in range(0, flat_x.shape[0], chunk):
+            part = slice(start, start + chunk)
+            picked_grad = flat_grad[part].index_select(-1, rows).to(values.dtype)
+            if grad_values is not None:
+                picked_x = flat_x[part].index_select(-1, cols).to(values.dtype)
+                grad_values += (picked_grad * picked_x).sum(0)
+            if grad_x is not None:
+                grad_x[part].index_add_(-1, cols, picked_grad * values)
+        if grad_x is not None:
+            grad_x = grad_x.view(x.shape).to(x.dtype)
+        return grad, grad_x, grad_values, None, None
 
 
 def check_indices(indices: torch.Tensor, numel: int, where: str) -> torch.Tensor:

@@ -117,9 +117,11 @@ class Setup:
     device: torch.device
 
 
-def load_base_model(config: RunConfig, attn: str | None) -> tuple[torch.nn.Module, Any]:
+def load_base_model(
+    config: RunConfig, attn: str | None, device: torch.device
+) -> tuple[torch.nn.Module, Any]:
     """The model as ``model.*`` says: as stored, or with its linear layers frozen in 4 bits
-    (``model.quant``), computing in ``model.dtype``."""
+    (``model.quant``, quantized straight onto ``device``), computing in ``model.dtype``."""
     if config.model.quant == "none":
         return models.load_model(config.model.name, dtype=config.model.dtype, attn=attn)
     from zo.quant import QuantizationError, load_quantized
@@ -131,6 +133,7 @@ def load_base_model(config: RunConfig, attn: str | None) -> tuple[torch.nn.Modul
                 config.model.quant,
                 compute_dtype=models.resolve_dtype(config.model.dtype),
                 attn=attn or "eager",
+                device=device,
             )
         except QuantizationError as error:
             raise ConfigError(f"model.quant: {error}") from None
@@ -142,7 +145,7 @@ def build_setup(config: RunConfig) -> Setup:
     spec, estimator_config = resolve_estimator(config)
     device = resolve_device(config.model.device)
     attn = "eager" if spec.eager_attention else config.model.attn
-    model, tokenizer = load_base_model(config, attn)
+    model, tokenizer = load_base_model(config, attn, device)
     model.to(device).eval()  # eval: no dropout, so a step is a deterministic function of seeds
     trainable = select_trainable(model, config.trainable)
     if config.train.gradient_checkpointing:
