@@ -35,6 +35,12 @@ def _unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
     return step.__wrapped__ if getattr(step, "hooked", False) else step
 
 
+def _mean_over_ranks(value: float, reduce: Callable[[torch.Tensor], None]) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    reduce(tensor)
+    return float(tensor)
+
+
 class FirstOrderMixin:
     """The estimate/step split over a torch optimizer's gradient step (``_base``)."""
 
@@ -45,6 +51,9 @@ class FirstOrderMixin:
         self.step_count = 0
         self.last_record = None  # gradient steps are not seed-replayable
         self._pending_losses: list[float] = []
+        self.reduce_gradient: Callable[[torch.Tensor], None] | None = None
+        """Data-parallel hook: replaces a tensor (each gradient, then the loss) by its mean
+        over ranks, in place."""
 
     def estimate(self, closure: Closure) -> float:
         """Forward and backward on the closure's batch; returns the loss. No weight changes."""
@@ -62,15 +71,20 @@ class FirstOrderMixin:
         if not self._pending_losses:
             raise RuntimeError("step() without a closure needs at least one estimate() first")
         count = len(self._pending_losses)
-        if count > 1:
-            with torch.no_grad():
-                for group in self.param_groups:
-                    for p in group["params"]:
-                        if p.grad is not None:
-                            p.grad.div_(count)
+        loss = sum(self._pending_losses) / count
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if self.reduce_gradient is not None:
+                        self.reduce_gradient(p.grad)
+                    if count > 1:
+                        p.grad.div_(count)
+        if self.reduce_gradient is not None:
+            loss = _mean_over_ranks(loss, self.reduce_gradient)
         _unhooked(self._base.step)(self)
         self.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
-        loss = sum(self._pending_losses) / count
         self._pending_losses.clear()
         self.step_count += 1
         return loss

@@ -208,17 +208,22 @@ class Hybrid(torch.optim.Optimizer):
             raise NotImplementedError("hybrid splits its groups once, at construction")
         super().add_param_group(param_group)
 
+    # Data parallel: the ZO part averages its scalars, the first-order part its gradients.
     @property
-    def reduce_scalars(self) -> None:
-        return None
+    def reduce_scalars(self) -> Any:
+        return self.zeroth.reduce_scalars
 
     @reduce_scalars.setter
     def reduce_scalars(self, hook: Any) -> None:
-        if hook is not None:
-            raise NotImplementedError(
-                "hybrid does not run data parallel: its first-order gradients would need an "
-                "all-reduce that the scalar hook does not do"
-            )
+        self.zeroth.reduce_scalars = hook
+
+    @property
+    def reduce_gradient(self) -> Any:
+        return self.first.reduce_gradient
+
+    @reduce_gradient.setter
+    def reduce_gradient(self, hook: Any) -> None:
+        self.first.reduce_gradient = hook
 
     # ------------------------------------------------------------------ estimate / step
     def estimate(self, closure: Closure) -> ZOEstimate:

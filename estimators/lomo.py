@@ -156,6 +156,9 @@ class LOMO(torch.optim.Optimizer):
         self._pending_loss: float | None = None
         self._clip_coefficient: torch.Tensor | None = None
         self._scale = 1.0
+        self.reduce_gradient: Callable[[torch.Tensor], None] | None = None
+        """Data-parallel hook: replaces a tensor (each gradient inside backward, before its
+        fused update; then the loss) by its mean over ranks, in place."""
 
     # ------------------------------------------------------------------ plumbing
     def _params(self) -> Iterator[torch.Tensor]:
@@ -197,6 +200,8 @@ class LOMO(torch.optim.Optimizer):
         param.grad = None
         # fp32 gradients are modified in place: nothing else holds them once .grad is cleared
         grad = grad if grad.dtype == torch.float32 else grad.float()
+        if self.reduce_gradient is not None:  # every rank fires its hooks in the same order
+            self.reduce_gradient(grad)
         if self._scale != 1.0:
             grad.div_(self._scale)
         if self.clip_grad_value is not None:
@@ -279,6 +284,10 @@ class LOMO(torch.optim.Optimizer):
         if self._pending_loss is None:
             raise RuntimeError("step() without a closure needs an estimate() first")
         loss, self._pending_loss = self._pending_loss, None
+        if self.reduce_gradient is not None:
+            mean = torch.tensor([loss], dtype=torch.float64)
+            self.reduce_gradient(mean)
+            loss = float(mean)
         self.step_count += 1
         return loss
 

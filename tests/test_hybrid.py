@@ -196,8 +196,6 @@ def test_bad_splits_are_clear_errors():
         Hybrid(named, first_order=[])
     with pytest.raises(HybridSplitError, match="adamw"):
         Hybrid(named, first_order=["proj.*"], first_order_optimizer="lomo")
-    with pytest.raises(NotImplementedError, match="data parallel"):
-        Hybrid(named, first_order=["proj.*"]).reduce_scalars = lambda s, loss: (s, loss)
     with pytest.raises(ConfigError, match="first_order_optimizer 'lomo' is unknown"):
         build(HybridConfig, {"first_order": ["proj.*"], "first_order_optimizer": "lomo"}, "e")
 

@@ -50,17 +50,22 @@ def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) ->
 
 def cmd_train(args: argparse.Namespace) -> int:
     from zo.config import load_config
+    from zo.distributed import DataParallel
     from zo.memory import format_bytes
     from zo.train import train
 
     config = load_config(args.config, args.overrides)
     summary = train(config)
+    if not DataParallel.from_environment().is_main:
+        return 0  # rank 0 reports for the data-parallel run
     metric, zero_shot = summary["metric"], summary["zero_shot_score"]
     label = f"dev {metric}:"
     print(f"zero-shot {label:<13} {zero_shot:.4f}" if zero_shot is not None else "", end="")
     print(
         f"\nfinal {label:<17} {summary['final_score']:.4f}"
-        f"\npeak memory:            {format_bytes(summary['peak_memory_bytes'])} ({summary['device']})"
+        f"\npeak memory:            {format_bytes(summary['peak_memory_bytes'])} ({summary['device']}"
+        f"{', per process' if summary['processes'] > 1 else ''})"
+        f"\nprocesses:              {summary['processes']}"
         f"\nwall time:              {summary['wall_seconds']:.1f} s"
         f" ({summary['steps_per_second']:.2f} steps/s)"
         f"\nrun directory:          {summary['run_dir']}"

@@ -20,6 +20,7 @@ from tasks.objectives import objective_closure, objective_is_differentiable
 from zo import models
 from zo.blocks import checkpoint_blocks
 from zo.config import ConfigError, RunConfig, build, dump_yaml, load_config, to_dict
+from zo.distributed import DataParallel
 from zo.engine import ENGINE_VERSION, mix_seed
 from zo.memory import peak_memory_bytes, reset_peak_memory, return_large_frees_to_os
 from zo.trainable import TrainableSet, select_trainable
@@ -28,6 +29,7 @@ from zo.trajectory import (
     Checkpoint,
     NothingToResumeError,
     ReplayError,
+    ReplicaRunDirectory,
     RunDirectory,
     atomic_write_text,
     read_jsonl,
@@ -143,7 +145,7 @@ def load_base_model(
 def build_setup(config: RunConfig) -> Setup:
     task = validate(config)
     spec, estimator_config = resolve_estimator(config)
-    device = resolve_device(config.model.device)
+    device = DataParallel.from_environment().device(resolve_device(config.model.device))
     attn = "eager" if spec.eager_attention else config.model.attn
     model, tokenizer = load_base_model(config, attn, device)
     model.to(device).eval()  # eval: no dropout, so a step is a deterministic function of seeds
@@ -258,16 +260,36 @@ def _check_resumable(run: RunDirectory, config: RunConfig) -> None:
 
 
 def train(config: RunConfig, log=print) -> dict[str, Any]:
-    """Train as ``config`` says; returns the summary that is also saved to summary.json."""
+    """Train as ``config`` says; returns the summary that is also saved to summary.json.
+
+    Launched by ``torchrun`` (``WORLD_SIZE`` > 1) it trains data parallel: see
+    :mod:`zo.distributed`.
+    """
+    parallel = DataParallel.from_environment()
+    parallel.check_batch(config.train.batch_size)
+    try:
+        return _train(config, log if parallel.is_main else _silent, parallel)
+    finally:
+        parallel.stop()
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
+def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
     return_large_frees_to_os()  # keeps a ZO step's peak RSS at the forward pass's
-    run = RunDirectory(config.train.out)
+    run = (RunDirectory if parallel.is_main else ReplicaRunDirectory)(config.train.out)
     if config.resume:
         if not run.holds_run():
             raise NothingToResumeError(f"resume=true but {run.path} holds no run to continue")
         _check_resumable(run, config)
     else:
         run.ensure_new()  # before any model loads: never overwrite a run
+    # every rank has checked the directory before the rendezvous, so none sees rank 0's
+    parallel.start(parallel.device(resolve_device(config.model.device)))
     setup = build_setup(config)
+    parallel.attach(setup.optimizer)
     reset_peak_memory(setup.device)  # report training's peak, not loading's (or a conversion's)
     optimizer, train_cfg = setup.optimizer, config.train
     train_examples = setup.task.load("train")[: config.task.train_limit]
@@ -298,12 +320,12 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
     sampler = BatchSampler(len(train_examples), train_cfg.batch_size, train_cfg.seed)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     started = time.perf_counter()
-    progress = _progress(start_step, train_cfg.steps, enabled=train_cfg.progress)
+    progress = _progress(start_step, train_cfg.steps, train_cfg.progress and parallel.is_main)
     for step in range(start_step, train_cfg.steps):
         for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = learning_rate(config, base_lr, step)
         for micro in range(train_cfg.grad_accum):
-            picked = sampler.indices(step * train_cfg.grad_accum + micro)
+            picked = parallel.shard(sampler.indices(step * train_cfg.grad_accum + micro))
             examples = [train_examples[i] for i in picked]
             optimizer.estimate(training_closure(setup, examples, precision))
         loss = optimizer.step()
@@ -353,12 +375,14 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
         "trainable_parameters": setup.trainable.numel(),
         "peak_memory_bytes": peak_memory_bytes(setup.device),
         "device": setup.device.type,
+        "processes": parallel.world_size,
         "wall_seconds": wall,
         "steps_per_second": steps_run / wall if wall > 0 else None,
         "loss_plot": str(run.plot),
     }
-    atomic_write_text(run.summary, json.dumps(summary, indent=2) + "\n")
-    plot_loss(run)
+    if parallel.is_main:
+        atomic_write_text(run.summary, json.dumps(summary, indent=2) + "\n")
+        plot_loss(run)
     return summary
 
 

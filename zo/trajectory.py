@@ -186,3 +186,20 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class ReplicaRunDirectory(RunDirectory):
+    """A run directory as the other ranks of a data-parallel run see it: they read it (to
+    resume) and rank 0 alone writes, so every write here does nothing."""
+
+    def create(self, config_yaml: str, header: dict[str, Any]) -> None:
+        pass  # rank 0 creates it: checking here would race with that
+
+    def append(self, path: Path, record: dict[str, Any]) -> None:
+        pass
+
+    def rewind(self, step: int) -> None:
+        pass
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        pass
