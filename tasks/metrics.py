@@ -9,6 +9,8 @@ Text is compared the SQuAD way (the official v1.1 evaluation script, also used b
 ReCoRD and MeZO evaluations): lowercase, drop punctuation, drop the articles a/an/the,
 collapse whitespace; F1 over the multiset of remaining tokens; both the F1 and the exact
 match of a prediction are the best over all gold answers.
+
+DROP has its own, number-aware F1 (Dua et al., 2019, section 5): see :func:`drop_f1`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import re
 import string
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
+from functools import cache
 from typing import TYPE_CHECKING
 
 from tasks.base import Example, TaskError
@@ -186,3 +189,105 @@ def record_f1(examples: Sequence[Example], predictions: Sequence[Prediction]) ->
             )
         texts.append(entities[prediction])
     return _text_scores(texts, examples)
+
+
+# ------------------------------------------------------------------------------ DROP
+
+
+def _drop_number(token: str) -> float | None:
+    try:
+        return float(token.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _drop_token(token: str) -> str:
+    """A number as its float ("1,000" and "1000.0" agree), else the SQuAD normalisation."""
+    number = _drop_number(token)
+    if number is not None:
+        return str(number)
+    return normalize_answer(token)
+
+
+def drop_bag(span: str) -> frozenset[str]:
+    """The set of normalised tokens of one span, split on whitespace and hyphens."""
+    tokens = (_drop_token(token) for token in re.split(r"[\s\-]+", span.lower()))
+    return frozenset(token for token in tokens if token)
+
+
+def _numbers(bag: frozenset[str]) -> set[str]:
+    return {token for token in bag if _drop_number(token) is not None}
+
+
+def drop_span_f1(predicted: frozenset[str], gold: frozenset[str]) -> float:
+    """Token-set F1 of two spans; 0 when the gold span has numbers and none of them is in
+    the prediction (DROP's rule: a wrong number is wrong, however many words match)."""
+    gold_numbers = _numbers(gold)
+    if gold_numbers and not gold_numbers & _numbers(predicted):
+        return 0.0
+    if not predicted or not gold:
+        return float(predicted == gold)
+    common = len(predicted & gold)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def best_matching_total(scores: list[list[float]]) -> float:
+    """The largest sum of scores over one-to-one pairings of rows and columns (exact, by
+    dynamic programming over subsets of the shorter side; answers have a few spans)."""
+    if not scores or not scores[0]:
+        return 0.0
+    if len(scores[0]) > len(scores):
+        scores = [list(column) for column in zip(*scores, strict=True)]
+    columns = len(scores[0])
+
+    @cache
+    def best(row: int, used: int) -> float:
+        if row == len(scores):
+            return 0.0
+        options = [best(row + 1, used)]  # this row stays unpaired
+        for column in range(columns):
+            if not used & (1 << column):
+                options.append(scores[row][column] + best(row + 1, used | (1 << column)))
+        return max(options)
+
+    return best(0, 0)
+
+
+def drop_answer_scores(
+    predicted_spans: Sequence[str], gold_spans: Sequence[str]
+) -> tuple[float, float]:
+    """(F1, EM) of a predicted answer against one gold answer, both lists of spans.
+
+    Spans are paired one to one so that the summed span F1 is largest; the F1 is that sum
+    over the larger span count (a missing or extra span scores 0). EM: the same set of
+    normalised spans.
+    """
+    predicted = [drop_bag(span) for span in predicted_spans]
+    gold = [drop_bag(span) for span in gold_spans]
+    scores = [[drop_span_f1(p, g) for p in predicted] for g in gold]
+    f1 = best_matching_total(scores) / max(len(predicted), len(gold), 1)
+    exact = float(len(predicted) == len(gold) and set(predicted) == set(gold))
+    return f1, exact
+
+
+@_metric("drop_f1")
+def drop_f1(examples: Sequence[Example], predictions: Sequence[Prediction]) -> dict[str, float]:
+    """DROP: the decoded text is one predicted span; `Example.answers` are the spans of the
+    gold answer (several for a multi-span answer, all needed). Mean number-aware F1 and EM.
+    `squad_f1` is the SQuAD-style F1 with the spans as alternative answers, the way the
+    MeZO-line papers scored DROP, kept beside it for comparison."""
+    _paired(examples, predictions)
+    for prediction in predictions:
+        if not isinstance(prediction, str):
+            raise TaskError(f"drop_f1 scores decoded text, got the prediction {prediction!r}")
+    scores = [
+        drop_answer_scores([str(prediction)], example.answers)
+        for example, prediction in zip(examples, predictions, strict=True)
+    ]
+    f1 = sum(score[0] for score in scores) / len(scores)
+    em = sum(score[1] for score in scores) / len(scores)
+    squad_style = _text_scores([str(p) for p in predictions], examples)["f1"]
+    return {"score": f1, "f1": f1, "em": em, "squad_f1": squad_style}

@@ -15,7 +15,8 @@ appendix, written here from the paper:
   SQuAD and DROP.
 
 Metrics are the published ones: accuracy, except MultiRC (F1a), ReCoRD (F1 over the best
-gold entity) and SQuAD / DROP (SQuAD-style F1, with EM beside it).
+gold entity), SQuAD (SQuAD-style F1, with EM beside it) and DROP (its number-aware F1 over
+the gold spans, with EM and the SQuAD-style F1 beside it).
 
 Every task takes the same options: where the data is (`path`, `fixtures`, `hub`), how
 much of it to sample (`num_train`, `num_dev`, `num_test`, `sample_seed`, `test_seed`)
@@ -419,7 +420,11 @@ class SQuAD(_Extractive):
 
 
 class DROP(_Extractive):
+    """The gold spans are one answer (all of a multi-span answer), scored by DROP's
+    number-aware F1 (`tasks.metrics.drop_f1`)."""
+
     name = "drop"
+    metric = "drop_f1"
     hf_id, hf_config = "ucinlp/drop", None
     schema = ("passage", "question", "answers_spans")
     answer_field, answer_key = "answers_spans", "spans"

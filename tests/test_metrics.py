@@ -10,8 +10,10 @@ from tasks.base import Example, TaskError
 from tasks.metrics import (
     METRICS,
     accuracy,
+    best_matching_total,
     best_over_answers,
     check_metric,
+    drop_answer_scores,
     exact_match,
     f1_macro,
     multirc_f1a,
@@ -114,3 +116,45 @@ def test_score_uses_the_task_metric():
     with pytest.raises(TaskError, match="unknown metric 'bleu'; available metrics"):
         check_metric("bleu")
     assert {"accuracy", "f1_macro", "multirc_f1a", "record_f1", "squad_f1"} <= set(METRICS)
+
+
+# ------------------------------------------------------------------------------ DROP
+@pytest.mark.parametrize(
+    ("prediction", "gold", "f1", "em"),
+    [
+        ("4 touchdowns", ["4"], 2 * 0.5 * 1 / 1.5, 0.0),  # number right, one extra word
+        ("5", ["4"], 0.0, 0.0),  # a wrong number is wrong
+        ("three yards", ["3 yards"], 0.0, 0.0),  # SQuAD F1 would give 0.5: the number is missing
+        ("1,000", ["1000"], 1.0, 1.0),  # numbers compare as numbers
+        ("The Raiders.", ["raiders"], 1.0, 1.0),
+        ("second-quarter", ["second quarter"], 1.0, 1.0),  # hyphens split tokens
+        ("Chaz Schilens", ["Chaz Schilens", "Jason Campbell"], 0.5, 0.0),  # half the spans
+        ("Jason Campbell", ["Chaz Schilens", "Jason Campbell"], 0.5, 0.0),
+        ("", ["7"], 0.0, 0.0),
+    ],
+)
+def test_drop_f1_by_hand(prediction, gold, f1, em):
+    example = Example({}, 0, "d", answers=gold)
+    result = METRICS["drop_f1"]([example], [prediction])
+    assert result["score"] == pytest.approx(f1) and result["em"] == em
+
+
+def test_drop_spans_pair_one_to_one_for_the_largest_total():
+    # row by row, greedily, would take 0.9 then 0.0; the best pairing is 0.8 + 0.85
+    assert best_matching_total([[0.9, 0.8], [0.85, 0.0]]) == pytest.approx(1.65)
+    assert best_matching_total([[0.2], [0.7], [0.4]]) == pytest.approx(0.7)  # 3 gold, 1 pred
+    f1, exact = drop_answer_scores(["a b", "a b c"], ["a b c", "a b"])  # order is free
+    assert f1 == pytest.approx(1.0) and exact == 1.0
+    f1, _ = drop_answer_scores(["x y"], ["x y", "z"])  # one of two gold spans, exactly
+    assert f1 == pytest.approx(0.5)
+    f1, _ = drop_answer_scores(["x y", "z", "w"], ["x y"])  # extra predicted spans cost too
+    assert f1 == pytest.approx(1 / 3)
+
+
+def test_drop_reports_the_squad_style_f1_beside_its_own():
+    examples = [Example({}, 0, "d", answers=["Chaz Schilens", "Jason Campbell"])]
+    result = METRICS["drop_f1"](examples, ["Chaz Schilens"])
+    assert result["squad_f1"] == 1.0 and result["f1"] == 0.5  # alternatives vs all spans
+    assert get_task("drop").metric == "drop_f1"
+    with pytest.raises(TaskError, match="decoded text"):
+        METRICS["drop_f1"](examples, [0])

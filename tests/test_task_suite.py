@@ -43,7 +43,7 @@ METRIC_OF = {
     "multirc": "multirc_f1a",
     "record": "record_f1",
     "squad": "squad_f1",
-    "drop": "squad_f1",
+    "drop": "drop_f1",
 }
 CAUSAL = [family for family in FAMILIES if family != "roberta"]
 MAX_LENGTH = 256
