@@ -405,3 +405,30 @@ def test_lomo_updates_the_values_by_minus_lr_times_their_gradient():
     optimizer.step(lambda: lm_loss(model))
     for (_, p), g in zip(named, expected, strict=True):
         torch.testing.assert_close(p.detach(), -lr * g, rtol=1e-4, atol=1e-8)
+
+
+def test_mask_files_are_read_by_the_one_strict_reader(tmp_path):
+    from safetensors.torch import save_file
+
+    from zo.config import ConfigError
+    from zo.sparse_delta import read_mask_indices
+
+    name = "model.layers.0.mlp.up_proj.weight"
+    save_file({name: torch.tensor([1, 4], dtype=torch.int32)}, str(tmp_path / "hand.safetensors"))
+    assert torch.equal(
+        read_mask_indices(tmp_path / "hand.safetensors")[name],
+        torch.tensor([1, 4], dtype=torch.int32),
+    )
+    save_file(
+        {name: torch.tensor([1], dtype=torch.int32)},
+        str(tmp_path / "v2.safetensors"),
+        {"format_version": "2"},
+    )
+    save_file({name: torch.tensor([1], dtype=torch.int64)}, str(tmp_path / "wide.safetensors"))
+    for file, message in [
+        ("v2", "format_version '2'"),
+        ("wide", "int32"),
+        ("none", "does not exist"),
+    ]:
+        with pytest.raises(ConfigError, match=message):  # the CLI's exit 2
+            read_mask_indices(tmp_path / f"{file}.safetensors")

@@ -497,7 +497,11 @@ def save_mask(
 
 
 def load_mask(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(weight name -> indices, metadata) of a mask file; checks the format version."""
+    """(weight name -> indices, metadata) of a mask file: the one reader of mask files.
+
+    A file written by another version of the format is refused; one without a version
+    (made by hand, e.g. with ``safetensors.torch.save_file``) is read as this version.
+    """
     source = Path(path)
     if not source.is_file():
         raise MaskError(
@@ -510,7 +514,7 @@ def load_mask(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], di
             indices = {name: handle.get_tensor(name) for name in names}
     except Exception as error:  # safetensors raises its own error types
         raise MaskError(f"{source} is not a readable safetensors mask file: {error}") from None
-    version = metadata.get("format_version")
+    version = metadata.get("format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
         raise MaskError(
             f"{source}: mask format_version {version!r}, this zo reads {FORMAT_VERSION!r}"

@@ -300,11 +300,13 @@ def sparse_delta_layers(model: nn.Module) -> dict[str, SparseDeltaLinear]:
 
 
 def read_mask_indices(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """A mask file's ``weight name -> flat indices``."""
-    path = Path(path)
-    if not path.is_file():
-        raise SparseDeltaError(f"mask file {path} does not exist (make one with `zo mask`)")
-    return load_file(str(path))
+    """A mask file's ``weight name -> flat indices`` (read by :func:`zo.masks.load_mask`)."""
+    from zo.masks import MaskError, load_mask
+
+    try:
+        return load_mask(path)[0]
+    except MaskError as error:
+        raise SparseDeltaError(str(error)) from None
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
