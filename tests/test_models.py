@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,9 +10,11 @@ import threading
 import time
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from huggingface_hub import errors as hub_errors
+from transformers import LlamaConfig, LlamaForCausalLM, RobertaForMaskedLM
 
 from zo import models
 
@@ -217,6 +220,279 @@ def test_local_checkpoint_defaults_to_family_attention(tmp_path: Path) -> None:
     tok.save_pretrained(tmp_path)
     loaded, _ = models.load_model(tmp_path)
     assert loaded.config._attn_implementation == models.FAMILIES["llama"].default_attn
+
+
+# --- Hugging Face hub ids (snapshot_download faked: no hub here) ------------------------------
+
+
+def _save_tiny(family: str, directory: Path, seed: int = 5) -> Path:
+    model, tok = models.tiny_model(family, seed=seed)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+class FakeHub:
+    """``huggingface_hub.snapshot_download`` over local directories: repo id -> directory."""
+
+    def __init__(self, repos: dict[str, Path]) -> None:
+        self.repos = repos
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def __call__(self, repo_id: str, *, allow_patterns: list[str], **_: object) -> str:
+        self.calls.append((repo_id, list(allow_patterns)))
+        return str(self.repos[repo_id])
+
+
+def _fake_hub(monkeypatch: pytest.MonkeyPatch, repos: dict[str, Path]) -> FakeHub:
+    hub = FakeHub(repos)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    return hub
+
+
+def _refuse_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> str:
+        raise AssertionError("nothing should be downloaded")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+
+
+@pytest.mark.parametrize("family", ["opt", "qwen2"])
+def test_hub_id_loads_the_snapshot_as_a_local_checkpoint(
+    family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snapshot = _save_tiny(family, tmp_path / "snapshot")
+    hub = _fake_hub(monkeypatch, {"some-org/tiny": snapshot})
+    loaded, tok = models.load_model("some-org/tiny", attn="eager")
+    reference, reference_tok = models.load_model(snapshot, attn="eager")
+    assert type(loaded) is models.FAMILIES[family].model_class()
+    assert models.model_fingerprint(loaded) == models.model_fingerprint(reference)
+    assert tok("same ids").input_ids == reference_tok("same ids").input_ids
+    # config first (an unsupported type fails before the weights download), then the rest
+    assert hub.calls == [
+        ("some-org/tiny", ["config.json"]),
+        ("some-org/tiny", list(models.HUB_FILES)),
+    ]
+    with models.checkpoint_directory("some-org/tiny") as directory:
+        assert directory == snapshot
+
+
+@pytest.mark.parametrize(
+    ("filename", "fetched"),
+    [
+        ("config.json", True),
+        ("model.safetensors", True),
+        ("model-00001-of-00002.safetensors", True),
+        ("model.safetensors.index.json", True),
+        ("tokenizer.model", True),
+        ("tokenizer.json", True),
+        ("merges.txt", True),
+        ("pytorch_model.bin", False),
+        ("pytorch_model-00001-of-00002.bin", False),
+        ("consolidated.safetensors", False),
+        ("original/consolidated.00.pth", False),
+        ("original/model.safetensors", False),
+        ("flax_model.msgpack", False),
+    ],
+)
+def test_hub_files_are_safetensors_config_and_tokenizer(filename: str, fetched: bool) -> None:
+    from huggingface_hub.utils import filter_repo_objects
+
+    kept = list(filter_repo_objects([filename], allow_patterns=list(models.HUB_FILES)))
+    assert (kept == [filename]) is fetched
+
+
+def test_registered_names_and_local_directories_come_before_the_hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _refuse_downloads(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    local = _save_tiny("llama", tmp_path / "org" / "name")
+    loaded, _ = models.load_model("org/name", attn="eager")  # shaped like a hub id, but local
+    assert models.model_fingerprint(loaded) == models.model_fingerprint(
+        models.tiny_model("llama", seed=5)[0]
+    )
+    with models.checkpoint_directory("org/name") as directory:
+        assert directory == Path("org/name") and (directory / "config.json").is_file()
+    models.load_model("tiny-opt")
+    assert local.is_dir()
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "org/model-1.5B", "Qwen/Qwen2.5-1.5B"])
+def test_check_model_name_accepts_without_downloading(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _refuse_downloads(monkeypatch)
+    models.check_model_name(name)
+
+
+@pytest.mark.parametrize("name", ["tiny-lama", "no/such/dir", "../up/there", "org/", "/abs/dir"])
+def test_check_model_name_refuses_what_cannot_be_a_model(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _refuse_downloads(monkeypatch)
+    with pytest.raises(models.ModelNotFoundError, match="hub id"):
+        models.check_model_name(name)
+
+
+def test_hf_hub_offline_loads_from_the_real_cache(tmp_path: Path) -> None:
+    # The real huggingface_hub (no fake), offline: a snapshot in the cache layout loads, an id
+    # that is not cached fails with the fix. Its settings are read at import: a subprocess.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--some-org--tiny-mistral"
+    _save_tiny("mistral", repo / "snapshots" / commit, seed=3)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    script = (
+        "import json\n"
+        "from zo import models\n"
+        "model, _ = models.load_model('some-org/tiny-mistral')\n"
+        "try:\n"
+        "    models.load_model('some-org/not-cached')\n"
+        "    error = None\n"
+        "except models.ModelNotFoundError as e:\n"
+        "    error = str(e)\n"
+        "print(json.dumps([type(model).__name__, models.model_fingerprint(model), error]))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    name, fingerprint, error = json.loads(result.stdout.strip().splitlines()[-1])
+    assert name == "MistralForCausalLM"
+    assert fingerprint == models.model_fingerprint(models.tiny_model("mistral", seed=3)[0])
+    assert "'some-org/not-cached' is not in the Hugging Face cache" in error
+    assert "hf download some-org/not-cached" in error
+
+
+def _http_error(kind: type, status: int, message: str) -> Exception:
+    # huggingface_hub's HTTP errors carry the response they came from.
+    try:
+        import httpx2 as http
+    except ImportError:  # huggingface_hub < 2 used httpx
+        import httpx as http
+    request = http.Request("GET", "https://huggingface.co/api/models/org/model")
+    return kind(message, response=http.Response(status, request=request))
+
+
+HUB_FAILURES = {
+    "gated": (
+        lambda: _http_error(
+            hub_errors.GatedRepoError, 403, "Access to model org/model is restricted."
+        ),
+        [
+            "gated",
+            "hf auth login",
+            "huggingface-cli login",
+            "https://huggingface.co/org/model",
+            "directory",
+        ],
+    ),
+    "missing": (
+        lambda: _http_error(hub_errors.RepositoryNotFoundError, 404, "Repository Not Found"),
+        ["check the id", "https://huggingface.co/org/model", "tiny-llama", "local directory"],
+    ),
+    "offline": (
+        lambda: hub_errors.LocalEntryNotFoundError("outgoing traffic has been disabled"),
+        ["not in the Hugging Face cache", "hf download org/model", "directory", "outgoing traffic"],
+    ),
+    "offline-mode": (
+        lambda: hub_errors.OfflineModeIsEnabled("HF_HUB_OFFLINE=1"),
+        ["not in the Hugging Face cache", "HF_HUB_OFFLINE=1"],
+    ),
+    "server": (
+        lambda: _http_error(hub_errors.HfHubHTTPError, 500, "500 Internal Server Error"),
+        ["refused", "500 Internal Server Error", "hf auth login"],
+    ),
+}
+
+
+def _enter_checkpoint_directory(name: str) -> None:
+    with models.checkpoint_directory(name):
+        pass
+
+
+@pytest.mark.parametrize("failure", sorted(HUB_FAILURES))
+def test_hub_failures_say_what_to_do(failure: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_error, phrases = HUB_FAILURES[failure]
+
+    def failing(repo_id: str, **_: object) -> str:
+        raise make_error()
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
+    for load in (models.load_model, _enter_checkpoint_directory):
+        with pytest.raises(models.ModelNotFoundError) as info:
+            load("org/model")
+        message = str(info.value)
+        assert "'org/model'" in message
+        for phrase in phrases:
+            assert phrase in message, (phrase, message)
+
+
+def _config_only(directory: Path, **config: object) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_unsupported_model_type_fails_before_the_weights_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = _fake_hub(
+        monkeypatch, {"google/vit-base": _config_only(tmp_path / "vit", model_type="vit")}
+    )
+    with pytest.raises(models.UnsupportedModelError) as info:
+        models.load_model("google/vit-base")
+    message = str(info.value)
+    assert "hub model 'google/vit-base'" in message and "'vit'" in message
+    assert all(name in message for name in models.FAMILIES)  # what is supported instead
+    assert hub.calls == [("google/vit-base", ["config.json"])]
+    assert isinstance(info.value, models.ModelNotFoundError)  # the CLI's usage error
+
+
+def test_own_modeling_code_points_at_trust_remote_code(tmp_path: Path) -> None:
+    directory = _config_only(
+        tmp_path / "custom",
+        model_type="my-new-arch",
+        auto_map={"AutoModelForCausalLM": "modeling_mine.MyForCausalLM"},
+    )
+    with pytest.raises(models.UnsupportedModelError, match="trust_remote_code=True"):
+        models.load_model(directory)
+    assert models.architecture_for(directory, trust_remote_code=True).__name__ == (
+        "AutoModelForCausalLM"
+    )
+
+
+def test_transformers_causal_lms_outside_zos_families_still_load(tmp_path: Path) -> None:
+    directory = _config_only(tmp_path / "gemma", model_type="gemma3_text")
+    assert models.family_of("gemma3_text") is None
+    assert models.architecture_for(directory).__name__ == "AutoModelForCausalLM"
+
+
+def test_hub_repo_without_safetensors_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snapshot = _config_only(tmp_path / "old", model_type="opt")
+    (snapshot / "pytorch_model.bin").write_bytes(b"pickle")
+    _fake_hub(monkeypatch, {"facebook/opt-old": snapshot})
+    with pytest.raises(models.ModelNotFoundError, match="no safetensors weights") as info:
+        models.load_model("facebook/opt-old")
+    assert "save_pretrained" in str(info.value)
+
+
+def test_roberta_checkpoints_load_as_the_masked_lm(tmp_path: Path) -> None:
+    model, tok = models.tiny_model("roberta", seed=5)
+    assert tok.mask_token == "<mask>"  # tiny RoBERTa comes with the masked byte tokenizer
+    assert tok(" great", add_special_tokens=False).input_ids == (
+        models.byte_tokenizer()(" great").input_ids
+    )
+    _save_tiny("roberta", tmp_path)
+    loaded, loaded_tok = models.load_model(tmp_path, attn="eager")
+    assert type(loaded) is RobertaForMaskedLM  # AutoModelForCausalLM would give RobertaForCausalLM
+    assert loaded_tok.mask_token_id == tok.mask_token_id
+    batch = tok(["it was <mask>", "ok"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
 
 
 # --- fingerprints -----------------------------------------------------------------------------

@@ -245,3 +245,14 @@ def test_the_full_kind_over_a_4bit_base_is_a_clear_error(tiny_dir):
     model = load_quantized(tiny_dir)
     with pytest.raises(ConfigError, match="mask:PATH"):
         select_trainable(model, TrainableConfig(kind="full"))
+
+
+def test_a_masked_lm_checkpoint_loads_quantized_as_its_family_class(tmp_path):
+    from zo.models import tiny_model
+    from zo.quant import load_quantized
+
+    source, _ = tiny_model("roberta")
+    source.save_pretrained(tmp_path)
+    model = load_quantized(tmp_path)
+    assert type(model).__name__ == "RobertaForMaskedLM"  # MeZO's RoBERTa prompts need it
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules())

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="smollm2-135m",
-        help="registered model name (see `zo list models`) or a local Hugging Face directory",
+        help="registered model name (see `zo list models`), a local Hugging Face directory, or a hub id (org/name)",
     )
     parser.add_argument("--out", required=True, help="mask file to write (.safetensors)")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")

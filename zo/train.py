@@ -23,7 +23,7 @@ from zo.config import ConfigError, RunConfig, build, dump_yaml, load_config, to_
 from zo.distributed import DataParallel
 from zo.engine import ENGINE_VERSION, mix_seed
 from zo.memory import peak_memory_bytes, reset_peak_memory, return_large_frees_to_os
-from zo.trainable import TrainableSet, select_trainable
+from zo.trainable import TrainableSet, check_group_settings, param_groups, select_trainable
 from zo.trajectory import (
     TRAJECTORY_FORMAT,
     Checkpoint,
@@ -37,6 +37,7 @@ from zo.trajectory import (
 )
 
 _DATA_STREAM = 0xDA7A  # tags the data-order seed stream apart from direction seeds
+_TRAINABLE_INIT_STREAM = 0x1417  # and the stream of new trainable tensors (LoRA)
 
 # Changing these on resume would change the trajectory; the rest (steps, logging) may change.
 _RESUME_INVARIANT = ("model", "task", "trainable", "estimator", "engine")
@@ -50,6 +51,7 @@ def resolve_estimator(config: RunConfig) -> tuple[estimators.EstimatorSpec, Any]
     """The estimator's spec and its validated config dataclass (ConfigError otherwise)."""
     section = dict(config.estimator)
     name = section.pop("name", None)
+    section.pop("param_groups", None)  # torch param groups, built over the trainable set
     try:
         spec = estimators.get_estimator(str(name))
     except estimators.UnknownEstimatorError as error:
@@ -73,11 +75,10 @@ def validate(config: RunConfig) -> tasks.Task:
             f"train.grad_accum is {config.train.grad_accum}: set it to 1 and raise "
             "train.batch_size instead"
         )
-    if config.model.name not in models.available_models() and not Path(config.model.name).is_dir():
-        raise ConfigError(
-            f"model.name {config.model.name!r} is neither a registered model "
-            f"{models.available_models()} nor a local checkpoint directory"
-        )
+    try:
+        models.check_model_name(config.model.name)
+    except models.ModelNotFoundError as error:
+        raise ConfigError(f"model.name {config.model.name!r}: {error}") from None
     if config.task.name not in tasks.available_tasks():
         raise ConfigError(
             f"task.name {config.task.name!r} is unknown; choose one of {tasks.available_tasks()}"
@@ -149,13 +150,19 @@ def build_setup(config: RunConfig) -> Setup:
     attn = "eager" if spec.eager_attention else config.model.attn
     model, tokenizer = load_base_model(config, attn, device)
     model.to(device).eval()  # eval: no dropout, so a step is a deterministic function of seeds
-    trainable = select_trainable(model, config.trainable)
+    # A trainable set may draw new tensors (LoRA's A matrices): from the run's seed, so a
+    # replay or a resume rebuilds the same start, whatever the global generator holds.
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(mix_seed(_TRAINABLE_INIT_STREAM, config.train.seed))
+        trainable = select_trainable(model, config.trainable)
     if config.train.gradient_checkpointing:
         checkpoint_blocks(model)
+    groups = param_groups(trainable, config.estimator.get("param_groups"))
     try:
         optimizer = estimators.build_estimator(
             spec.name,
-            list(zip(trainable.names, trainable.params, strict=True)),
+            groups,
             estimator_config,
             model=model,
             seed=config.train.seed,
@@ -163,6 +170,7 @@ def build_setup(config: RunConfig) -> Setup:
         )
     except ValueError as error:  # a combination the estimator refuses, named by its message
         raise ConfigError(f"estimator {spec.name}: {error}") from None
+    check_group_settings(optimizer, groups)
     return Setup(config, model, tokenizer, task, trainable, optimizer, device)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -133,3 +134,77 @@ def _lora(model: nn.Module, spec: TrainableConfig) -> list[tuple[str, nn.Paramet
         )
     except QuantizationError as error:
         raise ConfigError(f"trainable lora: {error}") from None
+
+
+# ---------------------------------------------------------------------- param groups
+
+
+def param_groups(
+    trainable: TrainableSet, specs: list[dict[str, Any]] | None
+) -> list[tuple[str, nn.Parameter]] | list[dict[str, Any]]:
+    """``estimator.param_groups`` as torch param groups of ``(name, tensor)`` pairs.
+
+    Each spec is ``{match: [fnmatch patterns over trainable names], <setting>: value, ...}``
+    (e.g. ``lr``, ``eps``, ``weight_decay``); a tensor joins the first spec that matches it,
+    the rest form a last group with the estimator's own settings. Without specs: the named
+    tensors as they are (one group).
+    """
+    named = list(zip(trainable.names, trainable.params, strict=True))
+    if not specs:
+        return named
+    if not isinstance(specs, list) or not all(isinstance(s, dict) for s in specs):
+        raise ConfigError(
+            "estimator.param_groups must be a list of mappings like "
+            "{match: ['model.layers.0.*'], lr: 1.0e-6}"
+        )
+    groups: list[dict[str, Any]] = []
+    taken: set[str] = set()
+    for position, spec in enumerate(specs):
+        where = f"estimator.param_groups[{position}]"
+        patterns = spec.get("match")
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        if not patterns or not all(isinstance(p, str) for p in patterns):
+            raise ConfigError(f"{where}: give `match`, a list of name patterns (fnmatch)")
+        if "params" in spec:
+            raise ConfigError(f"{where}: tensors are chosen by `match`, not `params`")
+        members = [
+            (name, p)
+            for name, p in named
+            if name not in taken and any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        ]
+        if not members:
+            raise ConfigError(
+                f"{where}: {patterns} match no trainable tensor not already in an earlier "
+                f"group; trainable names look like {trainable.names[:3]}"
+            )
+        taken.update(name for name, _ in members)
+        settings = {
+            key: _number(value, f"{where}.{key}") for key, value in spec.items() if key != "match"
+        }
+        groups.append({"params": members, **settings})
+    rest = [(name, p) for name, p in named if name not in taken]
+    if rest:
+        groups.append({"params": rest})
+    return groups
+
+
+def _number(value: Any, where: str) -> Any:
+    """YAML reads ``1e-6`` (no dot) as a string: accept it as the number it spells."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not a number") from None
+    return value
+
+
+def check_group_settings(optimizer: torch.optim.Optimizer, groups: list[Any]) -> None:
+    """Every per-group setting must be one the optimizer has (its ``defaults``)."""
+    for position, group in enumerate(g for g in groups if isinstance(g, dict)):
+        unknown = sorted(set(group) - {"params", "param_names"} - set(optimizer.defaults))
+        if unknown:
+            raise ConfigError(
+                f"estimator.param_groups[{position}]: {unknown} are not per-group settings of "
+                f"{type(optimizer).__name__}; choose from {sorted(optimizer.defaults)}"
+            )
