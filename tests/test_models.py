@@ -16,6 +16,7 @@ import torch
 from huggingface_hub import errors as hub_errors
 from transformers import LlamaConfig, LlamaForCausalLM, RobertaForMaskedLM
 
+from zo import hub as zo_hub
 from zo import models
 
 FAMILY_NAMES = sorted(models.FAMILIES)
@@ -271,7 +272,7 @@ def test_hub_id_loads_the_snapshot_as_a_local_checkpoint(
     # config first (an unsupported type fails before the weights download), then the rest
     assert hub.calls == [
         ("some-org/tiny", ["config.json"]),
-        ("some-org/tiny", list(models.HUB_FILES)),
+        ("some-org/tiny", list(zo_hub.HUB_FILES)),
     ]
     with models.checkpoint_directory("some-org/tiny") as directory:
         assert directory == snapshot
@@ -298,7 +299,7 @@ def test_hub_id_loads_the_snapshot_as_a_local_checkpoint(
 def test_hub_files_are_safetensors_config_and_tokenizer(filename: str, fetched: bool) -> None:
     from huggingface_hub.utils import filter_repo_objects
 
-    kept = list(filter_repo_objects([filename], allow_patterns=list(models.HUB_FILES)))
+    kept = list(filter_repo_objects([filename], allow_patterns=list(zo_hub.HUB_FILES)))
     assert (kept == [filename]) is fetched
 
 
