@@ -14,7 +14,9 @@ task's metric (`tasks.metrics.score`).
 
 - Candidate kinds: all candidates of `batch_size` examples in one padded forward, logits
   only at scored positions (`tasks.scoring`); the prediction is the argmax. Causal and
-  masked LMs alike: the layout follows the model.
+  masked LMs alike: the layout follows the model. With `prefix_cache` ("auto" in
+  `evaluate`), a causal LM runs each example's prompt once and scores its candidates
+  after the prompt's KV cache where that pays (`tasks.prefix_cache` states the rule).
 - generation: greedy decoding of `batch_size` left-padded prompts at a time with the KV
   cache, stopped at a newline or EOS (`tasks.generation`).
 
@@ -48,6 +50,7 @@ from torch import Tensor, nn
 from tasks.base import KINDS, Example, Task, TaskError, check_choice
 from tasks.generation import GreedyConfig, greedy_generate
 from tasks.scoring import (
+    PREFIX_CACHE_MODES,
     CandidateBatch,
     ScoringRow,
     classification_loss,
@@ -163,10 +166,16 @@ class EvalSettings:
     """What every text field of an example becomes in the content-free input."""
     greedy: GreedyConfig = field(default_factory=GreedyConfig)
     """Generation: max_new_tokens and stop strings (its max_length is `max_length`)."""
+    prefix_cache: str = "never"
+    """Candidate kinds: "auto", "always" or "never" run a shared prompt once and score the
+    candidates after its KV cache (`tasks.prefix_cache`). "never" by default, so metric
+    objectives during training (`tasks.objectives`) keep their exact scores; `evaluate`
+    uses "auto"."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise TaskError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_choice("prefix_cache", self.prefix_cache, PREFIX_CACHE_MODES)
 
 
 def content_free_row(task: Task, example: Example, row: ScoringRow, filler: str) -> ScoringRow:
@@ -203,7 +212,13 @@ def calibrated_scores(
         first.setdefault(key, row)
     unique = list(first)
     totals = score_rows(
-        model, tokenizer, rows, settings.batch_size, settings.max_length, normalize=False
+        model,
+        tokenizer,
+        rows,
+        settings.batch_size,
+        settings.max_length,
+        normalize=False,
+        prefix_cache=settings.prefix_cache,
     )
     offsets = score_rows(
         model,
@@ -212,6 +227,7 @@ def calibrated_scores(
         settings.batch_size,
         settings.max_length,
         normalize=False,
+        prefix_cache=settings.prefix_cache,
     )
     offset_of = dict(zip(unique, offsets, strict=True))
     return [total - offset_of[key] for total, key in zip(totals, keys, strict=True)]
@@ -228,7 +244,14 @@ def candidate_scores(
     if settings.calibrate:
         return calibrated_scores(model, tokenizer, task, examples, settings)
     rows = rows_of(task, examples)
-    return score_rows(model, tokenizer, rows, settings.batch_size, settings.max_length)
+    return score_rows(
+        model,
+        tokenizer,
+        rows,
+        settings.batch_size,
+        settings.max_length,
+        prefix_cache=settings.prefix_cache,
+    )
 
 
 def _candidate_predictions(
@@ -336,6 +359,7 @@ def evaluate(
     calibrate: bool = False,
     max_new_tokens: int = GreedyConfig.max_new_tokens,
     content_free: str = "",
+    prefix_cache: str = "auto",
 ) -> dict[str, Any]:
     """`metric`, `score` and the metric's other values; `accuracy` for candidate kinds;
     `loss` for classification without calibration; `num_examples`.
@@ -350,6 +374,7 @@ def evaluate(
         calibrate=calibrate,
         content_free=content_free,
         greedy=GreedyConfig(max_new_tokens=max_new_tokens, max_length=max_length),
+        prefix_cache=prefix_cache,
     )
     with evaluation_mode(model):
         predictions, extras = predictions_with_extras(model, tokenizer, task, examples, settings)

@@ -25,6 +25,7 @@ vocabulary the full logits would be most of a forward's memory and time.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tasks.base import Example, Task, TaskError
+from tasks.base import Example, Task, TaskError, check_choice
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,34 @@ def _tokenized_candidates(tokenizer: Any, rows: Sequence[ScoringRow]) -> list[li
     return result
 
 
+def prompt_room(
+    row: ScoringRow, answers: Sequence[Sequence[int]], bos: Sequence[int], max_length: int
+) -> int:
+    """How many prompt tokens (after BOS) a row keeps, the same for all its candidates.
+
+    One room per row, sized for its longest candidate: every candidate is then scored
+    after the same context (or, with a prompt each, contexts cut alike), so their scores
+    stay comparable.
+    """
+    longest = max(len(answer) for answer in answers)
+    room = max_length - len(bos) - longest
+    # At least one context token must precede a candidate to predict its first token.
+    if room < (0 if bos else 1):
+        raise TaskError(
+            f"example {row.uid!r}: a candidate is {longest} tokens, so "
+            f"max_length={max_length} leaves no room for the prompt"
+        )
+    return room
+
+
+def cut_context(row: ScoringRow, bos: list[int], prompt: list[int], room: int) -> list[int]:
+    """BOS and the last `room` tokens of the prompt: what a candidate is scored after."""
+    context = bos + prompt[max(0, len(prompt) - room) :]
+    if not context:
+        raise TaskError(f"example {row.uid!r}: empty prompt and no BOS token")
+    return context
+
+
 def encode_rows(
     tokenizer: Any, rows: Sequence[ScoringRow], max_length: int = 256
 ) -> CandidateBatch:
@@ -262,26 +291,13 @@ def encode_rows(
     )
     layout = _Layout()
     for b, (row, answers) in enumerate(zip(rows, answers_of, strict=True)):
-        # One room per row, sized for its longest candidate: every candidate is then
-        # scored after the same context (or, with a prompt each, contexts cut alike), so
-        # their scores stay comparable.
-        longest = max(len(answer) for answer in answers)
-        room = max_length - len(bos) - longest
-        # At least one context token must precede a candidate to predict its first token.
-        if room < (0 if bos else 1):
-            raise TaskError(
-                f"example {row.uid!r}: a candidate is {longest} tokens, so "
-                f"max_length={max_length} leaves no room for the prompt"
-            )
+        room = prompt_room(row, answers, bos, max_length)
         sharing: dict[str, list[int]] = {}  # prompt -> the candidates scored after it
         for c, text in enumerate(row.candidate_prompts):
             sharing.setdefault(text, []).append(c)
         scored_at: dict[int, tuple[int, int]] = {}  # candidate -> (sequence, first position)
         for text, members in sharing.items():
-            prompt = prompt_ids[text]
-            context = bos + prompt[max(0, len(prompt) - room) :]
-            if not context:
-                raise TaskError(f"example {row.uid!r}: empty prompt and no BOS token")
+            context = cut_context(row, bos, prompt_ids[text], room)
             first = len(context) - 1  # the position that predicts a candidate's first token
             # A sequence per multi-token candidate holds its first len - 1 tokens (the last
             # is predicted, never read). One-token candidates need only the context, which
@@ -433,21 +449,42 @@ def head_logits(model: nn.Module, head: nn.Module, hidden: Tensor) -> Tensor:
 Encoder = Callable[[Any, Sequence[ScoringRow], int], CandidateBatch]
 
 
+def accepts_prefix_cache(model: nn.Module) -> bool:
+    """Whether the backbone can continue from a KV cache at given positions, so that
+    evaluation may run a shared prompt once (`tasks.prefix_cache`)."""
+    try:
+        backbone, _ = backbone_and_head(model)
+        parameters = inspect.signature(backbone.forward).parameters
+    except (TaskError, TypeError, ValueError):
+        return False
+    return {"past_key_values", "position_ids", "use_cache"} <= parameters.keys()
+
+
+def _never(model: nn.Module) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class Scorer:
-    """How one kind of language model reads rows: which models, and their batch layout."""
+    """How one kind of language model reads rows: which models, their batch layout, and
+    whether evaluation may reuse a shared prompt's KV cache (`tasks.prefix_cache`)."""
 
     name: str
     applies_to: Callable[[nn.Module], bool]
     encode: Encoder
     layout: type[CandidateBatch]
+    prefix_cache: Callable[[nn.Module], bool] = _never
 
 
-# First match wins; the causal layout is the fallback for every other LM.
+# First match wins; the causal layout is the fallback for every other LM. A masked LM
+# reads the whole prompt around <mask> in one bidirectional pass: no prefix to cache.
 SCORERS: list[Scorer] = [
     Scorer("masked_lm", is_masked_lm, encode_masked_rows, MaskedCandidateBatch),
-    Scorer("causal_lm", lambda model: True, encode_rows, CandidateBatch),
+    Scorer("causal_lm", lambda model: True, encode_rows, CandidateBatch, accepts_prefix_cache),
 ]
+
+PREFIX_CACHE_MODES = ("auto", "always", "never")
+"""Evaluation's use of the shared prompt's KV cache; the rule is in `tasks.prefix_cache`."""
 
 
 def scorer_for(model: nn.Module) -> Scorer:
@@ -477,22 +514,34 @@ def token_log_probs(model: nn.Module, batch: CandidateBatch) -> Tensor:
     return log_probs[batch.target_slot, batch.target_ids]
 
 
-def pair_log_likelihoods(model: nn.Module, batch: CandidateBatch, normalize: bool = True) -> Tensor:
-    """[P]: each pair's candidate log-likelihood, the mean over its tokens (or the sum)."""
-    token_scores = token_log_probs(model, batch)
+def pair_totals(batch: Any, token_scores: Tensor, normalize: bool = True) -> Tensor:
+    """[P]: the scored tokens summed per pair, divided by the pair's length if `normalize`.
+
+    `batch` is any layout with the pair fields of a CandidateBatch (target_pair,
+    candidate_lengths, ...), as the prefix-cache layout (`tasks.prefix_cache`) has.
+    """
     totals = token_scores.new_zeros(batch.num_pairs).index_add(0, batch.target_pair, token_scores)
     return totals / batch.candidate_lengths.to(totals.dtype) if normalize else totals
+
+
+def candidate_table(batch: Any, pair_scores: Tensor) -> Tensor:
+    """[B, C_max]: the pair scores arranged per row and candidate; -inf where none."""
+    max_candidates = int(batch.num_candidates.max())
+    table = pair_scores.new_full((batch.num_examples, max_candidates), float("-inf"))
+    # Out of place, so autograd sees it (first-order baselines differentiate this).
+    return table.index_put((batch.example_index, batch.candidate_index), pair_scores)
+
+
+def pair_log_likelihoods(model: nn.Module, batch: CandidateBatch, normalize: bool = True) -> Tensor:
+    """[P]: each pair's candidate log-likelihood, the mean over its tokens (or the sum)."""
+    return pair_totals(batch, token_log_probs(model, batch), normalize)
 
 
 def candidate_log_likelihoods(
     model: nn.Module, batch: CandidateBatch, normalize: bool = True
 ) -> Tensor:
     """[B, C_max]: the log-likelihood of each candidate (length-normalised); -inf where none."""
-    scores = pair_log_likelihoods(model, batch, normalize)
-    max_candidates = int(batch.num_candidates.max())
-    table = scores.new_full((batch.num_examples, max_candidates), float("-inf"))
-    # Out of place, so autograd sees it (first-order baselines differentiate this).
-    return table.index_put((batch.example_index, batch.candidate_index), scores)
+    return candidate_table(batch, pair_log_likelihoods(model, batch, normalize))
 
 
 def classification_loss(model: nn.Module, batch: CandidateBatch) -> Tensor:
@@ -547,24 +596,55 @@ def score_rows(
     batch_size: int = 32,
     max_length: int = 256,
     normalize: bool = True,
+    prefix_cache: str = "never",
 ) -> list[Tensor]:
     """Per row, the [C] candidate log-likelihoods (on CPU), in `batch_size`-row forwards.
 
     Rows are batched in order of prompt length, so a batch pads to similar lengths; the
     result is in the order of `rows`. Call it under `evaluation_mode` or `no_grad`.
+    `prefix_cache` ("auto", "always", "never"): whether a batch may run each shared
+    prompt once and score the candidates after its KV cache (`tasks.prefix_cache`, which
+    states the rule); the scores agree up to rounding.
     """
     if batch_size < 1:
         raise TaskError(f"batch_size must be >= 1, got {batch_size}")
+    check_choice("prefix_cache", prefix_cache, PREFIX_CACHE_MODES)
     scorer, device = scorer_for(model), model_device(model)
+    cached = prefix_cache != "never" and scorer.prefix_cache(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))
     scores: list[Tensor | None] = [None] * len(rows)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        batch = scorer.encode(tokenizer, [rows[i] for i in chunk], max_length).to(device)
-        table = candidate_log_likelihoods(model, batch, normalize).cpu()
+        part = [rows[i] for i in chunk]
+        table = None
+        if cached and all(row.prompts is None for row in part):
+            table = _prefix_table(model, tokenizer, part, max_length, normalize, prefix_cache)
+        if table is None:
+            batch = scorer.encode(tokenizer, part, max_length).to(device)
+            table = candidate_log_likelihoods(model, batch, normalize)
+        table = table.cpu()
         for b, i in enumerate(chunk):
             scores[i] = table[b, : len(rows[i].candidates)]
     return scores  # type: ignore[return-value]  (every slot is filled)
+
+
+def _prefix_table(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[ScoringRow],
+    max_length: int,
+    normalize: bool,
+    mode: str,
+) -> Tensor | None:
+    """The rows' candidate table through the prompt's KV cache, or None where "auto"
+    finds that it does not pay."""
+    # Imported here: tasks.prefix_cache builds on this module.
+    from tasks.prefix_cache import encode_prefix_rows, prefix_candidate_log_likelihoods, prefix_pays
+
+    batch = encode_prefix_rows(tokenizer, rows, max_length)
+    if mode == "auto" and not prefix_pays(batch):
+        return None
+    return prefix_candidate_log_likelihoods(model, batch.to(model_device(model)), normalize)
 
 
 def predict(
@@ -574,8 +654,10 @@ def predict(
     examples: Sequence[Example],
     batch_size: int = 32,
     max_length: int = 256,
+    prefix_cache: str = "auto",
 ) -> list[int]:
     """The index of the best-scoring candidate per example."""
     with evaluation_mode(model):
-        scores = score_rows(model, tokenizer, rows_of(task, examples), batch_size, max_length)
+        rows = rows_of(task, examples)
+        scores = score_rows(model, tokenizer, rows, batch_size, max_length, True, prefix_cache)
     return [int(s.argmax()) for s in scores]

@@ -66,3 +66,42 @@ def test_bench_examples_pool_the_splits_a_task_has_and_cycle():
     task.load = lambda split: list(few)  # a task with two examples, like a fixture split
     examples, distinct = bench_eval.bench_examples(task, ["dev"], 5)
     assert distinct == 2 and examples == [few[0], few[1], few[0], few[1], few[0]]
+
+
+def test_repeated_rounds_take_the_median_time_and_the_first_results():
+    clock = iter([0.0, 5.0, 0.0, 1.0, 0.0, 2.0])  # one way, three rounds: 5 s, 1 s, 2 s
+    calls = []
+
+    def way(part):
+        calls.append(part)
+        return [len(calls)]
+
+    original = bench_eval.time.perf_counter
+    bench_eval.time.perf_counter = lambda: next(clock)
+    try:
+        results = bench_eval.repeated([[0]], {"only": way}, torch.device("cpu"), rounds=3)
+    finally:
+        bench_eval.time.perf_counter = original
+    assert results == {"only": (2.0, [1])} and len(calls) == 3
+
+
+def test_batched_scoring_with_and_without_the_prefix_cache_agree():
+    """The bench's cached, uncached and anchor ways compute the same scores."""
+    model, tokenizer = lively("opt")
+    task = TemplateTask(kind="multiple_choice")
+    options = argparse.Namespace(batch_size=2, max_length=256, prefix_cache="always", rounds=1)
+    with torch.inference_mode():
+        result = bench_eval.bench_scoring(model, tokenizer, task, CHOICES, options)
+    assert result["same_predictions"] == result["same_predictions_as_uncached"] == "3/3"
+    assert result["max_abs_score_difference"] < 1e-5
+    assert result["max_abs_difference_to_uncached"] < 1e-5
+    assert "uncached_examples_per_s" in result and "cache_gain" in result
+    table = bench_eval.scoring_table([{**result, "distinct_examples": 3}])
+    assert all(line.count("|") == 11 for line in table.splitlines())
+
+
+def test_repeated_prompts_variant_reads_each_prompt_over():
+    task = bench_eval.build_task("record-4x")
+    example = task.load("dev")[0]
+    assert task.prompt(example) == task.task.prompt(example) * 4
+    assert task.candidates(example) == task.task.candidates(example) and task.name == "record"

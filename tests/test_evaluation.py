@@ -167,7 +167,8 @@ def test_calibration_subtracts_content_free_log_probs(causal):
     )
 
 
-def test_calibration_scores_a_shared_content_free_row_once(causal):
+@pytest.mark.parametrize("prefix_cache", ["never", "always"])
+def test_calibration_scores_a_shared_content_free_row_once(causal, prefix_cache):
     model, tokenizer = causal
     rows = []
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
@@ -175,12 +176,22 @@ def test_calibration_scores_a_shared_content_free_row_once(causal):
         lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
     )
     try:
-        evaluate(model, tokenizer, TemplateTask(), REVIEWS, batch_size=32, calibrate=True)
+        evaluate(
+            model,
+            tokenizer,
+            TemplateTask(),
+            REVIEWS,
+            batch_size=32,
+            calibrate=True,
+            prefix_cache=prefix_cache,
+        )
     finally:
         handle.remove()
     # " bad" and " good" are several byte tokens, so a row is two sequences: two per
     # review, and two for the one content-free row " It was" that all reviews share.
-    assert sum(rows) == 2 * len(REVIEWS) + 2
+    # Through the prefix cache a row is its prompt, then its two continuations.
+    per_row = 2 if prefix_cache == "never" else 3
+    assert sum(rows) == per_row * (len(REVIEWS) + 1)
 
 
 def test_a_task_may_choose_its_content_free_prompt(causal):

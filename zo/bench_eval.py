@@ -6,13 +6,20 @@ scoring:    examples/s of `tasks.evaluation.candidate_scores` (every candidate o
             full [length, vocab] logits, as the reference MeZO code does. Tasks: the
             bundled sentiment task (two one-token candidates), a five-candidate variant
             of it with multi-token candidates, and suite tasks (COPA, ReCoRD by default)
-            on their fixture rows, cycled up to `--examples` (they hold a handful).
+            on their fixture rows, cycled up to `--examples` (they hold a handful);
+            `record-4x` reads each ReCoRD fixture passage four times over, nearer the
+            length of real passages.
+            The batched way uses `--prefix-cache` (default "auto": each shared prompt
+            runs once, its KV cache serves the candidates, where `tasks.prefix_cache`
+            finds that it pays); unless that is "never", the batched way without the
+            cache runs too, and "cache gain" is its time over the batched way's.
 generation: tokens/s of `tasks.generation.greedy_generate` (left-padded batches, KV cache,
             one logit row per step) over decoding one prompt at a time without a cache,
             full logits at every step.
 
 Both ways run on the same model, examples and settings, after one warm-up each, and
-alternate batch by batch, so that load from other processes falls on both alike. The
+alternate batch by batch, so that load from other processes falls on both alike; with
+`--rounds R` the scoring ways repeat R times and report their median times. The
 agreement columns say whether they computed the same thing (argmax predictions, max
 |score difference|; identical greedy token sequences). The model is the bundled
 SmolLM2-135M-Instruct (`zo.models.bundled_model_dir`).
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +42,7 @@ import torch
 import tasks
 from tasks.evaluation import EvalSettings, candidate_scores
 from tasks.generation import GreedyConfig, eos_ids, greedy_generate
-from tasks.scoring import bos_prefix, rows_of
+from tasks.scoring import PREFIX_CACHE_MODES, bos_prefix, rows_of
 
 # A multi-candidate variant of the bundled task: five candidates of one to four tokens, so
 # the batched layout needs a sequence per multi-token candidate (the labels stay 0 and 1).
@@ -45,9 +53,27 @@ FIVE_WAY_VERBALIZER = {
     3: " not what I expected",
     4: " absolutely wonderful",
 }
-BENCH_TASKS: dict[str, Callable[[], tasks.Task]] = {
+
+
+class RepeatedPrompts:
+    """A task whose prompts are read `times` over, all else delegated: ReCoRD's fixture
+    passages (~30 tokens) are several times shorter than real ones (hundreds, cut at
+    max_length), and the prefix cache's gain grows with the prompt."""
+
+    def __init__(self, task: tasks.Task, times: int) -> None:
+        self.task, self.times = task, times
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.task, name)
+
+    def prompt(self, example: Any) -> str:
+        return self.task.prompt(example) * self.times
+
+
+BENCH_TASKS: dict[str, Callable[[], Any]] = {
     "sentiment": lambda: tasks.get_task("sentiment"),
     "sentiment-5way": lambda: tasks.get_task("sentiment", verbalizer=FIVE_WAY_VERBALIZER),
+    "record-4x": lambda: RepeatedPrompts(tasks.get_task("record", fixtures=True), 4),
 }
 GENERATION_TEMPLATE = "Review: {text}\nA reply from the shop owner:"
 
@@ -132,36 +158,64 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
+def interleaved_ways(
+    parts: list, ways: dict[str, Callable[[Any], list]], device
+) -> dict[str, tuple[float, list]]:
+    """Every way over the same parts, taking turns part by part, so that load from other
+    processes on a shared machine falls on all alike; per way, summed time and results."""
+    results: dict[str, tuple[float, list]] = {name: (0.0, []) for name in ways}
+    for part in parts:
+        for name, way in ways.items():
+            seconds, out = timed(lambda part=part, way=way: way(part), device)
+            total, outputs = results[name]
+            results[name] = (total + seconds, outputs + out)
+    return results
+
+
 def interleaved(
     parts: list, batched: Callable[[Any], list], anchor: Callable[[Any], list], device
 ) -> tuple[float, list, float, list]:
-    """Both ways over the same parts, alternating part by part, so that load from other
-    processes on a shared machine falls on both alike; their summed times and results."""
-    batched_s = anchor_s = 0.0
-    batched_out: list = []
-    anchor_out: list = []
-    for part in parts:
-        seconds, out = timed(lambda part=part: batched(part), device)
-        batched_s, batched_out = batched_s + seconds, batched_out + out
-        seconds, out = timed(lambda part=part: anchor(part), device)
-        anchor_s, anchor_out = anchor_s + seconds, anchor_out + out
-    return batched_s, batched_out, anchor_s, anchor_out
+    """`interleaved_ways` of two ways: batched then anchor, their times and results."""
+    results = interleaved_ways(parts, {"batched": batched, "anchor": anchor}, device)
+    return (*results["batched"], *results["anchor"])
+
+
+def repeated(
+    parts: list, ways: dict[str, Callable[[Any], list]], device, rounds: int
+) -> dict[str, tuple[float, list]]:
+    """`interleaved_ways` `rounds` times: per way, the median of its round times (a burst of
+    load on a shared machine moves a median less than a sum) and the first round's results."""
+    runs = [interleaved_ways(parts, ways, device) for _ in range(rounds)]
+    return {
+        name: (statistics.median(run[name][0] for run in runs), runs[0][name][1]) for name in ways
+    }
+
+
+def agreement(scores: list, reference: list) -> tuple[int, float]:
+    """Equal argmax predictions, and the max |score difference| over all candidates."""
+    same = sum(int(a.argmax()) == int(b.argmax()) for a, b in zip(scores, reference, strict=True))
+    gap = max(float((a - b).abs().max()) for a, b in zip(scores, reference, strict=True))
+    return same, gap
 
 
 def bench_scoring(model: Any, tokenizer: Any, task: tasks.Task, examples: list, args) -> dict:
     """One `--batch-size` batch of examples per batched call, as `evaluate` scores them."""
-    settings = EvalSettings(batch_size=args.batch_size, max_length=args.max_length)
-    candidate_scores(model, tokenizer, task, examples[:2], settings)  # warm-up
-    anchor_scores(model, tokenizer, task, examples[:2])
-    batched_s, batched, anchor_s, anchored = interleaved(
-        chunks(examples, args.batch_size),
-        lambda part: candidate_scores(model, tokenizer, task, part, settings),
-        lambda part: anchor_scores(model, tokenizer, task, part),
-        model.device,
+    settings = EvalSettings(
+        batch_size=args.batch_size, max_length=args.max_length, prefix_cache=args.prefix_cache
     )
-    same = sum(int(a.argmax()) == int(b.argmax()) for a, b in zip(batched, anchored, strict=True))
-    gap = max(float((a - b).abs().max()) for a, b in zip(batched, anchored, strict=True))
-    return {
+    ways = {
+        "batched": lambda part: candidate_scores(model, tokenizer, task, part, settings),
+        "anchor": lambda part: anchor_scores(model, tokenizer, task, part),
+    }
+    if args.prefix_cache != "never":
+        uncached = replace(settings, prefix_cache="never")
+        ways["uncached"] = lambda part: candidate_scores(model, tokenizer, task, part, uncached)
+    for way in ways.values():
+        way(examples[:2])  # warm-up
+    results = repeated(chunks(examples, args.batch_size), ways, model.device, args.rounds)
+    (batched_s, batched), (anchor_s, anchored) = results["batched"], results["anchor"]
+    same, gap = agreement(batched, anchored)
+    result = {
         "task": task.name,
         "examples": len(examples),
         "candidate_pairs": sum(len(s) for s in batched),
@@ -171,6 +225,17 @@ def bench_scoring(model: Any, tokenizer: Any, task: tasks.Task, examples: list, 
         "same_predictions": f"{same}/{len(examples)}",
         "max_abs_score_difference": gap,
     }
+    if "uncached" in results:
+        uncached_s, uncached_scores = results["uncached"]
+        same_uncached, gap_uncached = agreement(batched, uncached_scores)
+        result |= {
+            "uncached_examples_per_s": len(examples) / uncached_s,
+            "uncached_speedup": anchor_s / uncached_s,
+            "cache_gain": uncached_s / batched_s,
+            "same_predictions_as_uncached": f"{same_uncached}/{len(examples)}",
+            "max_abs_difference_to_uncached": gap_uncached,
+        }
+    return result
 
 
 def bench_generation(model: Any, tokenizer: Any, prompts: list[str], args) -> dict:
@@ -221,16 +286,24 @@ def load_bundled(dtype: str, device: str) -> tuple[Any, Any]:
 
 
 def scoring_table(rows: list[dict]) -> str:
+    with_uncached = all("uncached_examples_per_s" in r for r in rows)
+    extra = " no-cache ex/s | no-cache speedup |" if with_uncached else ""
     lines = [
-        "| task | examples (distinct, pairs) | anchors ex/s | batched ex/s | speedup "
-        "| same predictions | max abs score diff |",
-        "|---|---|---|---|---|---|---|",
+        f"| task | examples (distinct, pairs) | anchors ex/s |{extra} batched ex/s | speedup "
+        f"|{' cache gain |' if with_uncached else ''} same predictions | max abs score diff |",
+        "|---|---|---|---|---|---|---|" + ("---|---|---|" if with_uncached else ""),
     ]
     for r in rows:
+        uncached = (
+            f" {r['uncached_examples_per_s']:.2f} | {r['uncached_speedup']:.1f}x |"
+            if with_uncached
+            else ""
+        )
+        gain = f" {r['cache_gain']:.2f}x |" if with_uncached else ""
         lines.append(
             f"| {r['task']} | {r['examples']} ({r['distinct_examples']}, {r['candidate_pairs']}) "
-            f"| {r['anchor_examples_per_s']:.2f} | {r['batched_examples_per_s']:.2f} "
-            f"| {r['speedup']:.1f}x | {r['same_predictions']} "
+            f"| {r['anchor_examples_per_s']:.2f} |{uncached} {r['batched_examples_per_s']:.2f} "
+            f"| {r['speedup']:.1f}x |{gain} {r['same_predictions']} "
             f"| {r['max_abs_score_difference']:.1e} |"
         )
     return "\n".join(lines)
@@ -244,6 +317,13 @@ def generation_table(r: dict) -> str:
         f"| {r['anchor_tokens_per_s']:.1f} | {r['batched_tokens_per_s']:.1f} "
         f"| {r['speedup']:.1f}x | {r['same_sequences']} |"
     )
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -268,9 +348,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=16, help="examples (prompts) per batched call"
     )
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument(
+        "--prefix-cache",
+        choices=list(PREFIX_CACHE_MODES),
+        default="auto",
+        help="scoring: run each shared prompt once and reuse its KV cache (tasks.prefix_cache)",
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=1,
+        help="scoring: repeat the interleaved ways this often, report median times",
+    )
     parser.add_argument("--record", action="store_true", help="append to experiments/RESULTS.md")
 
 
