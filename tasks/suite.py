@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 from tasks.base import OBJECTIVES, SPLITS, Example, Task, TaskError, check_choice
 from tasks.jsonl import Rows
 from tasks.registry import register_task
-from tasks.sampling import ORIGINAL_SPLIT_OF, Sampling
+from tasks.sampling import ORIGINAL_SPLIT_OF, Sampling, permutation
 from tasks.sources import LocalPath, load_split
 
 GLUE = "nyu-mll/glue"
@@ -66,6 +66,10 @@ class SuiteTask(Task):
     """Draws train and dev (disjoint, both from the original training split)."""
     test_seed: int = 0
     """Draws test from the original validation split; fixed, so runs share a test set."""
+    k_shot: int | None = None
+    """Classification, MeZO's k-shot protocol: train and dev each take `k_shot` examples of
+    every label (instead of `num_train` / `num_dev`), the first ones of each label in the
+    `sample_seed` order of the original training split, train before dev."""
     objective: str = "loss"
     """What training minimises: one of OBJECTIVES."""
 
@@ -96,17 +100,46 @@ class SuiteTask(Task):
             )
         except TaskError as error:
             raise TaskError(f"task {self.name!r}: {error}") from None
+        if self.k_shot is not None:
+            if isinstance(self.k_shot, bool) or not isinstance(self.k_shot, int) or self.k_shot < 1:
+                raise TaskError(f"task {self.name!r}: k_shot must be a whole number >= 1")
+            if self.kind != "classification":
+                raise TaskError(
+                    f"task {self.name!r} is {self.kind}: k_shot (examples per label) needs a "
+                    "classification task; use num_train / num_dev"
+                )
 
     # ------------------------------------------------------------------------ loading
 
     def load(self, split: str) -> list[Example]:
         check_choice(f"task {self.name!r}: split", split, SPLITS)
         if split not in self._cache:
-            rows = self.original_rows(ORIGINAL_SPLIT_OF[split])
-            indices = self._sampling.indices(split, len(rows))
-            original = ORIGINAL_SPLIT_OF[split]
-            self._cache[split] = [self._checked(rows, index, original) for index in indices]
+            if self.k_shot is not None and split != "test":
+                self._cache.update(self._k_shot_samples())
+            else:
+                rows = self.original_rows(ORIGINAL_SPLIT_OF[split])
+                indices = self._sampling.indices(split, len(rows))
+                original = ORIGINAL_SPLIT_OF[split]
+                self._cache[split] = [self._checked(rows, index, original) for index in indices]
         return list(self._cache[split])
+
+    def _k_shot_samples(self) -> dict[str, list[Example]]:
+        """`k_shot` examples per label for train, then the next `k_shot` per label for dev,
+        in the seeded order of the original training split (fewer where a label runs out)."""
+        rows = self.original_rows("train")
+        k, labels = self.k_shot or 0, len(self.verbalizer)
+        samples: dict[str, list[Example]] = {"train": [], "dev": []}
+        counts: dict[str, dict[int, int]] = {"train": {}, "dev": {}}
+        for index in permutation(len(rows), self.sample_seed):
+            example = self._checked(rows, index, "train")
+            for split in ("train", "dev"):
+                if counts[split].get(example.label, 0) < k:
+                    counts[split][example.label] = counts[split].get(example.label, 0) + 1
+                    samples[split].append(example)
+                    break
+            if all(len(c) == labels and min(c.values()) == k for c in counts.values()):
+                break
+        return samples
 
     def original_rows(self, split: str) -> Rows:
         """Every row of an original split ("train" or "validation"), read once."""

@@ -27,7 +27,7 @@ import tasks
 from tasks.base import Example, TaskError
 from tasks.evaluation import batch_loss, evaluate, generate_answers, make_batch
 from tasks.metrics import score
-from tasks.sampling import Sampling
+from tasks.sampling import Sampling, permutation
 from tasks.scoring import bos_prefix, encode_rows, rows_of, score_rows
 from tasks.sources import FIXTURES_DIR
 from tasks.suite import SUITE
@@ -379,6 +379,30 @@ def test_a_task_samples_its_splits_by_seed(tmp_path):
     reseeded = tasks.get_task("sst2", sample_seed=8, **options)
     assert [e.uid for e in reseeded.load("train")] != [e.uid for e in loaded["train"]]
     assert [e.uid for e in reseeded.load("test")] == [e.uid for e in loaded["test"]]
+
+
+def test_k_shot_takes_the_first_k_of_each_label_in_seeded_order(tmp_path):
+    rows = [{"sentence": f"review {i} ", "label": int(i % 4 == 0), "idx": i} for i in range(40)]
+    write_jsonl(tmp_path / "train.jsonl", rows)  # 30 of label 0, 10 of label 1
+    write_jsonl(tmp_path / "validation.jsonl", sst2_rows(10, offset=100))
+    task = tasks.get_task("sst2", path=tmp_path, k_shot=6, sample_seed=3, num_test=4)
+    train, dev, test = (task.load(split) for split in ("train", "dev", "test"))
+    # the reference: walk the seeded order, fill train per label, then dev
+    wanted: dict[str, list[str]] = {"train": [], "dev": []}
+    for index in permutation(40, 3):
+        label = rows[index]["label"]
+        for split in ("train", "dev"):
+            if sum(rows[int(u.split("-")[1])]["label"] == label for u in wanted[split]) < 6:
+                wanted[split].append(f"train-{index}")
+                break
+    assert [e.uid for e in train] == wanted["train"] and [e.uid for e in dev] == wanted["dev"]
+    assert sorted(e.label for e in train) == [0] * 6 + [1] * 6
+    assert sorted(e.label for e in dev) == [0] * 6 + [1] * 4  # label 1 ran out (10 rows)
+    assert len(test) == 4 and all(e.uid.startswith("validation-") for e in test)
+    with pytest.raises(TaskError, match="k_shot .* needs a classification task"):
+        tasks.get_task("copa", k_shot=4)
+    with pytest.raises(TaskError, match="k_shot must be a whole number >= 1"):
+        tasks.get_task("sst2", k_shot=0)
 
 
 @pytest.mark.parametrize(
