@@ -2,10 +2,11 @@
 
     .venv/bin/python experiments/plan_check.py [--device cpu|cuda] [--sizes tiny,small]
         [--families llama,opt] [--estimators zo_sgd,adamw,lomo] [--json]
-        [--quant nf4 --trainable mask:0.01 [--compute-dtype fp32]]
+        [--trainable lora:8 | mask:0.01] [--quant nf4 [--compute-dtype fp32]]
 
 Per config a worker process builds a random model of the family (``zo.models`` tiny
-configs at the size asked), runs two training steps on random tokens with the project's
+configs at the size asked), runs two training steps (block_zo: one per unit, a whole cycle)
+on random tokens with the project's
 loss (logits only at the scored positions) and reports
 
 * ``static``: bytes of the model's parameters and buffers (what is resident before a step);
@@ -105,10 +106,15 @@ def build_model(case: Case):
 
 
 def trainable_set(model, case: Case) -> list:
-    """``(name, parameter)`` pairs the estimator trains: every weight, or a random mask's
-    sparse-delta values (a sensitive mask of the same density costs the same memory)."""
+    """``(name, parameter)`` pairs the estimator trains: every weight, LoRA adapters on
+    PEFT's default q/v targets, or a random mask's sparse-delta values (a sensitive mask of
+    the same density costs the same memory)."""
     if case.trainable == "full":
         return list(model.named_parameters())
+    if case.trainable.startswith("lora:"):
+        from zo.quant import add_lora
+
+        return add_lora(model, r=int(case.trainable.removeprefix("lora:")))
     from zo.masks import compute_mask
     from zo.sparse_delta import apply_sparse_deltas
 
@@ -203,7 +209,8 @@ def worker(case: Case) -> dict:
     static = resident_bytes(model)
 
     def steps() -> None:
-        for _ in range(2):
+        # two steps; block_zo a whole cycle, so its largest unit (the plan's worst case) runs
+        for _ in range(max(2, len(getattr(optimizer, "units", ())))):
             optimizer.step(lambda: scored_loss(model, backbone, head, ids, mask))
 
     gc.collect()
@@ -291,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention", default="eager", choices=["eager", "sdpa"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--quant", default="none", choices=["none", "nf4"])
-    parser.add_argument("--trainable", default="full", help="full | mask:DENSITY")
+    parser.add_argument("--trainable", default="full", help="full | lora:R | mask:DENSITY")
     parser.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

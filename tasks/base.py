@@ -56,6 +56,21 @@ class Example:
     answers: tuple[str, ...] = ()
 
 
+MASK = "<mask>"
+"""Where a masked-LM template puts the mask; scoring reads the verbalizer word there (and
+writes the tokenizer's own mask token in its place, should that be spelled otherwise)."""
+
+
+@dataclass(frozen=True)
+class MaskedPrompt:
+    """An example as a masked LM reads it: a prompt with one MASK inside it, and the
+    words read at that mask, one per candidate in the candidates' order (each a single
+    token of the model's vocabulary, with the leading space RoBERTa's BPE gives a word)."""
+
+    prompt: str
+    candidates: tuple[str, ...]
+
+
 class Task(ABC):
     """The interface the training loop, scoring and evaluation rely on.
 
@@ -83,6 +98,12 @@ class Task(ABC):
         """The continuations to score (classification and multiple choice), each exactly
         as appended after the prompt; `example.label` indexes the gold one."""
         raise TaskError(f"task {self.name!r} is a {self.kind} task; it has no candidates")
+
+    def masked_form(self, example: Example) -> MaskedPrompt | None:
+        """The example's own masked-LM prompt (LM-BFF's templates put the mask inside the
+        sentence: "<text> It was<mask>."), which a masked LM reads instead of `prompt` and
+        `candidates`; None: a masked LM reads `prompt` with a mask appended."""
+        return None
 
     # Optional: `candidate_prompts(example) -> list[str]`, one prompt per candidate, for
     # tasks whose candidates differ in what precedes a shared continuation (WinoGrande's

@@ -181,10 +181,11 @@ class EvalSettings:
 def content_free_row(task: Task, example: Example, row: ScoringRow, filler: str) -> ScoringRow:
     """`row` with the prompt of the content-free input (same candidates and label)."""
     own = getattr(task, "content_free_prompt", None)
-    if own is not None:
-        return replace(row, prompt=own(example))
+    if own is not None:  # a prompt of the task's own: no masked-LM form matches it
+        return replace(row, prompt=own(example), masked=None, masked_of=None)
     blank = {k: filler if isinstance(v, str) else v for k, v in example.fields.items()}
-    return replace(row, prompt=task.prompt(replace(example, fields=blank)))
+    # built like any row, so a masked LM reads the content-free input in its masked form
+    return rows_of(task, [replace(example, fields=blank)])[0]
 
 
 def calibrated_scores(

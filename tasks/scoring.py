@@ -16,7 +16,10 @@ model (`scorer_for`), never by family name:
   prompt's own `<mask>`) wrapped in the tokenizer's special tokens; every candidate
   must be one token, scored at the mask position. One sequence per row, so rows with a
   prompt per candidate are refused: partial scoring reads a multi-token continuation
-  after each prompt, which a masked LM does not predict left to right.
+  after each prompt, which a masked LM does not predict left to right. A row made from
+  a task with a masked-LM form (`Task.masked_form`: LM-BFF's templates, the mask inside
+  the sentence) carries it, and the masked layout reads that form instead; the causal
+  layout never looks at it.
 
 Either way only the hidden states at scored positions reach the LM head, so the logits
 are [scored positions, vocab] instead of [sequences, length, vocab]: with a 50k-150k
@@ -35,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tasks.base import Example, Task, TaskError, check_choice
+from tasks.base import MASK, Example, MaskedPrompt, Task, TaskError, check_choice
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,11 @@ class ScoringRow:
     label: int
     uid: str
     prompts: Sequence[str] | None = None
+    masked: MaskedPrompt | None = None
+    """The row's masked-LM form (`Task.masked_form`), read by masked LMs instead."""
+    masked_of: str | None = None
+    """The prompt `masked` was made with (set from `prompt` when not given): a row whose
+    prompt was replaced later (`dataclasses.replace`) no longer matches its masked form."""
 
     def __post_init__(self) -> None:
         if self.prompts is not None and len(self.prompts) != len(self.candidates):
@@ -59,6 +67,22 @@ class ScoringRow:
                 f"example {self.uid!r}: {len(self.prompts)} candidate prompts for "
                 f"{len(self.candidates)} candidates; give one prompt per candidate"
             )
+        if self.masked is not None and self.masked_of is None:
+            object.__setattr__(self, "masked_of", self.prompt)  # frozen: set once, here
+
+    def for_masked_lm(self, mask_token: str = MASK) -> ScoringRow:
+        """The row a masked LM reads: its masked form (MASK spelled `mask_token`) with the
+        same label, or the row itself when it has none."""
+        if self.masked is None:
+            return self
+        if self.masked_of != self.prompt or len(self.masked.candidates) != len(self.candidates):
+            raise TaskError(
+                f"example {self.uid!r}: the row was changed after its masked-LM form was made "
+                "(a new prompt or candidate set), so the form no longer describes it; build "
+                "the changed row from the task (tasks.scoring.rows_of) or drop `masked`"
+            )
+        prompt = self.masked.prompt.replace(MASK, mask_token)
+        return ScoringRow(prompt, list(self.masked.candidates), self.label, self.uid)
 
     @property
     def candidate_prompts(self) -> list[str]:
@@ -121,9 +145,11 @@ def rows_of(task: Task, examples: Sequence[Example]) -> list[ScoringRow]:
     """Every candidate of every example, checked: non-empty, label in range.
 
     A task with a `candidate_prompts(example)` method scores each candidate after its own
-    prompt (`ScoringRow.prompts`); `prompt(example)` still names the row.
+    prompt (`ScoringRow.prompts`); `prompt(example)` still names the row. A task's
+    masked-LM form (`Task.masked_form`) rides along in `ScoringRow.masked`.
     """
     prompts_of = getattr(task, "candidate_prompts", None)
+    masked_of = getattr(task, "masked_form", None)
     rows = []
     for example in examples:
         candidates = task.candidates(example)
@@ -134,8 +160,21 @@ def rows_of(task: Task, examples: Sequence[Example]) -> list[ScoringRow]:
                 f"example {example.uid!r}: label {example.label} but {len(candidates)} candidates"
             )
         prompts = None if prompts_of is None else list(prompts_of(example))
+        masked = None if masked_of is None else masked_of(example)
+        if masked is not None and len(masked.candidates) != len(candidates):
+            raise TaskError(
+                f"task {task.name!r}: example {example.uid!r} has {len(candidates)} "
+                f"candidates but its masked-LM form reads {len(masked.candidates)} words"
+            )
         rows.append(
-            ScoringRow(task.prompt(example), list(candidates), example.label, example.uid, prompts)
+            ScoringRow(
+                task.prompt(example),
+                list(candidates),
+                example.label,
+                example.uid,
+                prompts,
+                masked,
+            )
         )
     return rows
 
@@ -323,10 +362,11 @@ def encode_masked_rows(
 ) -> MaskedCandidateBatch:
     """The masked-LM layout of `rows`: `<s> prompt <mask> </s>`, candidates read at the mask.
 
-    A prompt that holds the tokenizer's mask token (a template's mask slot, as in
-    "{text} It was<mask>.") is scored there; otherwise the mask is appended to it, and
-    candidates carry their own leading space as for causal LMs. Prompts too long lose
-    tokens from the left; the mask and what follows it are never cut.
+    A row with a masked-LM form (`ScoringRow.masked`) is read in that form. A prompt that
+    holds the tokenizer's mask token (a template's mask slot, as in "{text} It
+    was<mask>.") is scored there; otherwise the mask is appended to it, and candidates
+    carry their own leading space as for causal LMs. Prompts too long lose tokens from
+    the left; the mask and what follows it are never cut.
     """
     if not rows:
         raise TaskError("encoding needs at least one example")
@@ -336,6 +376,7 @@ def encode_masked_rows(
             "masked-LM scoring needs a tokenizer with a mask token; this one has none "
             "(pair tiny RoBERTa models with zo.models.masked_byte_tokenizer())"
         )
+    rows = [row.for_masked_lm(tokenizer.mask_token) for row in rows]
     prefix, suffix = _special_wrapping(tokenizer)
     room = max_length - len(prefix) - len(suffix)
     prompts = tokenizer([row.prompt for row in rows], add_special_tokens=False)["input_ids"]

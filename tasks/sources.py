@@ -12,7 +12,10 @@
 4. Otherwise a TaskError that says where to put which files with which fields.
 
 Rows keep the dataset's own schema (the Hugging Face field names), whatever the source,
-so a task reads one schema.
+so a task reads one schema. A dataset may call an original split by a name of its own
+(`own_name`: MNLI's "validation_matched", TREC's "test" as the split test is drawn from);
+the hub is asked for that name, and local files and saved splits of that name are tried
+before the generic ones, so a local copy of the whole dataset reads as the hub would.
 """
 
 from __future__ import annotations
@@ -49,42 +52,52 @@ def load_split(
     hf_config: str | None = None,
     hub: bool = True,
     schema: Sequence[str] = (),
+    own_name: str | None = None,
 ) -> Rows:
     """The rows of an original split ("train" or "validation") of a task's dataset.
 
+    `own_name` is the dataset's name for that split where it has another (module doc).
     `schema` (the fields the task reads) only words the error when no source has data.
     """
     if split not in ORIGINAL_SPLITS:
         raise TaskError(f"task {task_name!r}: split {split!r} is not one of {ORIGINAL_SPLITS}")
     if path is not None and fixtures:
         raise TaskError(f"task {task_name!r}: give `path` or `fixtures: true`, not both")
+    names = split_names(split, own_name)
     if fixtures:
         path = FIXTURES_DIR / task_name
     if path is not None:
-        return _local(task_name, split, path, schema)
+        return _local(task_name, split, path, schema, names)
     problem = "no `path` given"
     if hub and hf_id is not None:
         problem = _hub_problem()
         if problem is None:
-            rows, problem = _from_hub(hf_id, hf_config, split)
+            rows, problem = _from_hub(hf_id, hf_config, names[0])
             if rows is not None:
                 return rows
     raise TaskError(_nothing_found(task_name, split, problem, hf_id, hf_config, schema))
 
 
+def split_names(split: str, own_name: str | None = None) -> tuple[str, ...]:
+    """The names an original split may go by, the dataset's own first."""
+    return tuple(dict.fromkeys(((own_name,) if own_name else ()) + SPLIT_NAMES[split]))
+
+
 # ------------------------------------------------------------------------------ local
 
 
-def _local(task_name: str, split: str, path: LocalPath, schema: Sequence[str]) -> Rows:
+def _local(
+    task_name: str, split: str, path: LocalPath, schema: Sequence[str], names: Sequence[str]
+) -> Rows:
     context = f"task {task_name!r} split {split!r}"
     if isinstance(path, Mapping):
-        names = [name for name in SPLIT_NAMES[split] if name in path]
-        if not names:
+        found = [name for name in names if name in path]
+        if not found:
             raise TaskError(
                 f"{context}: `path` maps {sorted(path)}; add {split!r}: FILE "
                 f"(.jsonl or .csv with fields {', '.join(schema)})"
             )
-        return _read(context, Path(path[names[0]]), schema)
+        return _read(context, Path(path[found[0]]), schema)
     directory = Path(path)
     if not directory.is_dir():
         raise TaskError(
@@ -92,12 +105,12 @@ def _local(task_name: str, split: str, path: LocalPath, schema: Sequence[str]) -
             f"{split}.jsonl (or .csv) inside, or one written by DatasetDict.save_to_disk"
         )
     if (directory / "dataset_dict.json").is_file():
-        return _saved_to_disk(context, directory, split)
-    for name in SPLIT_NAMES[split]:
+        return _saved_to_disk(context, directory, names)
+    for name in names:
         for suffix in ROW_FORMATS:
             if (directory / f"{name}{suffix}").is_file():
                 return _read(context, directory / f"{name}{suffix}", schema)
-    tried = ", ".join(f"{name}{suffix}" for name in SPLIT_NAMES[split] for suffix in ROW_FORMATS)
+    tried = ", ".join(f"{name}{suffix}" for name in names for suffix in ROW_FORMATS)
     raise TaskError(
         f"{context}: {directory} holds none of {tried}; put the {split!r} rows there as "
         f"JSONL or CSV with fields {', '.join(schema)}"
@@ -116,17 +129,20 @@ def _read(context: str, file: Path, schema: Sequence[str]) -> Rows:
         raise TaskError(f"{context}: {error}") from None
 
 
-def _saved_to_disk(context: str, directory: Path, split: str) -> Rows:
+def _saved_to_disk(context: str, directory: Path, names: Sequence[str]) -> Rows:
     import datasets  # here: `import tasks` must stay fast
 
     saved = datasets.load_from_disk(str(directory))
-    names = [name for name in SPLIT_NAMES[split] if name in saved]
-    if not names:
-        raise TaskError(f"{context}: the DatasetDict in {directory} has splits {list(saved)}")
-    rows = saved[names[0]].to_list()
+    found = [name for name in names if name in saved]
+    if not found:
+        raise TaskError(
+            f"{context}: the DatasetDict in {directory} has splits {list(saved)}, none of "
+            f"{list(names)}"
+        )
+    rows = saved[found[0]].to_list()
     if not rows:
-        raise TaskError(f"{context}: split {names[0]!r} of {directory} is empty")
-    return Rows(rows, lambda index: f"{directory} split {names[0]!r} row {index + 1}")
+        raise TaskError(f"{context}: split {found[0]!r} of {directory} is empty")
+    return Rows(rows, lambda index: f"{directory} split {found[0]!r} row {index + 1}")
 
 
 # -------------------------------------------------------------------------------- hub

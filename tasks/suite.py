@@ -18,6 +18,18 @@ Metrics are the published ones: accuracy, except MultiRC (F1a), ReCoRD (F1 over 
 gold entity), SQuAD (SQuAD-style F1, with EM beside it) and DROP (its number-aware F1 over
 the gold spans, with EM and the SQuAD-style F1 beside it).
 
+MeZO's medium-model tasks (RoBERTa-large, k-shot: SST-2, SST-5, SNLI, MNLI, RTE, TREC)
+are read by a masked LM in LM-BFF's manual templates (Gao et al. 2021, table 1): the label
+word is predicted at a mask inside the sentence ("<sentence> It was<mask>." with
+" great" / " terrible"; "<premise>?<mask>, <hypothesis>" with " Yes" / " Maybe" / " No";
+"<mask>: <question>" for TREC). Those tasks carry that form (`masked_template`,
+`masked_verbalizer`) beside their causal-LM prompt; scoring picks the form the model reads
+(`tasks.scoring`), so a causal LM sees exactly the MeZO prompt it always did. As in
+LM-BFF, a premise loses its final punctuation mark before "?" ({premise:unpunctuated})
+and a hypothesis after ", " its capital first letter ({hypothesis:lowered}). SST-5, SNLI
+and TREC draw test from their test split and MNLI from validation_matched (`hf_splits`),
+the test sets LM-BFF and MeZO report on.
+
 Every task takes the same options: where the data is (`path`, `fixtures`, `hub`), how
 much of it to sample (`num_train`, `num_dev`, `num_test`, `sample_seed`, `test_seed`)
 and what training minimises (`objective`).
@@ -26,11 +38,12 @@ and what training minimises (`objective`).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import string
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from tasks.base import OBJECTIVES, SPLITS, Example, Task, TaskError, check_choice
+from tasks.base import OBJECTIVES, SPLITS, Example, MaskedPrompt, Task, TaskError, check_choice
 from tasks.jsonl import Rows
 from tasks.registry import register_task
 from tasks.sampling import ORIGINAL_SPLIT_OF, Sampling, permutation
@@ -83,9 +96,20 @@ class SuiteTask(Task):
     `prompt` need none)."""
     verbalizer: ClassVar[tuple[str, ...]] = ()
     """Classification: the candidate of each label value 0, 1, ... (the dataset's labels)."""
+    hf_splits: ClassVar[Mapping[str, str]] = {}
+    """The dataset's own name of an original split ("train", "validation") where it has
+    another: the split test is drawn from ("validation_matched", "test")."""
+    masked_template: ClassVar[str | None] = None
+    """The masked-LM prompt, `<mask>` inside it (`tasks.base.MASK`); fields as in
+    `template`, plus LM-BFF's variants `{field:unpunctuated}` and `{field:lowered}`."""
+    masked_verbalizer: ClassVar[tuple[str, ...]] = ()
+    """The words read at the mask, per label; empty: the same as `verbalizer`."""
 
     _sampling: Sampling = field(init=False, repr=False, compare=False)
     _rows: dict[str, Rows] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _source_index: dict[str, list[int]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
     _cache: dict[str, list[Example]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -142,9 +166,10 @@ class SuiteTask(Task):
         return samples
 
     def original_rows(self, split: str) -> Rows:
-        """Every row of an original split ("train" or "validation"), read once."""
+        """Every row of an original split ("train" or "validation") that the task keeps
+        (`keeps`), read once."""
         if split not in self._rows:
-            self._rows[split] = load_split(
+            rows = load_split(
                 self.name,
                 split,
                 self.path,
@@ -153,8 +178,19 @@ class SuiteTask(Task):
                 hf_config=self.hf_config,
                 hub=self.hub,
                 schema=self.schema,
+                own_name=self.hf_splits.get(split),
             )
+            kept = [index for index, row in enumerate(rows) if self.keeps(row)]
+            if len(kept) < len(rows):
+                self._source_index[split] = kept
+                rows = Rows([rows[i] for i in kept], lambda i, rows=rows: rows.where(kept[i]))
+            self._rows[split] = rows
         return self._rows[split]
+
+    def keeps(self, row: dict[str, Any]) -> bool:
+        """Whether a row of the source is an example at all (SNLI's unlabelled rows are
+        not); dropped rows are never sampled."""
+        return True
 
     def _checked(self, rows: Rows, index: int, original: str) -> Example:
         row = rows[index]
@@ -167,8 +203,11 @@ class SuiteTask(Task):
                     f"the task reads {list(self.schema)}, the row has {present}"
                 )
         try:
-            # The uid names the row by its place in the original split, whatever the source.
-            return self.example(row, uid=f"{original}-{index}")
+            # The uid names the row by its place in the original split, whatever the source
+            # (counting the rows `keeps` dropped).
+            source = self._source_index.get(original)
+            place = index if source is None else source[index]
+            return self.example(row, uid=f"{original}-{place}")
         except RowError as error:
             raise TaskError(f"task {self.name!r}: {rows.where(index)}: {error}") from None
 
@@ -185,6 +224,12 @@ class SuiteTask(Task):
     def candidates(self, example: Example) -> list[str]:
         return list(self.verbalizer)
 
+    def masked_form(self, example: Example) -> MaskedPrompt | None:
+        if self.masked_template is None:
+            return None
+        words = self.masked_verbalizer or self.verbalizer
+        return MaskedPrompt(self.masked_template.format_map(_Sentences(example.fields)), words)
+
 
 class _Stripped(dict):
     """Row fields as the prompt shows them: text without surrounding whitespace (SST-2's
@@ -192,6 +237,44 @@ class _Stripped(dict):
 
     def __init__(self, fields: Mapping[str, Any]) -> None:
         super().__init__({k: v.strip() if isinstance(v, str) else v for k, v in fields.items()})
+
+
+def unpunctuated(text: str) -> str:
+    """The text without its final punctuation mark (LM-BFF's `sent-`, before "?")."""
+    return text[:-1] if text[-1:] in string.punctuation else text
+
+
+def lowered(text: str) -> str:
+    """The text with its first letter in lower case (LM-BFF's `sentl`, after ", ")."""
+    return text[:1].lower() + text[1:]
+
+
+TEXT_VARIANTS: dict[str, Callable[[str], str]] = {
+    "": str,
+    "unpunctuated": unpunctuated,
+    "lowered": lowered,
+}
+"""What a masked template's format spec does to a field's text: `{premise:unpunctuated}`."""
+
+
+class _Sentence(str):
+    """A field's stripped text whose format spec names a variant of TEXT_VARIANTS."""
+
+    def __format__(self, spec: str) -> str:
+        variant = TEXT_VARIANTS.get(spec)
+        if variant is None:
+            raise TaskError(
+                f"template spec {spec!r} is not one of {[s for s in TEXT_VARIANTS if s]}"
+            )
+        return variant(str(self))
+
+
+class _Sentences(_Stripped):
+    """Row fields as a masked template shows them: stripped texts that take variants."""
+
+    def __init__(self, fields: Mapping[str, Any]) -> None:
+        super().__init__(fields)
+        self.update({k: _Sentence(v) for k, v in self.items() if isinstance(v, str)})
 
 
 # ----------------------------------------------------------------------------- rows
@@ -243,6 +326,18 @@ class SST2(SuiteTask):
     schema = ("sentence", "label")
     template = "{sentence} It was"
     verbalizer = (" terrible", " great")  # 0 negative, 1 positive
+    masked_template = "{sentence} It was<mask>."
+
+
+class SST5(SuiteTask):
+    name = "sst5"
+    hf_id = "SetFit/sst5"
+    hf_splits = {"validation": "test"}
+    schema = ("text", "label")
+    template = "{text} It was"
+    # 0 very negative, 1 negative, 2 neutral, 3 positive, 4 very positive
+    verbalizer = (" terrible", " bad", " okay", " good", " great")
+    masked_template = "{text} It was<mask>."
 
 
 class RTE(SuiteTask):
@@ -251,6 +346,52 @@ class RTE(SuiteTask):
     schema = ("premise", "hypothesis", "label")
     template = '{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n'
     verbalizer = ("Yes", "No")  # 0 entailment, 1 not_entailment
+    masked_template = "{premise:unpunctuated}?<mask>, {hypothesis:lowered}"
+    masked_verbalizer = (" Yes", " No")
+
+
+class _NLI(SuiteTask):
+    """Three-way entailment over premise and hypothesis; rows without a gold label
+    (label -1: SNLI's pairs whose annotators did not agree) are dropped."""
+
+    schema = ("premise", "hypothesis", "label")
+    template = (
+        '{premise}\nQuestion: Does this mean that "{hypothesis}" is true? Yes, Maybe, or '
+        "No?\nAnswer:"
+    )
+    verbalizer = (" Yes", " Maybe", " No")  # 0 entailment, 1 neutral, 2 contradiction
+    masked_template = "{premise:unpunctuated}?<mask>, {hypothesis:lowered}"
+
+    def keeps(self, row: dict[str, Any]) -> bool:
+        return str(row.get("label")).strip() != "-1"
+
+
+class SNLI(_NLI):
+    name = "snli"
+    hf_id = "stanfordnlp/snli"
+    hf_splits = {"validation": "test"}
+
+
+class MNLI(_NLI):
+    name = "mnli"
+    hf_id, hf_config = GLUE, "mnli"
+    hf_splits = {"validation": "validation_matched"}
+
+
+class TREC(SuiteTask):
+    """Coarse question types; the words follow the dataset's label order (ABBR first)."""
+
+    name = "trec"
+    hf_id = "CogComp/trec"
+    hf_splits = {"validation": "test"}
+    schema = ("text", "coarse_label")
+    template = "{text}\nAnswer type:"
+    # 0 ABBR, 1 ENTY, 2 DESC, 3 HUM, 4 LOC, 5 NUM
+    verbalizer = (" Expression", " Entity", " Description", " Human", " Location", " Number")
+    masked_template = "<mask>: {text}"
+
+    def example(self, row: dict[str, Any], uid: str) -> Example:
+        return Example(dict(row), label_of(row, "coarse_label", len(self.verbalizer)), uid)
 
 
 class CB(SuiteTask):
@@ -479,9 +620,14 @@ SUITE: dict[str, type[SuiteTask]] = {
         SQuAD,
         DROP,
         WinoGrande,
+        SST5,
+        SNLI,
+        MNLI,
+        TREC,
     )
 }
-"""The suite by task name, in the order of the MeZO paper (WinoGrande last)."""
+"""The suite by task name, in the order of the MeZO paper (WinoGrande last), then the
+rest of MeZO's RoBERTa-large tasks (SST-2 and RTE are among the first)."""
 
 for _name, _task in SUITE.items():
     register_task(_name, _task)

@@ -167,7 +167,12 @@ def scored_words(config_path: Path) -> list[str]:
     one as a single token, as RoBERTa's vocabulary has " great" and " terrible"."""
     task = train.build_task(load_config(config_path, QUICK))
     examples = [e for split in ("train", "dev", "test") for e in task.load(split)]
-    return sorted({word for example in examples for word in task.candidates(example)})
+    masked_form = getattr(task, "masked_form", lambda example: None)
+    words = set()
+    for example in examples:
+        form = masked_form(example)  # a masked LM reads the words of the masked form
+        words.update(form.candidates if form is not None else task.candidates(example))
+    return sorted(words)
 
 
 def save_tiny_checkpoint(family: str, directory: Path, words: list[str] = ()) -> Path:

@@ -184,3 +184,16 @@ def test_prediction_within_15_percent_of_measured_peak(family, estimator):
     row = check.compare(check.Case(family, "tiny", estimator, "cpu"))
     assert abs(row["total_ratio"] - 1) <= 0.15
     assert abs(row["step_ratio"] - 1) <= 0.15
+
+
+def test_block_zo_is_zo_sgd_plus_the_kept_hidden_states():
+    """block_zo keeps the perturbed block's input for the step's later forwards (and hands
+    back a copy): two [tokens, hidden] tensors on top of ZO-SGD."""
+    request = zp.PlanRequest(model="opt-125m", device="cpu", batch=8, seq_len=128, threads=1)
+    zo_sgd = zp.plan_memory(request)
+    blocks = zp.plan_memory(replace(request, estimator="block_zo"))
+    kept = 2 * 8 * 128 * zp.PRESETS["opt-125m"].hidden * 4
+    assert blocks.component("kept hidden states") == kept
+    assert blocks.peak_allocated == zo_sgd.peak_allocated + kept
+    with pytest.raises(zp.PlanError, match="estimator 'hybrid'"):
+        zp.plan_memory(replace(request, estimator="hybrid"))

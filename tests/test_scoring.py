@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields, replace
 import pytest
 import torch
 
-from tasks.base import Example, Task, TaskError
+from tasks.base import Example, MaskedPrompt, Task, TaskError
 from tasks.evaluation import EvalSettings, batch_loss, candidate_scores, make_batch
 from tasks.scoring import (
     CandidateBatch,
@@ -21,6 +21,7 @@ from tasks.scoring import (
     encode_masked_rows,
     encode_rows,
     is_masked_lm,
+    rows_of,
     scorer_for,
 )
 from zo.models import masked_byte_tokenizer, tiny_model
@@ -263,6 +264,40 @@ def test_masked_lm_scores_are_log_softmax_at_the_mask(roberta, prompt, expected_
         -sum(r.log_softmax(0)[e.label] for r, e in zip(references, examples, strict=True)) / 2
     )
     assert loss.item() == pytest.approx(float(expected), abs=1e-5)
+
+
+@dataclass
+class FormTask(ListTask):
+    """A ListTask with a masked-LM form of its own: the mask inside, other words."""
+
+    form_words: tuple[str, ...] = ("+", "-")
+
+    def masked_form(self, example: Example) -> MaskedPrompt:
+        return MaskedPrompt(f"<mask> is what {example.fields['text']} was.", self.form_words)
+
+
+def test_a_tasks_masked_form_is_read_by_masked_lms_only(roberta, causal):
+    task, examples = FormTask(), CLASSIFICATION[:2]
+    model, tokenizer = roberta
+    batch = make_batch(tokenizer, task, examples, model=model).pairs
+    assert tokenizer.decode(batch.input_ids[0][batch.attention_mask[0] == 1]) == (
+        f"<s><mask> is what {examples[0].fields['text']} was.</s>"
+    )
+    words = [tokenizer.convert_tokens_to_ids(w) for w in task.form_words]
+    with torch.no_grad():
+        scores = candidate_log_likelihoods(model, batch)
+    for b, example in enumerate(examples):
+        ids = tokenizer(task.masked_form(example).prompt)["input_ids"]
+        reference = full_logits(model, ids)[ids.index(tokenizer.mask_token_id)][words]
+        torch.testing.assert_close(scores[b], reference, atol=1e-5, rtol=0)
+    # a causal LM reads the prompt and candidates, exactly as without the form
+    model, tokenizer = causal
+    with_form = make_batch(tokenizer, task, examples, model=model).pairs
+    without = make_batch(tokenizer, ListTask(), examples, model=model).pairs
+    assert all(getattr(with_form, f.name).equal(getattr(without, f.name)) for f in fields(without))
+    # a form that reads another number of words than the task has candidates is refused
+    with pytest.raises(TaskError, match="2 candidates but its masked-LM form reads 3 words"):
+        rows_of(FormTask(form_words=("+", "-", "?")), examples)
 
 
 def test_masked_lm_truncates_the_prompt_from_the_left(roberta):

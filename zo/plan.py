@@ -97,6 +97,16 @@ class Architecture:
     stored_i: int = 4
     """Saved per layer, width ``i``: SwiGLU gate, act(gate), up, product (4); OPT: the ReLU
     output only (1); RoBERTa: GELU input and output (2)."""
+    norm_weight_inputs_h: int = 2
+    """Of ``stored_h``, kept only for the norm weights' gradients (RMSNorm's normalised
+    inputs; LayerNorm keeps its statistics either way: 0). Frozen norms (LoRA, masks) drop
+    them."""
+    linear_only_h: int = 2
+    """Of ``stored_h``, kept only as inputs of linear layers LoRA leaves frozen: o_proj's
+    input and the post-attention norm's output (q/v's input stays: LoRA reads it)."""
+    linear_only_i: int = 1
+    """Of ``stored_i``, kept only as a frozen linear's input: SwiGLU's product (down_proj);
+    OPT's ReLU output stays (ReLU keeps it); RoBERTa's GELU output (1)."""
 
 
 LLAMA = Architecture(
@@ -115,6 +125,8 @@ OPT = Architecture(
     stored_i=1,
     held_embeddings=2,
     stored_embeddings=2,
+    norm_weight_inputs_h=0,
+    linear_only_i=0,
 )
 ROBERTA = replace(
     OPT,
@@ -123,6 +135,7 @@ ROBERTA = replace(
     stored_i=2,
     held_embeddings=1,
     stored_embeddings=0,
+    linear_only_i=1,
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -312,6 +325,9 @@ class EstimatorMemory:
     """Forward-mode AD: every activation carries a tangent of its size."""
     foreach_temp: bool = False
     """torch AdamW's multi-tensor path (CUDA) allocates sqrt(v) for the whole set at once."""
+    kept_hidden_states: int = 0
+    """Hidden states ([tokens, hidden]) kept through a step: block_zo's copy of the input of
+    the perturbed block, reused by the step's later forwards, and the copy handed back."""
 
 
 ESTIMATOR_MEMORY: dict[str, EstimatorMemory] = {
@@ -321,6 +337,7 @@ ESTIMATOR_MEMORY: dict[str, EstimatorMemory] = {
     "zo_sgd_momentum": EstimatorMemory(True, state_copies=1, accumulator=True),
     "zo_adam": EstimatorMemory(True, state_copies=2, accumulator=True),
     "forward_grad": EstimatorMemory(True, tangents=True),
+    "block_zo": EstimatorMemory(True, kept_hidden_states=2),
     "sgd": EstimatorMemory(False, gradients="all"),
     "adamw": EstimatorMemory(False, state_copies=2, gradients="all", foreach_temp=True),
     "lomo": EstimatorMemory(False, gradients="one"),
@@ -606,7 +623,12 @@ def _stored_activations(run: _Run) -> int:
     shape, request, s = run.shape, run.request, run.act_bytes
     arch, n = shape.architecture, run.tokens
     scores = request.batch * shape.heads * request.seq_len**2 * (4 + (s if s < 4 else 0))
-    per_layer = (arch.stored_h * n * shape.hidden + arch.stored_i * n * shape.intermediate) * s
+    stored_h, stored_i = arch.stored_h, arch.stored_i
+    if run.trainable.kind != "full":  # norms frozen; LoRA also freezes most linear layers
+        stored_h -= arch.norm_weight_inputs_h
+    if run.trainable.kind == "lora":
+        stored_h, stored_i = stored_h - arch.linear_only_h, stored_i - arch.linear_only_i
+    per_layer = (stored_h * n * shape.hidden + stored_i * n * shape.intermediate) * s
     per_layer += scores if run.eager else 0
     if not arch.layer_norm and s < 4:  # RMSNorm saves its fp32 upcast of the input, twice
         per_layer += 2 * n * shape.hidden * 4
@@ -689,7 +711,11 @@ def plan_memory(request: PlanRequest) -> Plan:
             Component("logits", _logits_bytes(run), f"{scored_rows} rows x vocab"),
             Component("direction chunk", scratch, f"{chunk} fp32 x {copies} x {threads} thread(s)"),
         ]
-        transient = phases[peak_phase] + scratch
+        kept = estimator.kept_hidden_states * run.tokens * shape.hidden * run.act_bytes
+        if kept:
+            note = f"{estimator.kept_hidden_states} x tokens x hidden, reused forwards"
+            components.append(Component("kept hidden states", kept, note))
+        transient = phases[peak_phase] + scratch + kept
         peak_phase = f"forward, {peak_phase}"
     else:
         stored = _stored_activations(run)
@@ -737,7 +763,14 @@ def plan_memory(request: PlanRequest) -> Plan:
     )
 
 
-TRANSIENT = {"activations", "logits", "direction chunk", "gradients", "cuBLAS workspace"}
+TRANSIENT = {
+    "activations",
+    "logits",
+    "direction chunk",
+    "gradients",
+    "cuBLAS workspace",
+    "kept hidden states",
+}
 
 
 def _cpu_count() -> int:
