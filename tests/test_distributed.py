@@ -181,3 +181,14 @@ def test_a_batch_that_does_not_split_over_the_processes_exits_2(tmp_path, monkey
     assert zo("train", "--config", SMOKE, f"train.out={out}", "train.batch_size=3") == 2
     assert "does not split over 2 processes" in capsys.readouterr().err
     assert not out.exists()  # refused before anything was written
+
+
+def test_world_size_without_a_launcher_is_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    out = tmp_path / "run"
+    assert zo("train", "--config", SMOKE, f"train.out={out}") == 2
+    assert "launch with `torchrun" in capsys.readouterr().err
+    assert not out.exists()

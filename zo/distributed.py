@@ -78,6 +78,13 @@ class DataParallel:
         """Join the process group (gloo on CPU, NCCL on CUDA); nothing for one process."""
         if not self.enabled or torch.distributed.is_initialized():
             return
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing:
+            raise DataParallelError(
+                f"WORLD_SIZE is {self.world_size} but {' and '.join(missing)} is not set: "
+                "launch with `torchrun --nproc_per_node N -m zo.cli train ...` (or accelerate "
+                "launch), or unset WORLD_SIZE and RANK for one process"
+            )
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
