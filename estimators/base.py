@@ -56,6 +56,13 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+def mean_over_ranks(value: float, reduce: Callable[[torch.Tensor], None]) -> float:
+    """``value`` averaged over data-parallel ranks by an in-place tensor ``reduce`` hook."""
+    tensor = torch.tensor([value], dtype=torch.float64)
+    reduce(tensor)
+    return float(tensor)
+
+
 def _as_float(value: torch.Tensor | float) -> float:
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from estimators.base import differentiable_loss
+from estimators.base import differentiable_loss, mean_over_ranks
 from estimators.registry import register_estimator
 from zo.engine import EngineConfig
 
@@ -33,12 +33,6 @@ def _unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
     run every hook twice per step.
     """
     return step.__wrapped__ if getattr(step, "hooked", False) else step
-
-
-def _mean_over_ranks(value: float, reduce: Callable[[torch.Tensor], None]) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
-    reduce(tensor)
-    return float(tensor)
 
 
 class FirstOrderMixin:
@@ -82,7 +76,7 @@ class FirstOrderMixin:
                     if count > 1:
                         p.grad.div_(count)
         if self.reduce_gradient is not None:
-            loss = _mean_over_ranks(loss, self.reduce_gradient)
+            loss = mean_over_ranks(loss, self.reduce_gradient)
         _unhooked(self._base.step)(self)
         self.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
         self._pending_losses.clear()

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import torch
 
-from estimators.base import differentiable_loss
+from estimators.base import differentiable_loss, mean_over_ranks
 from estimators.registry import register_estimator
 from zo.engine import EngineConfig
 
@@ -285,9 +285,7 @@ class LOMO(torch.optim.Optimizer):
             raise RuntimeError("step() without a closure needs an estimate() first")
         loss, self._pending_loss = self._pending_loss, None
         if self.reduce_gradient is not None:
-            mean = torch.tensor([loss], dtype=torch.float64)
-            self.reduce_gradient(mean)
-            loss = float(mean)
+            loss = mean_over_ranks(loss, self.reduce_gradient)
         self.step_count += 1
         return loss
 

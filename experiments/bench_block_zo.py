@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import estimators  # noqa: E402
 from zo.bench import _time, device_name, make_batch, record, scored_loss  # noqa: E402
-from zo.engine import EngineConfig  # noqa: E402
+from zo.engine import EngineConfig, seeded  # noqa: E402
 
 LLAMA_SHAPES = {  # random-weight Llamas: many blocks, so reuse has something to skip
     "llama-16l": {
@@ -63,8 +63,7 @@ def build_model(name: str, device: str) -> torch.nn.Module:
         )
     else:
         config = transformers.LlamaConfig(tie_word_embeddings=True, **LLAMA_SHAPES[name])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with seeded(0):
             model = transformers.LlamaForCausalLM(config)
     return model.to(device).eval()
 

@@ -33,6 +33,7 @@ MODES = ("hooks", "naive", "lomo")
 
 
 def load(name: str, device: str):
+    from zo.engine import seeded
     from zo.models import bundled_model_dir, byte_tokenizer, load_model
 
     if name == "bundled":
@@ -45,8 +46,7 @@ def load(name: str, device: str):
             num_attention_heads=12, max_position_embeddings=2048, word_embed_proj_dim=768,
         )  # fmt: skip
         config._attn_implementation = "eager"
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with seeded(0):
             model = transformers.OPTForCausalLM(config)
         tokenizer = byte_tokenizer()  # byte ids < 260 are valid OPT ids
     return model.to(device).eval(), tokenizer

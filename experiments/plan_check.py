@@ -69,6 +69,7 @@ class Case:
 def build_model(case: Case):
     import torch
 
+    from zo.engine import seeded
     from zo.models import FAMILIES, TinySpec
 
     args = case.shape_args()
@@ -99,8 +100,7 @@ def build_model(case: Case):
             device=case.device,
         )
         return model, config
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded(0):
         model = family.model_class()(config)
     return model.to(device=case.device, dtype=dtype).eval(), config
 

@@ -40,6 +40,7 @@ an error.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -212,24 +213,16 @@ def calibrated_scores(
     for key, row in zip(keys, free, strict=True):
         first.setdefault(key, row)
     unique = list(first)
-    totals = score_rows(
+    score = functools.partial(
+        score_rows,
         model,
         tokenizer,
-        rows,
-        settings.batch_size,
-        settings.max_length,
+        batch_size=settings.batch_size,
+        max_length=settings.max_length,
         normalize=False,
         prefix_cache=settings.prefix_cache,
     )
-    offsets = score_rows(
-        model,
-        tokenizer,
-        [first[key] for key in unique],
-        settings.batch_size,
-        settings.max_length,
-        normalize=False,
-        prefix_cache=settings.prefix_cache,
-    )
+    totals, offsets = score(rows), score([first[key] for key in unique])
     offset_of = dict(zip(unique, offsets, strict=True))
     return [total - offset_of[key] for total, key in zip(totals, keys, strict=True)]
 

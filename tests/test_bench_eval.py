@@ -10,7 +10,8 @@ import torch
 from tasks.base import Example
 from tasks.evaluation import EvalSettings, candidate_scores
 from tasks.generation import GreedyConfig, greedy_generate
-from tests.test_evaluation import CHOICES, TemplateTask, lively
+from tests.test_evaluation import CHOICES, TemplateTask
+from tests.tiny import lively
 from zo import bench_eval
 
 

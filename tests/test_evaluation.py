@@ -25,6 +25,7 @@ from tasks.objectives import (
     objective_is_differentiable,
     require_differentiable,
 )
+from tests.tiny import lively
 from zo.models import masked_byte_tokenizer, tiny_model
 
 
@@ -65,17 +66,6 @@ CHOICES = [
     Example({"text": "Hi", "options": ["?", " there, friend", "!"]}, label=1, uid="c"),
 ]
 QUESTIONS = ["Q: capital of France?\nA:", "Q: 2+2?\nA:", "Tell me"]
-
-
-def lively(family: str):
-    """Large random weights, so greedy decoding does not repeat one token."""
-    model, tokenizer = tiny_model(family, seed=1)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0, 0.3, generator=generator)
-    return model, tokenizer
 
 
 @pytest.fixture(scope="module", params=["llama", "opt"])

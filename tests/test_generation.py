@@ -8,21 +8,9 @@ import torch
 
 from tasks.base import TaskError
 from tasks.generation import GreedyConfig, greedy_generate, left_padded_prompts
-from zo.models import tiny_model
+from tests.tiny import lively
 
 PROMPTS = ["Hello there, how", "Q: capital of France?\nA:", "x", "A somewhat longer prompt, to pad"]
-
-
-def lively(family: str):
-    """A tiny model with large random weights: tiny models at their init scale repeat the
-    last token forever, which would make token-for-token comparisons vacuous."""
-    model, tokenizer = tiny_model(family, seed=1)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0, 0.3, generator=generator)
-    return model, tokenizer
 
 
 @pytest.fixture(scope="module", params=["llama", "opt"])

@@ -65,7 +65,8 @@ def _nf4_cuda_linear(compute_dtype, out_features=96, in_features=128, seed=0):
 
 
 def _quantized_tiny_with_deltas(tmp_path, compute_dtype=torch.float32):
-    from tests.test_sparse_delta import fresh_tiny, layer_mask, random_values
+    from tests.test_sparse_delta import layer_mask, random_values
+    from tests.tiny import fresh_tiny
     from zo.quant import load_quantized
     from zo.sparse_delta import apply_sparse_deltas
 
@@ -80,7 +81,7 @@ def _quantized_tiny_with_deltas(tmp_path, compute_dtype=torch.float32):
 
 
 def _cuda_lm_loss(model):
-    from tests.test_sparse_delta import IDS as LM_IDS
+    from tests.tiny import IDS as LM_IDS
 
     ids = LM_IDS.cuda()
 

@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import copy
-import functools
 
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
+from tests.tiny import IDS, fresh_tiny
 from zo import merge
 from zo.models import tiny_model
 from zo.sparse_delta import apply_sparse_deltas, read_metadata, read_values, save_values
-
-IDS = torch.tensor([[1, 70, 71, 72, 73, 74, 2], [1, 80, 81, 82, 2, 90, 91]])
-
-
-@functools.cache
-def _cached_tiny():
-    return tiny_model("llama")
-
-
-def fresh_tiny():
-    """``tiny_model("llama")``, built once per session and deep-copied (building is slow)."""
-    model, tokenizer = _cached_tiny()
-    return copy.deepcopy(model), tokenizer
-
 
 MASKED = {
     "model.layers.0.self_attn.q_proj.weight": 64 * 64,

@@ -22,7 +22,8 @@ from tasks.scoring import (
     score_rows,
     scorer_for,
 )
-from tests.test_evaluation import TemplateTask, lively
+from tests.test_evaluation import TemplateTask
+from tests.tiny import lively
 from zo.models import masked_byte_tokenizer, tiny_model
 
 # COPA-like (a sentence per candidate) and ReCoRD-like (several filled-in queries of

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +9,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import estimators
+from tests.tiny import IDS, fresh_tiny
 from zo.config import ConfigError, TrainableConfig
 from zo.models import tiny_model
 from zo.trainable import select_trainable
@@ -25,19 +23,6 @@ from zo.quant import (  # noqa: E402  (needs bitsandbytes)
     load_quantized,
     quantize_linear,
 )
-
-IDS = torch.tensor([[1, 70, 71, 72, 73, 74, 2], [1, 80, 81, 82, 2, 90, 91]])
-
-
-@functools.cache
-def _cached_tiny():
-    return tiny_model("llama")
-
-
-def fresh_tiny():
-    """``tiny_model("llama")``, built once per session and deep-copied (building is slow)."""
-    model, tokenizer = _cached_tiny()
-    return copy.deepcopy(model), tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +233,6 @@ def test_the_full_kind_over_a_4bit_base_is_a_clear_error(tiny_dir):
 
 
 def test_a_masked_lm_checkpoint_loads_quantized_as_its_family_class(tmp_path):
-    from zo.models import tiny_model
     from zo.quant import load_quantized
 
     source, _ = tiny_model("roberta")

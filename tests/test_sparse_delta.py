@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
@@ -12,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import estimators
+from tests.tiny import IDS, fresh_tiny
 from zo import sparse_chunks, sparse_delta
 from zo.engine import FrozenTensorError, PerturbationEngine
 from zo.jvp import directional_derivative
-from zo.models import tiny_model
 from zo.sparse_delta import (
     SparseDeltaError,
     SparseDeltaLinear,
@@ -28,19 +27,6 @@ bnb = pytest.importorskip("bitsandbytes")
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
 from zo.quant import quantize_linear  # noqa: E402  (needs bitsandbytes)
-
-IDS = torch.tensor([[1, 70, 71, 72, 73, 74, 2], [1, 80, 81, 82, 2, 90, 91]])
-
-
-@functools.cache
-def _cached_tiny(family: str):
-    return tiny_model(family)
-
-
-def fresh_tiny(family: str = "llama"):
-    """``tiny_model(family)``, built once per session and deep-copied (building is slow)."""
-    model, tokenizer = _cached_tiny(family)
-    return copy.deepcopy(model), tokenizer
 
 
 def random_indices(numel: int, density: float, seed: int) -> torch.Tensor:

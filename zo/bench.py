@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from zo.engine import seeded
+
 RESULTS = Path(__file__).resolve().parent.parent / "experiments" / "RESULTS.md"
 SCORED = 4
 
@@ -48,8 +50,7 @@ def build_opt(
     config = OPTConfig(num_hidden_layers=layers, **OPT_SHAPES[shape])
     if attn is not None:
         config._attn_implementation = attn
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
+    with seeded(0):
         model = OPTForCausalLM(config)
     return model.to(device).eval()
 
@@ -75,7 +76,8 @@ def full_logits_loss(model, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def naive_mezo_step(model, loss_fn, ids, seed: int, lr: float, eps: float) -> float:
-    """The reference loop's shape: re-seed the global RNG before each of four passes."""
+    """The reference loop's shape: re-seed the global RNG before each of four passes
+    (inside a fork of it, so the caller's generator is left as it was)."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def perturb(scale: float) -> None:
@@ -84,16 +86,17 @@ def naive_mezo_step(model, loss_fn, ids, seed: int, lr: float, eps: float) -> fl
             z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
             p.data.add_(scale * eps * z)
 
-    perturb(1)
-    plus = loss_fn(model, ids).item()
-    perturb(-2)
-    minus = loss_fn(model, ids).item()
-    perturb(1)
-    grad = (plus - minus) / (2 * eps)
-    torch.manual_seed(seed)
-    for p in params:
-        z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
-        p.data.add_(-lr * grad * z)
+    with seeded(seed, params[0].device):
+        perturb(1)
+        plus = loss_fn(model, ids).item()
+        perturb(-2)
+        minus = loss_fn(model, ids).item()
+        perturb(1)
+        grad = (plus - minus) / (2 * eps)
+        torch.manual_seed(seed)
+        for p in params:
+            z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+            p.data.add_(-lr * grad * z)
     return plus
 
 

@@ -52,6 +52,22 @@ def mix_seed(*parts: int) -> int:
     return state >> 1  # torch.Generator.manual_seed takes any non-negative int < 2**64
 
 
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """Draws inside come from ``seed`` (module inits that take no generator: transformers
+    models, peft adapters); the global generators are restored on exit, so building
+    something never shifts data order, dropout or a caller's own draws. Forks the CPU
+    generator and, for a CUDA ``device``, that device's (forking every CUDA device would
+    initialise them all and warn)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    forked = []
+    if device.type == "cuda":
+        forked = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=forked):
+        torch.manual_seed(seed)
+        yield
+
+
 def _fill_gaussian(out: torch.Tensor, generator: torch.Generator) -> None:
     out.normal_(generator=generator)
 

@@ -30,6 +30,8 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers.utils import logging as hf_logging
 
+from zo.engine import seeded
+
 if TYPE_CHECKING:
     from transformers import (
         PretrainedConfig,
@@ -384,11 +386,7 @@ def tiny_model(
     )
     config = spec_family.tiny_config(spec)
     config._attn_implementation = attn
-    # Initialisation draws from the global generator; fork_rng restores it afterwards, so
-    # building a model never shifts data order or dropout elsewhere. devices=[]: CPU only,
-    # and no warning about forking every CUDA device.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):  # initialisation draws from the global generator
         model = spec_family.model_class()(config)
     model.to(dtype)  # init in fp32, then cast, so weights of one seed agree across dtypes
     model.eval()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from zo.config import DEFAULT_LORA_TARGETS
+from zo.engine import seeded
 from zo.sparse_delta import apply_sparse_deltas, read_mask_indices
 
 if TYPE_CHECKING:
@@ -196,8 +197,7 @@ def build_random_quantized(
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     head = model.get_output_embeddings()
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed, device):
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Linear) and module is not head:
                 _materialise(model, module, device)

@@ -21,7 +21,7 @@ from zo import models
 from zo.blocks import checkpoint_blocks
 from zo.config import ConfigError, RunConfig, build, dump_yaml, load_config, to_dict
 from zo.distributed import DataParallel
-from zo.engine import ENGINE_VERSION, mix_seed
+from zo.engine import ENGINE_VERSION, mix_seed, seeded
 from zo.memory import peak_memory_bytes, reset_peak_memory, return_large_frees_to_os
 from zo.trainable import TrainableSet, check_group_settings, param_groups, select_trainable
 from zo.trajectory import (
@@ -102,9 +102,12 @@ def build_task(config: RunConfig) -> tasks.Task:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``model.device`` (``auto``: CUDA when there is one); under a data-parallel launcher,
+    this rank's own GPU."""
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    )
+    return DataParallel.from_environment().device(device)
 
 
 @dataclass
@@ -146,15 +149,13 @@ def load_base_model(
 def build_setup(config: RunConfig) -> Setup:
     task = validate(config)
     spec, estimator_config = resolve_estimator(config)
-    device = DataParallel.from_environment().device(resolve_device(config.model.device))
+    device = resolve_device(config.model.device)
     attn = "eager" if spec.eager_attention else config.model.attn
     model, tokenizer = load_base_model(config, attn, device)
     model.to(device).eval()  # eval: no dropout, so a step is a deterministic function of seeds
     # A trainable set may draw new tensors (LoRA's A matrices): from the run's seed, so a
     # replay or a resume rebuilds the same start, whatever the global generator holds.
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(mix_seed(_TRAINABLE_INIT_STREAM, config.train.seed))
+    with seeded(mix_seed(_TRAINABLE_INIT_STREAM, config.train.seed), device):
         trainable = select_trainable(model, config.trainable)
     if config.train.gradient_checkpointing:
         checkpoint_blocks(model)
@@ -295,7 +296,7 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
     else:
         run.ensure_new()  # before any model loads: never overwrite a run
     # every rank has checked the directory before the rendezvous, so none sees rank 0's
-    parallel.start(parallel.device(resolve_device(config.model.device)))
+    parallel.start(resolve_device(config.model.device))
     setup = build_setup(config)
     parallel.attach(setup.optimizer)
     reset_peak_memory(setup.device)  # report training's peak, not loading's (or a conversion's)
