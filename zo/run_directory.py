@@ -17,7 +17,9 @@ starts over. One process owns the directory at a time (:mod:`zo.run_lock`).
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -244,7 +246,10 @@ class RunDirectory:
                 "other weights than the run's)"
             )
         if trajectory.cut_tail:
-            log(f"{self.trajectory}: the last line is incomplete (killed while writing it)")
+            log(
+                f"{self.trajectory}: the last line is incomplete (cut by a kill, or still "
+                "being written by a live run): ignored"
+            )
         if saved is not None:
             problem = checkpoint_fits(state, trajectory, records_per_step=True)
             if problem:
@@ -327,10 +332,8 @@ class RunDirectory:
         for folder, reason in plan.skipped:
             moved = checkpoints.set_aside(folder)
             log(f"skipped a checkpoint that cannot be trusted ({reason}); kept as {moved.name}")
-        stamp = time.strftime("%Y%m%d-%H%M%S")
         for damaged in plan.damaged:
-            backup = damaged.path.with_name(f"{damaged.path.name}.damaged-{stamp}")
-            shutil.copy2(damaged.path, backup)
+            backup = _keep_copy(damaged.path)
             log(f"repair: {damaged.damage}; the file as it was is kept as {backup.name}")
         trajectory = plan.trajectory
         if trajectory.header_line is None:
@@ -356,6 +359,19 @@ class RunDirectory:
             shutil.rmtree(leftover, ignore_errors=True)
         for temp in self.path.glob(".*.tmp"):
             temp.unlink(missing_ok=True)
+
+
+def _keep_copy(path: Path) -> Path:
+    """A complete copy of ``path`` as ``NAME.damaged-TIME`` (written whole, then renamed)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count():
+        backup = path.with_name(f"{path.name}.damaged-{stamp}{f'.{n}' if n else ''}")
+        if not backup.exists():
+            break
+    temp = path.with_name(f".{backup.name}.tmp")
+    shutil.copy2(path, temp)
+    os.replace(temp, backup)
+    return backup
 
 
 def _logged_before(record: dict[str, Any], step: int) -> bool:
