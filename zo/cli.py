@@ -1,7 +1,8 @@
 """The ``zo`` command: train | eval | replay | validate | list | bench | mask | plan | merge.
 
-Usage errors (bad config, unknown names, missing files, a run directory in the way)
-print one ``zo: error: ...`` line naming the problem and exit with code 2.
+Usage errors (bad config, unknown names, missing files, a run directory in the way, owned
+by another live process, or damaged) print one ``zo: error: ...`` line naming the problem
+and exit with code 2.
 """
 
 from __future__ import annotations
