@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ from zo import merge
 from zo.models import tiny_model
 from zo.sparse_delta import apply_sparse_deltas, read_metadata, read_values, save_values
 
+ROOT = Path(__file__).resolve().parent.parent
 MASKED = {
     "model.layers.0.self_attn.q_proj.weight": 64 * 64,
     "model.layers.0.mlp.down_proj.weight": 64 * 128,
@@ -184,3 +189,38 @@ def test_a_directory_without_a_checkpoint_exits_2(files, capsys):
     tmp_path, _, _ = files
     assert merge.run(options(tmp_path, model=tmp_path / "nothing")) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+KILLED_MERGE = """
+import os, signal, sys
+import zo.merge as merge
+when, *paths = sys.argv[1:]
+if when == "writing":
+    merge._merge_shard = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+else:  # between moving the old --out aside and moving the new one in
+    replace = os.replace
+    def replace_then_die(source, target):
+        replace(source, target)
+        if ".old-" in str(target):
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.replace = replace_then_die
+merge.merge(*paths, overwrite=True)
+"""
+
+
+@pytest.mark.parametrize("when", ["writing", "swapping"])
+def test_the_next_merge_cleans_up_after_a_killed_one(files, when):
+    tmp_path, _, _ = files
+    out = tmp_path / "merged"
+    paths = [tmp_path / "base", tmp_path / "mask.safetensors", tmp_path / "values.safetensors"]
+    merge.merge(*paths, out)  # what --overwrite then replaces
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    command = [sys.executable, "-c", KILLED_MERGE, when, *map(str, [*paths, out])]
+    assert subprocess.run(command, cwd=ROOT).returncode == -signal.SIGKILL
+    assert list(tmp_path.glob(".merged.*"))  # what the kill left behind
+    assert out.exists() == (when == "writing")
+    # the killed --overwrite is undone: the old checkpoint is back, so this one refuses
+    with pytest.raises(merge.MergeError, match="already exists"):
+        merge.merge(*paths, out)
+    assert not list(tmp_path.glob(".merged.*"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

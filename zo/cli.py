@@ -1,7 +1,8 @@
 """The ``zo`` command: train | eval | replay | validate | list | bench | mask | plan | merge.
 
-Usage errors (bad config, unknown names, missing files, a run directory in the way)
-print one ``zo: error: ...`` line naming the problem and exit with code 2.
+Usage errors (bad config, unknown names, missing files, a run directory in the way, owned
+by another live process, or damaged) print one ``zo: error: ...`` line naming the problem
+and exit with code 2.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     import tasks
     from zo import models
     from zo.config import ConfigError
-    from zo.trajectory import NothingToResumeError, ReplayError, RunExistsError
+    from zo.run_lock import RunLockedError
+    from zo.trajectory import NothingToResumeError, ReplayError, RunDamagedError, RunExistsError
 
     return (
         UsageError,
         ConfigError,
         RunExistsError,
+        RunLockedError,
+        RunDamagedError,
         NothingToResumeError,
         ReplayError,
         models.ModelNotFoundError,
@@ -76,17 +80,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from zo.config import load_config
-    from zo.train import build_setup, evaluate
-    from zo.trajectory import RunDirectory
+    from zo.train import build_setup, evaluate, load_checkpoint_tensors
 
     config = load_config(args.config, args.overrides)
     setup = build_setup(config)
     if args.checkpoint:
-        folder = Path(args.checkpoint)
-        run = RunDirectory(folder.parent if folder.name == "checkpoint" else folder)
-        if not run.has_checkpoint():
-            raise UsageError(f"--checkpoint {args.checkpoint}: no checkpoint there")
-        setup.trainable.load_state_dict(run.load_checkpoint(setup.device).tensors)
+        load_checkpoint_tensors(setup, Path(args.checkpoint))
     examples = setup.task.load(args.split)[: config.task.eval_limit]
     result = {"task": config.task.name, "split": args.split, **evaluate(setup, examples)}
     print(json.dumps(result))
@@ -96,7 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from zo.train import replay
 
-    result = replay(args.run, args.out)
+    result = replay(args.run, args.out, compare=not args.no_compare)
     return 0 if result.get("bit_identical_to_checkpoint", True) else 1
 
 
@@ -210,6 +209,11 @@ def make_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="rebuild a run's trained tensors from its trajectory")
     replay.add_argument("run", help="run directory")
     replay.add_argument("--out", required=True, help="where to write trainable.safetensors")
+    replay.add_argument(
+        "--no-compare",
+        action="store_true",
+        help="do not read the run's checkpoint (to compare with it): e.g. when it is damaged",
+    )
     validate = sub.add_parser("validate", help="check configs (default: every shipped one)")
     validate.add_argument("paths", nargs="*")
     listing = sub.add_parser("list", help="registered models, tasks, estimators")

@@ -91,6 +91,13 @@ class TrainConfig:
     eval_before: bool = True
     """Evaluate the untrained model first (the zero-shot baseline)."""
     progress: bool = True
+    keep_checkpoints: int = 1
+    """Checkpoints kept: ``checkpoint/`` (the newest) plus k - 1 older ``checkpoint-STEP/``;
+    resume takes the newest that verifies."""
+    repair: bool = False
+    """With ``resume=true``: continue a run whose trajectory, metrics or checkpoints are
+    damaged from its intact part (damaged files are kept as copies, never deleted). Without
+    it, resume refuses a damaged run and changes nothing."""
 
 
 @dataclass
@@ -297,7 +304,14 @@ def config_from_data(data: dict[str, Any], overrides: list[str] | None = None) -
 
 def _check_ranges(config: RunConfig) -> None:
     train = config.train
-    for key in ("steps", "batch_size", "grad_accum", "eval_batch_size", "log_every"):
+    for key in (
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "eval_batch_size",
+        "log_every",
+        "keep_checkpoints",
+    ):
         if getattr(train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
     for key in ("eval_every", "save_every"):

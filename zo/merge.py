@@ -4,7 +4,8 @@ Works shard by shard on the safetensors files, so memory is one shard, never the
 and the result is the base checkpoint's directory with the touched weights changed (config,
 tokenizer and shard index copied): ``from_pretrained(OUT)`` loads it like the base. It is
 written to a temporary directory next to ``--out`` and renamed into place, so a crash never
-leaves a half-written checkpoint. Everything is checked before a byte is written.
+leaves a half-written checkpoint; the next merge into the same ``--out`` removes what a
+killed one left behind. Everything is checked before a byte is written.
 
 The sum is formed in fp32 and rounded once to the stored dtype. A bf16 base rounds away
 deltas below ~1/256 of a weight: ``--dtype float32`` keeps them (every float tensor upcast).
@@ -128,6 +129,7 @@ def merge(
 ) -> Path:
     """Write ``model_dir`` with ``W.view(-1)[indices] += values`` to ``out``; returns ``out``."""
     model_dir, out = Path(model_dir).expanduser(), Path(out).expanduser()
+    clean_interrupted(out)
     if out.exists() and not overwrite:
         raise MergeError(f"--out {out} already exists (pass --overwrite to replace it)")
     if out.resolve() == model_dir.resolve():
@@ -154,6 +156,34 @@ def merge(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def clean_interrupted(out: Path) -> None:
+    """Undo what a merge into ``out`` killed midway left (``.OUT.tmp-PID``: a checkpoint
+    being written; ``.OUT.old-PID``: the previous ``out`` during ``--overwrite``'s swap).
+    The merge of a live pid is left alone; of a dead one, the previous ``out`` is restored
+    if the kill fell between the two renames, and the unfinished one removed."""
+    for kind in ("old", "tmp"):  # the previous out first: it is restored, never removed
+        for leftover in out.parent.glob(f".{out.name}.{kind}-*"):
+            pid = leftover.name.rpartition("-")[2]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not out.exists():
+                os.replace(leftover, out)
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a leftover of an earlier process that had this pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _merge_shard(

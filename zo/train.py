@@ -17,21 +17,24 @@ import tasks
 from estimators.base import Closure
 from tasks.evaluation import evaluate as evaluate_task
 from tasks.objectives import objective_closure, objective_is_differentiable
+from zo import checkpoint as checkpoints
 from zo import models
 from zo.blocks import checkpoint_blocks
 from zo.config import ConfigError, RunConfig, build, dump_yaml, load_config, to_dict
 from zo.distributed import DataParallel
 from zo.engine import ENGINE_VERSION, mix_seed, seeded
 from zo.memory import peak_memory_bytes, reset_peak_memory, return_large_frees_to_os
+from zo.run_directory import ReplicaRunDirectory, ResumePlan, RunDirectory
+from zo.run_lock import run_lock
 from zo.trainable import TrainableSet, check_group_settings, param_groups, select_trainable
 from zo.trajectory import (
     TRAJECTORY_FORMAT,
     Checkpoint,
     NothingToResumeError,
     ReplayError,
-    ReplicaRunDirectory,
-    RunDirectory,
+    RunDamagedError,
     atomic_write_text,
+    header_mismatch,
     read_jsonl,
     save_tensors_atomic,
 )
@@ -252,8 +255,21 @@ def trajectory_header(setup: Setup) -> dict[str, Any]:
     }
 
 
+def load_run_config(run: RunDirectory) -> RunConfig:
+    """A run's own config.yaml; a damaged one is an error naming it."""
+    try:
+        return load_config(run.config)
+    except UnicodeDecodeError:
+        raise RunDamagedError(f"{run.config} is not a text file (damaged?)") from None
+    except ConfigError as error:
+        message = str(error)
+        raise ConfigError(
+            message if str(run.config) in message else f"{run.config}: {message}"
+        ) from None
+
+
 def _check_resumable(run: RunDirectory, config: RunConfig) -> None:
-    saved = load_config(run.config)
+    saved = load_run_config(run)
     for section in _RESUME_INVARIANT:
         if to_dict(getattr(saved, section)) != to_dict(getattr(config, section)):
             raise ConfigError(
@@ -263,6 +279,35 @@ def _check_resumable(run: RunDirectory, config: RunConfig) -> None:
     for key in _RESUME_INVARIANT_TRAIN:
         if getattr(saved.train, key) != getattr(config.train, key):
             raise ConfigError(f"resume: train.{key} differs from the run's config.yaml")
+
+
+def _open_run(
+    run: RunDirectory, setup: Setup, plan: ResumePlan | None, log
+) -> tuple[int, dict[str, Any] | None]:
+    """Create the run directory, or resume it as ``plan`` says: the checkpoint loaded into
+    ``setup`` first, the directory changed only once everything fits. Returns the step to
+    start from and the zero-shot result saved with the checkpoint."""
+    header = trajectory_header(setup)
+    if plan is None:
+        run.create(dump_yaml(setup.config), header)
+        return 0, None
+    run.check_header(plan, header, log)
+    start_step, zero_shot = 0, None
+    if plan.state is not None:
+        folder = plan.state.folder
+        _, checkpoint = checkpoints.load(folder, setup.device, log=log, verified=True)
+        try:
+            setup.trainable.load_state_dict(checkpoint.tensors)
+            setup.optimizer.load_state_dict(checkpoint.optimizer_state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as error:
+            raise RunDamagedError(f"{folder} does not fit this run: {error}") from None
+        start_step, zero_shot = checkpoint.step, checkpoint.extra.get("zero_shot")
+    run.commit_resume(plan, header, dump_yaml(setup.config), log)
+    if start_step:
+        log(f"resuming {run.path} at step {start_step}")
+    elif plan.trajectory is not None:  # killed before its first checkpoint: same seeds again
+        log(f"{run.path} has no usable checkpoint; starting it over from step 0")
+    return start_step, zero_shot
 
 
 # ---------------------------------------------------------------------- the loop
@@ -277,7 +322,8 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
     parallel = DataParallel.from_environment()
     parallel.check_batch(config.train.batch_size)
     try:
-        return _train(config, log if parallel.is_main else _silent, parallel)
+        with run_lock(config.train.out, enabled=parallel.is_main):  # rank 0 alone writes
+            return _train(config, log if parallel.is_main else _silent, parallel)
     finally:
         parallel.stop()
 
@@ -288,11 +334,16 @@ def _silent(*args: Any, **kwargs: Any) -> None:
 
 def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
     return_large_frees_to_os()  # keeps a ZO step's peak RSS at the forward pass's
-    run = (RunDirectory if parallel.is_main else ReplicaRunDirectory)(config.train.out)
+    run = (RunDirectory if parallel.is_main else ReplicaRunDirectory)(
+        config.train.out, keep_checkpoints=config.train.keep_checkpoints
+    )
+    plan = None
     if config.resume:
         if not run.holds_run():
             raise NothingToResumeError(f"resume=true but {run.path} holds no run to continue")
         _check_resumable(run, config)
+        spec, _ = resolve_estimator(config)
+        plan = run.plan_resume(spec.zeroth_order, config.train.repair, log)  # reads only
     else:
         run.ensure_new()  # before any model loads: never overwrite a run
     # every rank has checked the directory before the rendezvous, so none sees rank 0's
@@ -304,19 +355,7 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
     train_examples = setup.task.load("train")[: config.task.train_limit]
     dev_examples = setup.task.load("dev")[: config.task.eval_limit]
 
-    start_step, zero_shot = 0, None
-    if config.resume and run.has_checkpoint():
-        checkpoint = run.load_checkpoint(setup.device)
-        setup.trainable.load_state_dict(checkpoint.tensors)
-        optimizer.load_state_dict(checkpoint.optimizer_state)
-        start_step, zero_shot = checkpoint.step, checkpoint.extra.get("zero_shot")
-        run.rewind(start_step)
-        log(f"resuming {run.path} at step {start_step}")
-    elif config.resume:
-        run.rewind(0)  # killed before its first checkpoint: start over, same seeds
-        log(f"{run.path} has no checkpoint yet; starting it over from step 0")
-    else:
-        run.create(dump_yaml(config), trajectory_header(setup))
+    start_step, zero_shot = _open_run(run, setup, plan, log)
 
     if start_step == 0 and train_cfg.eval_before:
         zero_shot = evaluate(setup, dev_examples)
@@ -439,48 +478,80 @@ def plot_loss(run: RunDirectory) -> Path:
     return run.plot
 
 
+def load_checkpoint_tensors(setup: Setup, path: Path, log=print) -> int:
+    """``zo eval --checkpoint PATH``: a checkpoint folder's tensors into ``setup``, verified
+    (PATH a run directory or its ``checkpoint``: the newest that verifies). Returns its step.
+    Reads no optimizer state and takes no lock: safe beside a live run."""
+    if (path / checkpoints.STATE).is_file() and path.name != checkpoints.NEWEST:
+        state, checkpoint = checkpoints.load(path, setup.device, optimizer=False, log=log)
+    else:
+        run = RunDirectory(path.parent if path.name == checkpoints.NEWEST else path)
+        if not run.has_checkpoint():
+            raise ConfigError(f"--checkpoint {path}: no checkpoint there")
+        state, checkpoint = run.newest_checkpoint(setup.device, optimizer=False, log=log)
+    try:
+        setup.trainable.load_state_dict(checkpoint.tensors)
+    except ValueError as error:
+        raise ConfigError(f"{state.folder} does not fit this config's model: {error}") from None
+    return checkpoint.step
+
+
 # ---------------------------------------------------------------------- replay
 
 
-def replay(run_dir: str | Path, out_dir: str | Path, log=print) -> dict[str, Any]:
-    """Rebuild the trained tensors from the base model and trajectory.jsonl alone."""
+def replay(
+    run_dir: str | Path, out_dir: str | Path, log=print, compare: bool = True
+) -> dict[str, Any]:
+    """Rebuild the trained tensors from the base model and trajectory.jsonl alone.
+
+    A damaged trajectory is refused (it would rebuild other weights). With ``compare`` the
+    result is checked bit for bit against the newest checkpoint that verifies (its tensors:
+    optimizer.pt is never read). Replay takes no lock and writes nothing into the run, so
+    it may run beside a live one (see :meth:`RunDirectory.replay_sources`).
+    """
     run = RunDirectory(run_dir)
     if not run.trajectory.exists() or not run.config.exists():
         raise NothingToResumeError(
             f"{run.path} is not a zo run (no config.yaml / trajectory.jsonl)"
         )
-    config = load_config(run.config)
-    header = run.header()
+    out = Path(out_dir)
+    if run.owns(out):
+        raise ReplayError(f"--out {out} is the run's own folder or checkpoint; choose another")
+    config = load_run_config(run)
     spec, _ = resolve_estimator(config)
     if not spec.zeroth_order:
         raise ReplayError(
             f"{run.path} was trained with {spec.name}, which is not seed-replayable (its "
             "updates use gradients); load the run's checkpoint/ instead (zo eval --checkpoint)"
         )
+    trajectory, saved = run.replay_sources(resolve_device(config.model.device), compare, log)
     setup = build_setup(config)
-    fingerprint = models.model_fingerprint(setup.model)
-    if fingerprint != header["model_hash"]:
+    header, current = trajectory.header or {}, trajectory_header(setup)
+    if header.get("model_hash") != current["model_hash"]:
         raise ReplayError(
-            f"base model {config.model.name} hashes to {fingerprint}, the run started from "
-            f"{header['model_hash']}: replay needs the same base weights"
+            f"base model {config.model.name} hashes to {current['model_hash']}, the run "
+            f"started from {header.get('model_hash')}: replay needs the same base weights"
         )
-    if setup.trainable.manifest() != header["trainable"]:
-        raise ReplayError("the trainable set differs from the run's manifest")
-    records = run.step_records()
-    for data in records:
-        setup.optimizer.apply_record(
-            estimators.StepRecord.from_dict({k: v for k, v in data.items() if k != "type"})
+    mismatch = header_mismatch(header, current)
+    if mismatch:
+        raise ReplayError(
+            f"{run.trajectory} line 1: {mismatch}; replay needs the run's own base model, "
+            "trainable set, estimator and engine"
         )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_tensors_atomic(setup.trainable.state_dict(), out / "trainable.safetensors")
-    result: dict[str, Any] = {"steps": len(records), "out": str(out / "trainable.safetensors")}
-    if run.has_checkpoint():
-        saved = run.load_checkpoint(setup.device)
-        if saved.step == len(records):
+    result: dict[str, Any] = {"steps": len(trajectory.steps)}
+    for line, data in zip(trajectory.steps, trajectory.records(), strict=True):
+        try:
+            setup.optimizer.apply_record(estimators.StepRecord.from_dict(data))
+        except TypeError as error:  # a format-1 record with fields missing or extra
+            raise RunDamagedError(f"{run.trajectory} line {line.number}: {error}") from None
+        if saved is not None and data["step"] + 1 == saved.step:
             replayed = setup.trainable.state_dict()
-            result["bit_identical_to_checkpoint"] = all(
+            result["checkpoint_step"] = saved.step
+            result["bit_identical_to_checkpoint"] = replayed.keys() == saved.tensors.keys() and all(
                 torch.equal(replayed[name], saved.tensors[name]) for name in replayed
             )
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors_atomic(setup.trainable.state_dict(), out / "trainable.safetensors")
+    result["out"] = str(out / "trainable.safetensors")
     log(json.dumps(result))
     return result
