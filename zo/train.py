@@ -217,10 +217,34 @@ def training_closure(setup: Setup, examples: list, precision: torch.dtype | None
     return autocast_closure
 
 
-def learning_rate(config: RunConfig, base_lr: float, step: int) -> float:
-    if config.train.lr_schedule == "linear":
-        return base_lr * (1.0 - step / config.train.steps)
-    return base_lr
+@dataclass(frozen=True)
+class LRSchedule:
+    """``train.lr_schedule`` over each param group's configured learning rate.
+
+    The base rates are the estimator's as the config built it (``estimator.lr`` and the
+    param groups' own ``lr``), taken before any checkpoint loads: a resumed optimizer's
+    groups hold the last step's scheduled lr, and decaying from that would restart the
+    decay at every resume.
+    """
+
+    kind: str
+    steps: int
+    base_lrs: tuple[float, ...]
+
+    @classmethod
+    def before_resume(cls, config: RunConfig, optimizer: torch.optim.Optimizer) -> LRSchedule:
+        """The schedule of a freshly built ``optimizer`` (call it before ``load_state_dict``)."""
+        base_lrs = tuple(float(group["lr"]) for group in optimizer.param_groups)
+        return cls(config.train.lr_schedule, config.train.steps, base_lrs)
+
+    def lrs(self, step: int) -> list[float]:
+        if self.kind == "linear":
+            return [base * (1.0 - step / self.steps) for base in self.base_lrs]
+        return list(self.base_lrs)
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        for group, lr in zip(optimizer.param_groups, self.lrs(step), strict=True):
+            group["lr"] = lr
 
 
 def evaluate(setup: Setup, examples: list) -> dict[str, Any]:
@@ -263,6 +287,13 @@ def _check_resumable(run: RunDirectory, config: RunConfig) -> None:
     for key in _RESUME_INVARIANT_TRAIN:
         if getattr(saved.train, key) != getattr(config.train, key):
             raise ConfigError(f"resume: train.{key} differs from the run's config.yaml")
+    if config.train.lr_schedule != "constant" and saved.train.steps != config.train.steps:
+        raise ConfigError(
+            f"resume: train.steps is {config.train.steps}, the run's config.yaml has "
+            f"{saved.train.steps}; the {config.train.lr_schedule} lr schedule decays over "
+            f"train.steps, so changing it would change the lr of every step left: keep "
+            f"train.steps={saved.train.steps}"
+        )
 
 
 # ---------------------------------------------------------------------- the loop
@@ -304,6 +335,7 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
     train_examples = setup.task.load("train")[: config.task.train_limit]
     dev_examples = setup.task.load("dev")[: config.task.eval_limit]
 
+    schedule = LRSchedule.before_resume(config, optimizer)
     start_step, zero_shot = 0, None
     if config.resume and run.has_checkpoint():
         checkpoint = run.load_checkpoint(setup.device)
@@ -327,12 +359,10 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
 
     precision = _AUTOCAST_DTYPES[train_cfg.autocast]
     sampler = BatchSampler(len(train_examples), train_cfg.batch_size, train_cfg.seed)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
     started = time.perf_counter()
     progress = _progress(start_step, train_cfg.steps, train_cfg.progress and parallel.is_main)
     for step in range(start_step, train_cfg.steps):
-        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
-            group["lr"] = learning_rate(config, base_lr, step)
+        schedule.apply(optimizer, step)
         for micro in range(train_cfg.grad_accum):
             picked = parallel.shard(sampler.indices(step * train_cfg.grad_accum + micro))
             examples = [train_examples[i] for i in picked]
