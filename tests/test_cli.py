@@ -144,7 +144,9 @@ def test_every_shipped_config_validates(capsys):
 
 def test_validate_reports_a_bad_config(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("estimator:\n  name: zo_sgd\n  lr: [1]\n")
+    bad.write_text(
+        "model: {name: tiny-llama}\ntask: {name: sentiment}\nestimator:\n  name: zo_sgd\n  lr: [1]\n"
+    )
     assert zo("validate", str(bad)) == 2
     assert "estimator.lr: expected a number" in capsys.readouterr().out
 
