@@ -62,9 +62,8 @@ class DivergenceGuard:
     @classmethod
     def for_run(cls, config: RunConfig, log: Callable[[str], None]) -> DivergenceGuard:
         """The guard of a run, its messages naming the settings a user would change."""
-        keys = [
-            f"estimator.{k}={config.estimator[k]}" for k in ("lr", "eps") if k in config.estimator
-        ]
+        named = [k for k in ("lr", "eps") if k in config.estimator]
+        keys = [f"estimator.{k}={_number(config.estimator[k])}" for k in named]
         settings = ", ".join([*keys, f"model.dtype={config.model.dtype}"])
         return cls(config.train.on_nonfinite, settings, log)
 
@@ -149,3 +148,11 @@ _LOSS_HINT = (
 def _names(names: list[str]) -> str:
     shown = ", ".join(names[:3])
     return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _number(value: object) -> str:
+    """A setting as a number reads (YAML may hand "1e-6" over as text)."""
+    try:
+        return f"{float(value):g}"  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value)
