@@ -204,6 +204,18 @@ def test_skip_step_leaves_weights_and_state_alone(name):
     assert optimizer.last_record.step == 2 and "skipped" not in optimizer.last_record.extra
 
 
+def test_a_first_order_estimator_stops_on_a_nan_loss_too(tmp_path, capsys, poisoned):
+    poisoned({2})
+    config = write_config(tmp_path, {"name": "sgd", "lr": 0.01})
+    args = [f"train.out={tmp_path / 'run'}", "train.save_every=2", *QUIET]
+    assert zo("train", "--config", str(config), *args) == DIVERGED_EXIT
+    error = capsys.readouterr().err
+    assert (
+        "training diverged at step 2: the loss is non-finite while the weights are finite" in error
+    )
+    assert "the last checkpoint (step 2) holds finite weights" in error
+
+
 def test_weights_turned_non_finite_stop_even_when_skipping(tmp_path, capsys, poisoned):
     out = tmp_path / "run"
     poisoned({6}, weights=True)

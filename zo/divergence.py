@@ -68,14 +68,22 @@ class DivergenceGuard:
         return cls(config.train.on_nonfinite, settings, log)
 
     # ------------------------------------------------------------------ the loss
-    def nonfinite_loss(
-        self, step: int, error: BaseException, tensors: Mapping[str, torch.Tensor], can_skip: bool
+    def step_failed(
+        self,
+        step: int,
+        error: BaseException,
+        tensors: Mapping[str, torch.Tensor],
+        loss: bool,
+        can_skip: bool,
     ) -> str:
-        """A step's loss was non-finite (``error`` says where). Raises unless the step may be
-        skipped; returns the reason to record for the skipped step."""
+        """A step raised a floating-point error before updating: a non-finite ``loss``, or
+        another overflow (a gradient's). Raises unless the step is skipped (``skip``, a
+        non-finite loss, an optimizer that ``can_skip``); returns the reason to record."""
         broken = nonfinite_tensors(tensors)
         if broken:
             self.diverged(step, f"the weights are non-finite ({_names(broken)})", _UPDATE_HINT)
+        if not loss:
+            self.diverged(step, f"{error} (the weights are finite)", _UPDATE_HINT)
         what = f"the loss is non-finite while the weights are finite ({error})"
         if self.policy != "skip" or not can_skip:
             self.diverged(step, what, _LOSS_HINT)

@@ -408,10 +408,14 @@ def _train(
                 examples = [train_examples[i] for i in picked]
                 optimizer.estimate(training_closure(setup, examples, precision))
             loss = optimizer.step()
-        except FloatingPointError as error:  # a non-finite loss, raised before any update
-            can_skip = isinstance(optimizer, estimators.ZOOptimizer)
-            tensors = setup.trainable.state_dict()
-            reason = guard.nonfinite_loss(step, error, tensors, can_skip)
+        except FloatingPointError as error:  # a non-finite loss or gradient, before any update
+            reason = guard.step_failed(
+                step,
+                error,
+                setup.trainable.state_dict(),
+                loss=isinstance(error, estimators.NonFiniteLossError),
+                can_skip=isinstance(optimizer, estimators.ZOOptimizer),
+            )
             optimizer.skip_step(reason)  # type: ignore[attr-defined]
             loss = math.nan
             log(f"step {step} skipped: {reason}")
