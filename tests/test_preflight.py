@@ -15,6 +15,7 @@ import torch
 import zo.preflight as preflight
 import zo.train as loop
 from tests.test_cli import SMOKE, zo
+from zo.config import ConfigError, load_config
 from zo.plan import PRESETS
 
 QUIET = ["train.progress=false", "train.eval_before=false", "task.eval_limit=4"]
@@ -224,3 +225,21 @@ def test_a_resume_may_not_change_the_steps_a_schedule_decays_over(tmp_path, caps
     constant = [f"train.out={tmp_path / 'constant'}", "train.save_every=2"]
     assert train(*constant, "train.steps=4") == 0
     assert train(*constant, "train.steps=6", "resume=true") == 0
+
+
+def test_on_cuda_the_gpu_memory_bounds_the_batch(tmp_path, monkeypatch):
+    # no GPU needed: torch's CUDA queries answer as one 8 GiB GPU would
+    class Properties:
+        total_memory = 8 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Small GPU")
+    preflight.check_device_available(torch.device("cuda", 0))
+    with pytest.raises(ConfigError, match=r"this machine has 1 CUDA device\(s\): use cuda:0"):
+        preflight.check_device_available(torch.device("cuda", 3))
+    config = load_config(SMOKE, ["model.name=llama-2-7b", "model.dtype=bfloat16"])
+    with pytest.raises(ConfigError, match=r"more than the 8.00 GiB of GPU 0 \(Small GPU\)"):
+        preflight.check_batch_fits_memory(config, torch.device("cuda", 0), 4, print)
