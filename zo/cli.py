@@ -14,6 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 USAGE_EXIT = 2
+DIVERGED_EXIT = 3  # zo.divergence.DIVERGED_EXIT, without importing torch for --help
+EXIT_CODES = """exit codes:
+  0  done
+  1  an unexpected error (a traceback: please report it)
+  2  a usage error: a bad config, key, file or run directory, named in the message;
+     nothing was started or changed
+  3  training diverged (a non-finite loss or weights; see train.on_nonfinite): the
+     message names the step and what to change; no non-finite weights were saved"""
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
@@ -42,6 +50,12 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _diverged() -> type[BaseException]:
+    from zo.divergence import TrainingDivergedError
+
+    return TrainingDivergedError
+
+
 def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--config", required=required, help="YAML experiment config")
     parser.add_argument(
@@ -53,12 +67,12 @@ def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) ->
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from zo.config import load_config
+    from zo.config import load_experiment
     from zo.distributed import DataParallel
     from zo.memory import format_bytes
     from zo.train import train
 
-    config = load_config(args.config, args.overrides)
+    config = load_experiment(args.config, args.overrides)
     summary = train(config)
     if not DataParallel.from_environment().is_main:
         return 0  # rank 0 reports for the data-parallel run
@@ -79,10 +93,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from zo.config import load_config
+    from zo.config import load_experiment
     from zo.train import build_setup, evaluate, load_checkpoint_tensors
 
-    config = load_config(args.config, args.overrides)
+    config = load_experiment(args.config, args.overrides)
     setup = build_setup(config)
     if args.checkpoint:
         load_checkpoint_tensors(setup, Path(args.checkpoint))
@@ -111,7 +125,7 @@ def is_comparison(path: Path) -> bool:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from zo.config import ConfigError, load_config
+    from zo.config import ConfigError, load_experiment
     from zo.train import validate
 
     paths = [Path(p) for p in args.paths] or shipped_configs()
@@ -126,7 +140,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 for _, config in method_configs(str(path)):
                     validate(config)
             else:
-                validate(load_config(path))
+                validate(load_experiment(path))
             print(f"ok    {path}")
         except ConfigError as error:
             failures += 1
@@ -201,7 +215,14 @@ def make_parser() -> argparse.ArgumentParser:
         prog="zo", description="Fine-tune LLMs with forward passes only."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    _config_arguments(sub.add_parser("train", help="train from a YAML config"))
+    _config_arguments(
+        sub.add_parser(
+            "train",
+            help="train from a YAML config",
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     evaluate = sub.add_parser("eval", help="evaluate a model (or a run's checkpoint)")
     _config_arguments(evaluate)
     evaluate.add_argument("--checkpoint", help="RUN/checkpoint to load the trained tensors from")
@@ -241,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     except _usage_errors() as error:
         print(f"zo: error: {error}", file=sys.stderr)
         return USAGE_EXIT
+    except _diverged() as error:
+        print(f"zo: error: {error}", file=sys.stderr)
+        return DIVERGED_EXIT
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import sys
 import time
@@ -22,10 +23,19 @@ from zo import models
 from zo.blocks import checkpoint_blocks
 from zo.config import ConfigError, RunConfig, build, dump_yaml, load_config, to_dict
 from zo.distributed import DataParallel
+from zo.divergence import DivergenceGuard
 from zo.engine import ENGINE_VERSION, mix_seed, seeded
 from zo.memory import peak_memory_bytes, reset_peak_memory, return_large_frees_to_os
+from zo.preflight import (
+    check_batch_fits_data,
+    check_batch_fits_memory,
+    check_device_available,
+    check_run_directory,
+    parse_device,
+)
 from zo.run_directory import ReplicaRunDirectory, ResumePlan, RunDirectory
 from zo.run_lock import run_lock
+from zo.schedule import LRSchedule
 from zo.trainable import TrainableSet, check_group_settings, param_groups, select_trainable
 from zo.trajectory import (
     TRAJECTORY_FORMAT,
@@ -59,7 +69,26 @@ def resolve_estimator(config: RunConfig) -> tuple[estimators.EstimatorSpec, Any]
         spec = estimators.get_estimator(str(name))
     except estimators.UnknownEstimatorError as error:
         raise ConfigError(f"estimator.name: {error}") from None
-    return spec, build(spec.config_class, section, "estimator")
+    estimator_config = build(spec.config_class, section, "estimator")
+    _check_settings(to_dict(estimator_config), "estimator.")
+    for position, group in enumerate(config.estimator.get("param_groups") or []):
+        if isinstance(group, dict):  # the shape is checked where the groups are built
+            _check_settings(group, f"estimator.param_groups[{position}].")
+    return spec, estimator_config
+
+
+def _check_settings(settings: dict[str, Any], prefix: str) -> None:
+    """The estimator's own range checks (finite, positive, ...), at config time."""
+    numbers = {}
+    for key, value in settings.items():
+        try:
+            numbers[key] = float(value) if isinstance(value, str) else value
+        except ValueError:
+            numbers[key] = value  # not a number: the check below names it
+    try:
+        estimators.check_hyperparameters(**numbers)
+    except ValueError as error:
+        raise ConfigError(f"{prefix}{error}") from None
 
 
 def validate(config: RunConfig) -> tasks.Task:
@@ -67,6 +96,7 @@ def validate(config: RunConfig) -> tasks.Task:
 
     Returns the task, built and checked (its data is read only when a split is loaded)."""
     spec, _ = resolve_estimator(config)
+    parse_device(config.model.device)
     if spec.eager_attention and config.model.attn not in (None, "eager"):
         raise ConfigError(
             f"estimator {spec.name} runs torch.func.jvp, which needs eager attention; "
@@ -77,6 +107,11 @@ def validate(config: RunConfig) -> tasks.Task:
             f"estimator {spec.name} updates inside backward and cannot accumulate gradients; "
             f"train.grad_accum is {config.train.grad_accum}: set it to 1 and raise "
             "train.batch_size instead"
+        )
+    if config.train.on_nonfinite == "skip" and not spec.zeroth_order:
+        raise ConfigError(
+            f"train.on_nonfinite=skip records a skipped step in the trajectory, which only "
+            f"zeroth-order estimators write; {spec.name} is not one: use stop"
         )
     try:
         models.check_model_name(config.model.name)
@@ -107,10 +142,13 @@ def build_task(config: RunConfig) -> tasks.Task:
 def resolve_device(name: str) -> torch.device:
     """``model.device`` (``auto``: CUDA when there is one); under a data-parallel launcher,
     this rank's own GPU."""
+    parse_device(name)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     )
-    return DataParallel.from_environment().device(device)
+    device = DataParallel.from_environment().device(device)
+    check_device_available(device)
+    return device
 
 
 @dataclass
@@ -220,12 +258,6 @@ def training_closure(setup: Setup, examples: list, precision: torch.dtype | None
     return autocast_closure
 
 
-def learning_rate(config: RunConfig, base_lr: float, step: int) -> float:
-    if config.train.lr_schedule == "linear":
-        return base_lr * (1.0 - step / config.train.steps)
-    return base_lr
-
-
 def evaluate(setup: Setup, examples: list) -> dict[str, Any]:
     """The task's metric (``metric``, ``score``, plus accuracy for candidate tasks)."""
     return evaluate_task(
@@ -279,6 +311,13 @@ def _check_resumable(run: RunDirectory, config: RunConfig) -> None:
     for key in _RESUME_INVARIANT_TRAIN:
         if getattr(saved.train, key) != getattr(config.train, key):
             raise ConfigError(f"resume: train.{key} differs from the run's config.yaml")
+    if config.train.lr_schedule != "constant" and saved.train.steps != config.train.steps:
+        raise ConfigError(
+            f"resume: train.steps is {config.train.steps}, the run's config.yaml has "
+            f"{saved.train.steps}; the {config.train.lr_schedule} lr schedule decays over "
+            f"train.steps, so changing it would change the lr of every step left: keep "
+            f"train.steps={saved.train.steps}"
+        )
 
 
 def _open_run(
@@ -321,18 +360,48 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
     """
     parallel = DataParallel.from_environment()
     parallel.check_batch(config.train.batch_size)
+    if parallel.world_size > 1 and config.train.on_nonfinite == "skip":
+        raise ConfigError(
+            "train.on_nonfinite=skip is for one process: under a launcher a rank whose shard "
+            "gives a non-finite loss cannot skip alone; use stop"
+        )
+    log = log if parallel.is_main else _silent
+    train_examples = preflight(config, parallel, log)
     try:
         with run_lock(config.train.out, enabled=parallel.is_main):  # rank 0 alone writes
-            return _train(config, log if parallel.is_main else _silent, parallel)
+            return _train(config, log, parallel, train_examples)
     finally:
         parallel.stop()
+
+
+def preflight(config: RunConfig, parallel: DataParallel, log) -> list[tasks.Example]:
+    """Every check of a training run that needs no model, before anything loads or is
+    written: the run directory, the config, the device, the batch against the data and
+    against memory. Returns the training examples (read here to count them)."""
+    check_run_directory(config.train.out, config.resume)
+    task = validate(config)
+    device = resolve_device(config.model.device)
+    examples = task.load("train")[: config.task.train_limit]
+    check_batch_fits_data(config, len(examples))
+    per_rank = config.train.batch_size // parallel.world_size
+    check_batch_fits_memory(config, device, per_rank * _sequences_per_example(task, examples), log)
+    return examples
+
+
+def _sequences_per_example(task: tasks.Task, examples: list[tasks.Example]) -> int:
+    """Sequences a forward reads per example: one per candidate, one for generation."""
+    if task.kind == "generation" or not examples:
+        return 1
+    return max(len(task.candidates(example)) for example in examples[:16])
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
     pass
 
 
-def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
+def _train(
+    config: RunConfig, log, parallel: DataParallel, train_examples: list[tasks.Example]
+) -> dict[str, Any]:
     return_large_frees_to_os()  # keeps a ZO step's peak RSS at the forward pass's
     run = (RunDirectory if parallel.is_main else ReplicaRunDirectory)(
         config.train.out, keep_checkpoints=config.train.keep_checkpoints
@@ -352,9 +421,9 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
     parallel.attach(setup.optimizer)
     reset_peak_memory(setup.device)  # report training's peak, not loading's (or a conversion's)
     optimizer, train_cfg = setup.optimizer, config.train
-    train_examples = setup.task.load("train")[: config.task.train_limit]
     dev_examples = setup.task.load("dev")[: config.task.eval_limit]
 
+    schedule = LRSchedule.before_resume(config, optimizer)  # base lrs of a fresh optimizer
     start_step, zero_shot = _open_run(run, setup, plan, log)
 
     if start_step == 0 and train_cfg.eval_before:
@@ -366,18 +435,32 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
 
     precision = _AUTOCAST_DTYPES[train_cfg.autocast]
     sampler = BatchSampler(len(train_examples), train_cfg.batch_size, train_cfg.seed)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    guard = DivergenceGuard.for_run(config, log)
+    guard.saved(start_step)
     started = time.perf_counter()
     progress = _progress(start_step, train_cfg.steps, train_cfg.progress and parallel.is_main)
     for step in range(start_step, train_cfg.steps):
-        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
-            group["lr"] = learning_rate(config, base_lr, step)
-        for micro in range(train_cfg.grad_accum):
-            picked = parallel.shard(sampler.indices(step * train_cfg.grad_accum + micro))
-            examples = [train_examples[i] for i in picked]
-            optimizer.estimate(training_closure(setup, examples, precision))
-        loss = optimizer.step()
+        schedule.apply(optimizer, step)
+        try:
+            for micro in range(train_cfg.grad_accum):
+                picked = parallel.shard(sampler.indices(step * train_cfg.grad_accum + micro))
+                examples = [train_examples[i] for i in picked]
+                optimizer.estimate(training_closure(setup, examples, precision))
+            loss = optimizer.step()
+        except FloatingPointError as error:  # a non-finite loss or gradient, before any update
+            reason = guard.step_failed(
+                step,
+                error,
+                setup.trainable.state_dict(),
+                loss=isinstance(error, estimators.NonFiniteLossError),
+                can_skip=isinstance(optimizer, estimators.ZOOptimizer),
+            )
+            optimizer.skip_step(reason)  # type: ignore[attr-defined]
+            loss = math.nan
+            log(f"step {step} skipped: {reason}")
         record = getattr(optimizer, "last_record", None)
+        if record is None or "skipped" not in record.extra:
+            guard.after_step(step, loss, record.scalars if record is not None else None)
         if record is not None:
             run.append(run.trajectory, {"type": "step", **record.to_dict()})
         done = step + 1
@@ -397,14 +480,12 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
                 metrics["dev_score"] = evaluate(setup, dev_examples)["score"]
             run.append(run.metrics, metrics)
         if (train_cfg.save_every and done % train_cfg.save_every == 0) or done == train_cfg.steps:
+            tensors = setup.trainable.state_dict()
+            guard.check_before_save(done, tensors)
             run.save_checkpoint(
-                Checkpoint(
-                    done,
-                    setup.trainable.state_dict(),
-                    optimizer.state_dict(),
-                    {"zero_shot": zero_shot},
-                )
+                Checkpoint(done, tensors, optimizer.state_dict(), {"zero_shot": zero_shot})
             )
+            guard.saved(done)
     progress.close()
     wall = time.perf_counter() - started
     steps_run = train_cfg.steps - start_step
@@ -426,6 +507,7 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
         "processes": parallel.world_size,
         "wall_seconds": wall,
         "steps_per_second": steps_run / wall if wall > 0 else None,
+        "skipped_steps": sum("skipped" in r.get("extra", {}) for r in run.step_records()),
         "loss_plot": str(run.plot),
     }
     if parallel.is_main:
