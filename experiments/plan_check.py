@@ -111,7 +111,7 @@ def trainable_set(model, case: Case) -> list:
     if case.trainable == "full":
         return list(model.named_parameters())
     if case.trainable.startswith("lora:"):
-        from zo.quant import add_lora
+        from zo.trainable import add_lora
 
         return add_lora(model, r=int(case.trainable.removeprefix("lora:")))
     from zo.masks import compute_mask
