@@ -94,7 +94,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from zo.config import load_experiment
-    from zo.train import build_setup, evaluate, load_checkpoint_tensors
+    from zo.replay import load_checkpoint_tensors
+    from zo.train import build_setup, evaluate
 
     config = load_experiment(args.config, args.overrides)
     setup = build_setup(config)
@@ -107,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from zo.train import replay
+    from zo.replay import replay
 
     result = replay(args.run, args.out, compare=not args.no_compare)
     return 0 if result.get("bit_identical_to_checkpoint", True) else 1
