@@ -1,5 +1,4 @@
-"""Rebuilding a run's weights from its base model and trajectory (``zo replay``), and
-loading a verified checkpoint's tensors into a setup (``zo eval --checkpoint``)."""
+"""``zo replay``: a run's trained tensors rebuilt from its base model and trajectory alone."""
 
 from __future__ import annotations
 
@@ -10,11 +9,8 @@ from typing import Any
 import torch
 
 import estimators
-from zo import checkpoint as checkpoints
-from zo.config import ConfigError
 from zo.run_directory import RunDirectory
 from zo.train import (
-    Setup,
     build_setup,
     load_run_config,
     resolve_device,
@@ -28,24 +24,6 @@ from zo.trajectory import (
     header_mismatch,
     save_tensors_atomic,
 )
-
-
-def load_checkpoint_tensors(setup: Setup, path: Path, log=print) -> int:
-    """``zo eval --checkpoint PATH``: a checkpoint folder's tensors into ``setup``, verified
-    (PATH a run directory or its ``checkpoint``: the newest that verifies). Returns its step.
-    Reads no optimizer state and takes no lock: safe beside a live run."""
-    if (path / checkpoints.STATE).is_file() and path.name != checkpoints.NEWEST:
-        state, checkpoint = checkpoints.load(path, setup.device, optimizer=False, log=log)
-    else:
-        run = RunDirectory(path.parent if path.name == checkpoints.NEWEST else path)
-        if not run.has_checkpoint():
-            raise ConfigError(f"--checkpoint {path}: no checkpoint there")
-        state, checkpoint = run.newest_checkpoint(setup.device, optimizer=False, log=log)
-    try:
-        setup.trainable.load_state_dict(checkpoint.tensors)
-    except ValueError as error:
-        raise ConfigError(f"{state.folder} does not fit this config's model: {error}") from None
-    return checkpoint.step
 
 
 def replay(

@@ -6,13 +6,16 @@ import fnmatch
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from zo.config import DEFAULT_LORA_TARGETS, ConfigError, TrainableConfig
 from zo.sparse_delta import apply_sparse_deltas, read_mask_indices
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,28 @@ def select_mask_trainable(
     return apply_sparse_deltas(model, read_mask_indices(mask_path))
 
 
+def lora_config(
+    r: int = 8,
+    alpha: float = 16.0,
+    target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+    dropout: float = 0.0,
+    task_type: str | None = None,
+) -> LoraConfig:
+    """The peft ``LoraConfig`` of a run's adapters: what :func:`add_lora` injects and what
+    ``zo export`` writes as ``adapter_config.json``."""
+    from peft import LoraConfig
+
+    if r < 1:
+        raise LoraError(f"LoRA rank must be >= 1, got {r}")
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        task_type=task_type,
+    )
+
+
 def add_lora(
     model: nn.Module,
     r: int = 8,
@@ -156,13 +181,9 @@ def add_lora(
 
     Injected, not wrapped in a ``PeftModel``: the model object and its forward stay the same.
     """
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
 
-    if r < 1:
-        raise LoraError(f"LoRA rank must be >= 1, got {r}")
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules)
-    )
+    config = lora_config(r, alpha, target_modules, dropout)
     try:
         inject_adapter_in_model(config, model)
     except ValueError as error:

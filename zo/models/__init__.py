@@ -43,8 +43,10 @@ from zo.models.registry import (
     family_of,
     get_family,
     get_model,
+    is_registered_model,
     register_family,
     register_model,
+    tiny_family_of,
 )
 from zo.models.tiny import (
     MASKED_SPECIAL_TOKENS,
@@ -88,6 +90,7 @@ __all__ = [
     "family_of",
     "get_family",
     "get_model",
+    "is_registered_model",
     "hub_snapshot",
     "is_hub_id",
     "load_model",
@@ -98,5 +101,6 @@ __all__ = [
     "register_model",
     "resolve_dtype",
     "tiny_config",
+    "tiny_family_of",
     "tiny_model",
 ]

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from zo.staging import process_alive
+
 __all__ = [
     "BUNDLED_MODEL",
     "BundledModelUnavailableError",
@@ -93,18 +95,8 @@ def _remove_abandoned_builds(root: Path) -> None:
     prefix = f".{_BUNDLED_DIRNAME}.tmp.{socket.gethostname()}."
     for candidate in root.glob(f"{prefix}*"):
         pid_text = candidate.name[len(prefix) :].split(".")[0]
-        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+        if pid_text.isdigit() and not process_alive(int(pid_text)):
             shutil.rmtree(candidate, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _publish(build: Path, target: Path) -> None:
