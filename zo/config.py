@@ -361,6 +361,10 @@ def _check_ranges(config: RunConfig) -> None:
     ):
         if getattr(train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
+    for key in ("train_limit", "eval_limit"):
+        limit = getattr(config.task, key)
+        if limit is not None and limit < 1:
+            raise ConfigError(f"task.{key} must be >= 1 (or unset: all examples), got {limit}")
     for key in ("eval_every", "save_every"):
         if getattr(train, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0 (0 = off), got {getattr(train, key)}")
