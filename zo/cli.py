@@ -82,6 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not DataParallel.from_environment().is_main:
         return 0  # rank 0 reports for the data-parallel run
     metric, zero_shot = summary["metric"], summary["zero_shot_score"]
+    rate = summary["steps_per_second"]
+    speed = "no steps run" if rate is None else f"{rate:.2f} steps/s"
     label = f"dev {metric}:"
     print(f"zero-shot {label:<13} {zero_shot:.4f}" if zero_shot is not None else "", end="")
     print(
@@ -89,8 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"\npeak memory:            {format_bytes(summary['peak_memory_bytes'])} ({summary['device']}"
         f"{', per process' if summary['processes'] > 1 else ''})"
         f"\nprocesses:              {summary['processes']}"
-        f"\nwall time:              {summary['wall_seconds']:.1f} s"
-        f" ({summary['steps_per_second']:.2f} steps/s)"
+        f"\nwall time:              {summary['wall_seconds']:.1f} s ({speed})"
         f"\nrun directory:          {summary['run_dir']}"
         f"\nloss plot:              {summary['loss_plot']}"
         f"\nexport:                 {export_command(summary['run_dir'], config.trainable.kind)}"
