@@ -132,7 +132,7 @@ def _run_and_overrides(inputs: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from zo.config import config_from_data, read_yaml
+    from zo.config import experiment_from_data, read_run_yaml, read_yaml
     from zo.run_checkpoint import (
         checkpoint_source,
         load_run_checkpoint,
@@ -147,12 +147,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if run_dir is None and not args.config:
         raise UsageError("give a run directory (zo eval RUN) or --config FILE")
     run = open_run(run_dir) if run_dir is not None else None
-    data = read_yaml(run.config if run is not None else args.config)
+    data = read_run_yaml(run.config) if run is not None else read_yaml(args.config)
     if args.task:
         loop_keys = ("max_length", "train_limit", "eval_limit", "calibrate")
         task = data.get("task") if isinstance(data.get("task"), dict) else {}
         data["task"] = {key: task[key] for key in loop_keys if key in task} | {"name": args.task}
-    config = config_from_data(data, overrides)
+    config = experiment_from_data(data, overrides, run.config if run is not None else args.config)
     source, at_most = checkpoint_source(args.checkpoint) if args.checkpoint else (run, None)
     if source is not None:
         require_checkpoint(source)  # before a model loads

@@ -21,7 +21,15 @@ from tasks.objectives import objective_closure, objective_is_differentiable
 from zo import checkpoint as checkpoints
 from zo import models
 from zo.blocks import checkpoint_blocks
-from zo.config import ConfigError, RunConfig, build, dump_yaml, load_config, to_dict
+from zo.config import (
+    ConfigError,
+    RunConfig,
+    build,
+    config_from_data,
+    dump_yaml,
+    read_run_yaml,
+    to_dict,
+)
 from zo.distributed import DataParallel
 from zo.divergence import DivergenceGuard
 from zo.engine import ENGINE_VERSION, mix_seed, seeded
@@ -287,7 +295,7 @@ def trajectory_header(setup: Setup) -> dict[str, Any]:
 def load_run_config(run: RunDirectory) -> RunConfig:
     """A run's own config.yaml; a damaged one is an error naming it."""
     try:
-        return load_config(run.config)
+        return config_from_data(read_run_yaml(run.config))
     except UnicodeDecodeError:
         raise RunDamagedError(f"{run.config} is not a text file (damaged?)") from None
     except ConfigError as error:
