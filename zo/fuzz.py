@@ -22,7 +22,7 @@ import shutil
 import string
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -583,10 +583,9 @@ def _copy_run(reference: Path, run: Path) -> None:
     shutil.copytree(reference, run, ignore=shutil.ignore_patterns(LOCK))
 
 
-def config_case(rng: random.Random, folder: Path, reference: Path) -> Case:
-    """A bad config for a new run (``train``), a resume of the reference run, or an
-    evaluation of its checkpoint."""
-    damage = rng.choice(sorted(CONFIG_DAMAGE))
+def config_case(rng: random.Random, folder: Path, reference: Path, damage: str) -> Case:
+    """A bad config (``damage``: a key of :data:`CONFIG_DAMAGE`) for a new run (``train``),
+    a resume of the reference run, or an evaluation of its checkpoint."""
     folder.mkdir(parents=True)
     bad = CONFIG_DAMAGE[damage](rng, folder)
     commands = ["train", "train", "resume", *([] if bad.train_only else ["eval --checkpoint"])]
@@ -604,7 +603,7 @@ def config_case(rng: random.Random, folder: Path, reference: Path) -> Case:
         return ""
 
     return Case(
-        f"{command}: {bad.what}",
+        f"{command}: {damage}: {bad.what}",
         argv,
         names=bad.names or (str(config),),
         guarded=run,
@@ -612,11 +611,14 @@ def config_case(rng: random.Random, folder: Path, reference: Path) -> Case:
     )
 
 
-def run_case(rng: random.Random, folder: Path, config: Path, reference: Path) -> Case:
-    """A command on a copy of the reference run with one file damaged (or a stray folder)."""
+RUN_TARGETS = (*RUN_DAMAGE, "extra folder")
+
+
+def run_case(rng: random.Random, folder: Path, config: Path, reference: Path, target: str) -> Case:
+    """A command on a copy of the reference run with ``target`` (one of
+    :data:`RUN_TARGETS`) damaged: a file, or a stray folder beside the checkpoint."""
     folder.mkdir(parents=True)
     run = folder / OUT
-    target = rng.choice([*sorted(RUN_DAMAGE), "extra folder"])
     # a resume beside a stray folder continues the run (and rotates checkpoints): readers only
     index = rng.randrange(1 if target in RUN_DAMAGE else 2, len(COMMANDS))
     codes = (RUN_DAMAGE[target][1] if target in RUN_DAMAGE else EXTRA_FOLDER_CODES)[index - 1]
@@ -640,14 +642,24 @@ def run_case(rng: random.Random, folder: Path, config: Path, reference: Path) ->
 
 
 def cases(seed: int, work: Path, config: Path, reference: Path, count: int) -> list[Case]:
-    """``count`` cases from ``seed``, half bad configs, half damaged runs; each has its own
-    folder under ``work`` (made here; ``prepare`` fills it when the case runs)."""
+    """``count`` cases from ``seed``, half bad configs, half damaged runs, each kind of
+    damage in turn (in an order drawn from the seed); each case has its own folder under
+    ``work`` (made here; ``prepare`` fills it when the case runs)."""
     rng = random.Random(seed)
+    config_kinds, run_targets = _rounds(rng, sorted(CONFIG_DAMAGE)), _rounds(rng, RUN_TARGETS)
     made = []
     for number in range(count):
         folder = work / f"case-{number}"
         if number % 2 == 0:
-            made.append(config_case(rng, folder, reference))
+            made.append(config_case(rng, folder, reference, next(config_kinds)))
         else:
-            made.append(run_case(rng, folder, config, reference))
+            made.append(run_case(rng, folder, config, reference, next(run_targets)))
     return made
+
+
+def _rounds(rng: random.Random, kinds: Sequence[str]) -> Iterator[str]:
+    """Every kind once per round, in a shuffled order."""
+    while True:
+        order = list(kinds)
+        rng.shuffle(order)
+        yield from order
