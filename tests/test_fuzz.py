@@ -156,3 +156,10 @@ def test_no_traceback_reaches_the_terminal(reference, tmp_path):
         outcome = fuzz.check_subprocess(case)
         assert not outcome.problems, (case.name, outcome.problems)
         assert outcome.stderr.strip().startswith("zo: error: ")
+
+
+def test_an_override_without_a_value_is_named_beside_a_config(reference, tmp_path):
+    config, run = reference
+    argv = ["eval", "--config", str(config), "--checkpoint", str(run), "train.steps"]
+    case = fuzz.Case("eval: override without =", argv, names=("'train.steps' is neither",))
+    assert not fuzz.check(case).problems  # it said "a run directory or --config, not both"

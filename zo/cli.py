@@ -142,6 +142,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from zo.train import build_setup, evaluate
 
     run_dir, overrides = _run_and_overrides(args.inputs)
+    if run_dir is not None and args.config and not Path(run_dir).is_dir():
+        raise UsageError(f"{run_dir!r} is neither a run directory nor an override (key.sub=value)")
     if run_dir is not None and args.config:
         raise UsageError("give a run directory or --config FILE, not both")
     if run_dir is None and not args.config:
