@@ -34,11 +34,17 @@ TRACEBACK = "Traceback (most recent call last)"
 LOCK = ".lock"  # the run lock's file holds its last owner's pid: not the run's content
 
 
-def write_reference(folder: Path) -> tuple[Path, Path]:
-    """Train the reference run into ``folder / "run"``; returns (its config file, the run)."""
+def write_reference_config(folder: Path) -> Path:
+    """The reference run's config, as ``folder / "reference.yaml"``."""
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "reference.yaml"
     config.write_text(yaml.safe_dump(REFERENCE_CONFIG, sort_keys=False))
+    return config
+
+
+def write_reference(folder: Path) -> tuple[Path, Path]:
+    """Train the reference run into ``folder / "run"``; returns (its config file, the run)."""
+    config = write_reference_config(folder)
     run = folder / "run"
     code, _, err = call_zo(["train", "--config", str(config), f"train.out={run}"])
     if code != 0:
