@@ -163,3 +163,12 @@ def test_an_override_without_a_value_is_named_beside_a_config(reference, tmp_pat
     argv = ["eval", "--config", str(config), "--checkpoint", str(run), "train.steps"]
     case = fuzz.Case("eval: override without =", argv, names=("'train.steps' is neither",))
     assert not fuzz.check(case).problems  # it said "a run directory or --config, not both"
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_replay_refuses_an_out_that_cannot_be_a_directory(reference, tmp_path, where):
+    config, run = reference
+    out = config if where == "a file" else config / "replayed"
+    case = fuzz.Case(where, ["replay", str(run), "--out", str(out)], names=(f"--out {out}",))
+    case.guarded = run
+    assert not fuzz.check(case).problems  # FileExistsError / NotADirectoryError tracebacks
