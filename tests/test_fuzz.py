@@ -172,3 +172,19 @@ def test_replay_refuses_an_out_that_cannot_be_a_directory(reference, tmp_path, w
     case = fuzz.Case(where, ["replay", str(run), "--out", str(out)], names=(f"--out {out}",))
     case.guarded = run
     assert not fuzz.check(case).problems  # FileExistsError / NotADirectoryError tracebacks
+
+
+def test_export_refuses_an_out_under_a_file(reference, tmp_path):
+    config, run = reference
+    out = config / "export"
+    case = fuzz.Case("export", ["export", str(run), "--out", str(out)], names=(f"--out {out}",))
+    case.guarded = run
+    assert not fuzz.check(case).problems  # a FileExistsError traceback
+
+
+def test_a_verbalizer_that_is_no_mapping_is_a_task_error(reference, tmp_path):
+    config, _ = reference
+    out = tmp_path / "out"
+    argv = ["train", "--config", str(config), f"train.out={out}", "task.verbalizer=3"]
+    case = fuzz.Case("verbalizer", argv, names=("verbalizer",), guarded=out)
+    assert not fuzz.check(case).problems  # a TypeError traceback from dict(3)
