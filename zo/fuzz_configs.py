@@ -44,6 +44,8 @@ _KINDS = {
     "task.eval_limit": "int",
     "task.train_limit": "int",
     "task.template": "str",
+    "task.verbalizer": "mapping",
+    "task.objective": "choice",
     "trainable.kind": "choice",
     "estimator.lr": "float",
     "estimator.eps": "float",
@@ -70,6 +72,7 @@ _WRONG_TYPES = {
     "int": ["abc", 2.5, True, [4], {"a": 1}, "4"],
     "float": ["abc", True, [1e-3], {"a": 1}, None],
     "bool": ["yes please", 3, [True], "true", 0.5],
+    "mapping": [3, "great", [" bad", " good"], True],
 }
 _OUT_OF_RANGE = {
     "estimator.lr": [float("nan"), float("inf"), float("-inf"), -1e-3, 0.0, "nan", "1e999"],
