@@ -20,6 +20,15 @@ SENTIMENT_TEMPLATE = "{text} It was"
 SENTIMENT_VERBALIZER: dict[int, str] = {0: " terrible", 1: " great"}
 
 
+def _mapping(task: str, verbalizer: object) -> dict[Any, str]:
+    if not isinstance(verbalizer, Mapping):
+        raise TaskError(
+            f"task {task!r}: verbalizer must map each label to its text (e.g. "
+            f"{{0: ' terrible', 1: ' great'}}), got {verbalizer!r}"
+        )
+    return dict(verbalizer)
+
+
 @register_task("sentiment")
 def sentiment(
     template: str = SENTIMENT_TEMPLATE,
@@ -31,7 +40,9 @@ def sentiment(
     return ClassificationTask(
         name="sentiment",
         template=template,
-        verbalizer=dict(SENTIMENT_VERBALIZER if verbalizer is None else verbalizer),
+        verbalizer=_mapping(
+            "sentiment", SENTIMENT_VERBALIZER if verbalizer is None else verbalizer
+        ),
         data_files=split_files(data_dir),
         objective=objective,
     )
@@ -76,7 +87,7 @@ def jsonl(
     return ClassificationTask(
         name=name,
         template=template,
-        verbalizer=dict(verbalizer or {}),
+        verbalizer=_mapping(name, verbalizer or {}),
         data_files=files,
         label_field=label,
         objective=objective,

@@ -275,3 +275,66 @@ def test_a_sharded_base_merges_shard_by_shard(files):
         torch.testing.assert_close(
             merged(IDS).logits, sparse_model(IDS).logits, rtol=1e-5, atol=1e-5
         )
+
+
+def _flip_last_value(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[-2] ^= 0x40  # inside the last tensor's bytes: still a valid safetensors file
+    path.write_bytes(bytes(raw))
+
+
+def _checkpoint_values(tmp_path: Path, named) -> Path:
+    """A run's checkpoint folder: trainable.safetensors and the state.json that lists its
+    sha256."""
+    import hashlib
+
+    folder = tmp_path / "run" / "checkpoint"
+    folder.mkdir(parents=True)
+    tensors = folder / "trainable.safetensors"
+    save_file({n: p.detach().contiguous() for n, p in named}, str(tensors))
+    digest = hashlib.sha256(tensors.read_bytes()).hexdigest()
+    state = {"step": 1, "format": 2, "files": {"trainable.safetensors": digest}}
+    state["trajectory"] = {"records": 1, "check": None}
+    (folder / "state.json").write_text(json.dumps(state))
+    return tensors
+
+
+VALUES_DAMAGE = {
+    "flipped value": _flip_last_value,
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[:200]),
+    "empty": lambda p: p.write_bytes(b""),
+    "garbled header": lambda p: p.write_bytes(p.read_bytes()[:8] + b"X" * 16 + p.read_bytes()[24:]),
+}
+
+
+@pytest.mark.parametrize("damage", VALUES_DAMAGE)
+@pytest.mark.parametrize("source", ["values file", "run checkpoint"])
+def test_a_damaged_values_file_is_refused_by_name(files, capsys, damage, source):
+    tmp_path, _, named = files
+    values = tmp_path / "values.safetensors"
+    if source == "run checkpoint":
+        values = _checkpoint_values(tmp_path, named)
+        assert merge.run(options(tmp_path, values=values, out=tmp_path / "good")) == 0
+    VALUES_DAMAGE[damage](values)
+    assert merge.run(options(tmp_path, values=values)) == 2  # an exception fails here
+    assert str(values) in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+
+
+def test_non_finite_values_are_refused(files, capsys):
+    tmp_path, _, named = files
+    poisoned = [
+        (n, torch.full_like(p, float("nan")) if i == 1 else p) for i, (n, p) in enumerate(named)
+    ]
+    save_values(tmp_path / "nan.safetensors", poisoned, METADATA)
+    assert merge.run(options(tmp_path, values=tmp_path / "nan.safetensors")) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nan.safetensors") in err and "not finite" in err
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_values_file_without_a_checksum_merges_and_says_it_is_unverified(files, capsys):
+    tmp_path, _, named = files
+    save_file({n: p.detach() for n, p in named}, str(tmp_path / "plain.safetensors"))
+    with pytest.warns(UserWarning, match="no checksum"):
+        assert merge.run(options(tmp_path, values=tmp_path / "plain.safetensors")) == 0

@@ -321,3 +321,24 @@ def test_runs_of_trajectory_format_1_replay_and_resume(tmp_path, capsys):
     _edit_lines(run, lambda lines: lines.pop(4))  # a gap is damage in format 1 as well
     assert zo("replay", str(run), "--out", str(tmp_path / "gap")) == 2
     assert "trajectory.jsonl line 5: step 4 where step 3 belongs" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- steps on resume
+
+
+def test_a_resume_cannot_shorten_a_run(smoke_run, tmp_path, capsys):
+    run = copy_run(smoke_run, tmp_path / "run")
+    before = files_of(run)
+    assert resume(run, "train.steps=8") == 2  # it printed a negative steps/s
+    err = capsys.readouterr().err
+    assert "train.steps is 8" in err and "at step 12 already" in err
+    assert files_of(run) == before
+
+
+def test_a_resume_of_a_finished_run_trains_nothing_and_changes_nothing(smoke_run, tmp_path, capsys):
+    run = copy_run(smoke_run, tmp_path / "run")
+    before = files_of(run)
+    assert resume(run) == 0
+    out = capsys.readouterr().out
+    assert "nothing to train" in out and "(no steps run)" in out
+    assert files_of(run) == before  # summary.json and loss.png of the run that trained

@@ -82,6 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not DataParallel.from_environment().is_main:
         return 0  # rank 0 reports for the data-parallel run
     metric, zero_shot = summary["metric"], summary["zero_shot_score"]
+    rate = summary["steps_per_second"]
+    speed = "no steps run" if rate is None else f"{rate:.2f} steps/s"
     label = f"dev {metric}:"
     print(f"zero-shot {label:<13} {zero_shot:.4f}" if zero_shot is not None else "", end="")
     print(
@@ -89,8 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"\npeak memory:            {format_bytes(summary['peak_memory_bytes'])} ({summary['device']}"
         f"{', per process' if summary['processes'] > 1 else ''})"
         f"\nprocesses:              {summary['processes']}"
-        f"\nwall time:              {summary['wall_seconds']:.1f} s"
-        f" ({summary['steps_per_second']:.2f} steps/s)"
+        f"\nwall time:              {summary['wall_seconds']:.1f} s ({speed})"
         f"\nrun directory:          {summary['run_dir']}"
         f"\nloss plot:              {summary['loss_plot']}"
         f"\nexport:                 {export_command(summary['run_dir'], config.trainable.kind)}"
@@ -131,7 +132,7 @@ def _run_and_overrides(inputs: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from zo.config import config_from_data, read_yaml
+    from zo.config import experiment_from_data, read_run_yaml, read_yaml
     from zo.run_checkpoint import (
         checkpoint_source,
         load_run_checkpoint,
@@ -141,17 +142,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from zo.train import build_setup, evaluate
 
     run_dir, overrides = _run_and_overrides(args.inputs)
+    if run_dir is not None and args.config and not Path(run_dir).is_dir():
+        raise UsageError(f"{run_dir!r} is neither a run directory nor an override (key.sub=value)")
     if run_dir is not None and args.config:
         raise UsageError("give a run directory or --config FILE, not both")
     if run_dir is None and not args.config:
         raise UsageError("give a run directory (zo eval RUN) or --config FILE")
     run = open_run(run_dir) if run_dir is not None else None
-    data = read_yaml(run.config if run is not None else args.config)
+    data = read_run_yaml(run.config) if run is not None else read_yaml(args.config)
     if args.task:
         loop_keys = ("max_length", "train_limit", "eval_limit", "calibrate")
         task = data.get("task") if isinstance(data.get("task"), dict) else {}
         data["task"] = {key: task[key] for key in loop_keys if key in task} | {"name": args.task}
-    config = config_from_data(data, overrides)
+    config = experiment_from_data(data, overrides, run.config if run is not None else args.config)
     source, at_most = checkpoint_source(args.checkpoint) if args.checkpoint else (run, None)
     if source is not None:
         require_checkpoint(source)  # before a model loads

@@ -321,8 +321,19 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Run
     and the task. The defaults are the tests' fixtures (a random tiny-llama on the bundled
     sentiment rows): training them because a file is empty or lacks a section is a mistake,
     never an experiment, so it is refused rather than run."""
-    data = read_yaml(path)
-    config = config_from_data(data, overrides)
+    return experiment_from_data(read_yaml(path), overrides, path)
+
+
+def experiment_from_data(
+    data: dict[str, Any], overrides: list[str] | None, source: str | Path
+) -> RunConfig:
+    """:func:`config_from_data`, refused unless the data of file ``source`` (or an
+    override) names the model and the task (see :func:`load_experiment`). An error of the
+    file's own is said to be the file's."""
+    try:
+        config = config_from_data(data, overrides)
+    except ConfigError as error:
+        raise _named(error, data, source) from None
     named = apply_overrides(_normalise_shorthands(data), overrides or [])
     missing = [
         f"{section}.name"
@@ -332,11 +343,41 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Run
     if missing:
         what = "is empty" if not data else f"names no {' and no '.join(missing)}"
         raise ConfigError(
-            f"config file {path} {what}: an experiment names its model and task (see "
+            f"config file {source} {what}: an experiment names its model and task (see "
             "experiments/tiny/smoke.yaml), in the file or as overrides such as "
             "model.name=tiny-llama task.name=sentiment"
         )
     return config
+
+
+def _named(error: ConfigError, data: dict[str, Any], source: str | Path) -> ConfigError:
+    """``error`` naming the file ``source`` when the file alone gives it (not an override)."""
+    if str(source) in str(error):
+        return error
+    try:
+        config_from_data(data)
+    except ConfigError as own:
+        if str(own) == str(error):
+            return ConfigError(f"config file {source}: {error}")
+    return error
+
+
+RUN_SECTIONS = ("model", "task", "trainable", "estimator", "train")
+"""The sections of every config.yaml that ``zo train`` writes into a run directory."""
+
+
+def read_run_yaml(path: str | Path) -> dict[str, Any]:
+    """A run's config.yaml: zo writes every section, so one missing is damage (read with
+    the defaults, it would describe another run)."""
+    data = read_yaml(path)
+    missing = [section for section in RUN_SECTIONS if not isinstance(data.get(section), dict)]
+    if missing:
+        raise ConfigError(
+            f"{path} has no {' and no '.join(missing)} section: a run's config.yaml holds "
+            f"all of {list(RUN_SECTIONS)} (zo train writes them), so this one is damaged; "
+            "restore it"
+        )
+    return data
 
 
 def config_from_data(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
@@ -361,6 +402,10 @@ def _check_ranges(config: RunConfig) -> None:
     ):
         if getattr(train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
+    for key in ("train_limit", "eval_limit"):
+        limit = getattr(config.task, key)
+        if limit is not None and limit < 1:
+            raise ConfigError(f"task.{key} must be >= 1 (or unset: all examples), got {limit}")
     for key in ("eval_every", "save_every"):
         if getattr(train, key) < 0:
             raise ConfigError(f"train.{key} must be >= 0 (0 = off), got {getattr(train, key)}")

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from zo import models
-from zo.config import ConfigError, RunConfig, load_config
+from zo.config import ConfigError, RunConfig, config_from_data, read_run_yaml
 from zo.engine import seeded
 from zo.merge import merge_values
 from zo.run_checkpoint import check_base_model, check_tensors, open_run, read_checkpoint
@@ -68,7 +68,7 @@ def export_run(
     non-empty ``out_dir``. Everything is checked before a byte is written.
     """
     run = open_run(run_dir)
-    config = load_config(run.config)
+    config = config_from_data(read_run_yaml(run.config))
     kind = config.trainable.kind
     if merge and kind != "lora":
         raise ExportError(

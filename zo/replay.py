@@ -44,6 +44,7 @@ def replay(
     out = Path(out_dir)
     if run.owns(out):
         raise ReplayError(f"--out {out} is the run's own folder or checkpoint; choose another")
+    _check_out(out)
     config = load_run_config(run)
     spec, _ = resolve_estimator(config)
     if not spec.zeroth_order:
@@ -82,3 +83,13 @@ def replay(
     result["out"] = str(out / "trainable.safetensors")
     log(json.dumps(result))
     return result
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` is a directory or can become one (checked before the model loads)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == out else f" ({existing}, on its path, is a file)"
+        raise ReplayError(f"--out {out} is not a directory{where}: choose another --out")

@@ -108,9 +108,12 @@ class RunDirectory:
         return self.trajectory.exists() or self.config.exists()
 
     def half_created(self) -> bool:
-        """config.yaml but no trajectory header yet: killed while being created."""
-        return self.config.exists() and (
-            not self.trajectory.exists() or self.trajectory.stat().st_size == 0
+        """config.yaml but no trajectory header yet: killed while being created (and so
+        before any checkpoint: a run with one has lost its trajectory, which is damage)."""
+        return (
+            self.config.exists()
+            and (not self.trajectory.exists() or self.trajectory.stat().st_size == 0)
+            and not self.has_checkpoint()
         )
 
     def ensure_new(self) -> None:
@@ -267,6 +270,12 @@ class RunDirectory:
         """
         if self.half_created():
             return ResumePlan(None)
+        if not self.trajectory.exists():
+            raise RunDamagedError(
+                f"{self.trajectory} is missing, but the run has a checkpoint: its steps can "
+                "be neither verified nor replayed; restore the file, or train a new run "
+                "(another train.out)"
+            )
         trajectory = read_trajectory(self.trajectory)
         metrics = scan_jsonl(self.metrics) if self.metrics.exists() else None
         plan = ResumePlan(trajectory, metrics)

@@ -26,7 +26,9 @@ Values files (:func:`save_values`): the same names mapping to the trained fp32 v
 
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -338,6 +340,7 @@ def save_values(
     }
     metadata = {str(k): str(v) for k, v in (mask_metadata or {}).items()}
     metadata["values_format"] = VALUES_FORMAT
+    metadata[_VALUES_CHECK] = _values_digest(tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -345,8 +348,73 @@ def save_values(
 
 
 def read_values(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """A values file (or a run's ``trainable.safetensors``) as ``weight name -> values``."""
+    """A values file (or a run's ``trainable.safetensors``) as ``weight name -> values``,
+    verified: against the checksum :func:`save_values` wrote into it, or the sha256 that the
+    checkpoint's ``state.json`` beside it lists. A file with neither is read with a warning;
+    an unreadable, changed or non-finite one is a :class:`SparseDeltaError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise SparseDeltaError(f"values file {path} does not exist")
-    return {weight_name(name): tensor for name, tensor in load_file(str(path)).items()}
+    try:
+        tensors = load_file(str(path))
+        metadata = read_metadata(path)
+    except Exception as error:  # safetensors raises its own error type or OSError
+        raise SparseDeltaError(
+            f"values file {path} is not a readable safetensors file ({error}): damaged?"
+        ) from None
+    _verify_values(path, tensors, metadata)
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SparseDeltaError(
+                f"values file {path}: {name} holds values that are not finite (nan or inf); "
+                "merging them would break the model"
+            )
+    return {weight_name(name): tensor for name, tensor in tensors.items()}
+
+
+_VALUES_CHECK = "values_sha256"
+
+
+def _values_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _verify_values(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict) -> None:
+    from zo.checkpoint import STATE, TRAINABLE, read_state
+    from zo.run_files import RunDamagedError, sha256_of
+
+    if _VALUES_CHECK in metadata:
+        if _values_digest(tensors) != metadata[_VALUES_CHECK]:
+            raise SparseDeltaError(
+                f"values file {path}: its values differ from the checksum written with them "
+                "(the file changed after it was saved): damaged"
+            )
+        return
+    if path.name == TRAINABLE and (path.parent / STATE).is_file():
+        try:
+            files = read_state(path.parent).files or {}
+        except RunDamagedError as error:
+            raise SparseDeltaError(f"values file {path}: {error}") from None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            actual = sha256_of(fd)
+        finally:
+            os.close(fd)
+        if TRAINABLE in files:
+            if files[TRAINABLE] != actual:
+                raise SparseDeltaError(
+                    f"values file {path}: its sha256 differs from the one in "
+                    f"{path.parent / STATE} (the file changed after it was written): damaged"
+                )
+            return
+    warnings.warn(
+        f"values file {path} carries no checksum (not written by save_values or a zo "
+        "checkpoint): merged unverified",
+        UserWarning,
+        stacklevel=3,
+    )

@@ -72,6 +72,11 @@ def check_output(out: Path, overwrite: bool, protected: Iterable[Path] = ()) -> 
             )
     if out.is_file() or out.is_symlink():
         raise OutputDirectoryError(f"--out {out} is a file; choose a directory path")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise OutputDirectoryError(
+            f"--out {out}: {above}, on its path, is a file; choose a directory path"
+        )
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputDirectoryError(
             f"--out {out} already exists and is not empty (pass --overwrite to replace it)"

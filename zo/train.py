@@ -21,7 +21,15 @@ from tasks.objectives import objective_closure, objective_is_differentiable
 from zo import checkpoint as checkpoints
 from zo import models
 from zo.blocks import checkpoint_blocks
-from zo.config import ConfigError, RunConfig, build, dump_yaml, load_config, to_dict
+from zo.config import (
+    ConfigError,
+    RunConfig,
+    build,
+    config_from_data,
+    dump_yaml,
+    read_run_yaml,
+    to_dict,
+)
 from zo.distributed import DataParallel
 from zo.divergence import DivergenceGuard
 from zo.engine import ENGINE_VERSION, mix_seed, seeded
@@ -287,7 +295,7 @@ def trajectory_header(setup: Setup) -> dict[str, Any]:
 def load_run_config(run: RunDirectory) -> RunConfig:
     """A run's own config.yaml; a damaged one is an error naming it."""
     try:
-        return load_config(run.config)
+        return config_from_data(read_run_yaml(run.config))
     except UnicodeDecodeError:
         raise RunDamagedError(f"{run.config} is not a text file (damaged?)") from None
     except ConfigError as error:
@@ -410,6 +418,12 @@ def _train(
         _check_resumable(run, config)
         spec, _ = resolve_estimator(config)
         plan = run.plan_resume(spec.zeroth_order, config.train.repair, log)  # reads only
+        if plan.start_step > config.train.steps:
+            raise ConfigError(
+                f"resume: train.steps is {config.train.steps}, but {plan.state.folder} is at "
+                f"step {plan.start_step} already: a resume continues a run, it cannot shorten "
+                f"it; pass train.steps={plan.start_step} or more (nothing was changed)"
+            )
     else:
         run.ensure_new()  # before any model loads: never overwrite a run
     # every rank has checked the directory before the rendezvous, so none sees rank 0's
@@ -486,6 +500,8 @@ def _train(
     progress.close()
     wall = time.perf_counter() - started
     steps_run = train_cfg.steps - start_step
+    if steps_run == 0:
+        log(f"{run.path} is at step {start_step} (train.steps) already: nothing to train")
 
     final = evaluate(setup, dev_examples)
     summary = {
@@ -503,11 +519,12 @@ def _train(
         "device": setup.device.type,
         "processes": parallel.world_size,
         "wall_seconds": wall,
-        "steps_per_second": steps_run / wall if wall > 0 else None,
+        "steps_per_second": steps_run / wall if steps_run and wall > 0 else None,
         "skipped_steps": sum("skipped" in r.get("extra", {}) for r in run.step_records()),
         "loss_plot": str(run.plot),
     }
-    if parallel.is_main:
+    # a resume with nothing to train keeps the summary of the run that trained
+    if parallel.is_main and (steps_run or not run.summary.exists()):
         atomic_write_text(run.summary, json.dumps(summary, indent=2) + "\n")
         plot_loss(run)
     return summary
