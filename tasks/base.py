@@ -1,6 +1,6 @@
 """What a task is: examples, a prompt per example, and what the model is scored on.
 
-A task knows text, not models: `tasks.scoring` and `tasks.generation` turn prompts and
+A task knows text, not models: `tasks.encoding` and `tasks.generation` turn prompts and
 continuations into token batches. Three kinds of task share one interface:
 
 - "classification": a fixed candidate set (a verbalizer); the loss is cross-entropy over
@@ -108,7 +108,7 @@ class Task(ABC):
     # Optional: `candidate_prompts(example) -> list[str]`, one prompt per candidate, for
     # tasks whose candidates differ in what precedes a shared continuation (WinoGrande's
     # partial scoring: the option fills the blank, the rest of the sentence is scored).
-    # Scoring then reads each candidate after its own prompt (`tasks.scoring.rows_of`).
+    # Scoring then reads each candidate after its own prompt (`tasks.encoding.rows_of`).
 
     def answers(self, example: Example) -> list[str]:
         """Generation: every gold answer as a continuation of the prompt (with

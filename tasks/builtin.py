@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,35 +21,30 @@ SENTIMENT_TEMPLATE = "{text} It was"
 SENTIMENT_VERBALIZER: dict[int, str] = {0: " terrible", 1: " great"}
 
 
-@register_task("sentiment")
-def sentiment(
-    template: str = SENTIMENT_TEMPLATE,
-    verbalizer: Mapping[Any, str] | None = None,
-    data_dir: str | Path = DATA_DIR / "sentiment",
-    objective: str = "loss",
-) -> ClassificationTask:
+@dataclass(frozen=True)
+class SentimentOptions:
     """Short English reviews written for this project (0 = negative, 1 = positive)."""
+
+    template: str = SENTIMENT_TEMPLATE
+    verbalizer: Mapping[Any, str] | None = None
+    """Label -> candidate; None: MeZO's " terrible" / " great"."""
+    data_dir: str | Path = DATA_DIR / "sentiment"
+    objective: str = "loss"
+
+
+def sentiment(options: SentimentOptions) -> ClassificationTask:
+    verbalizer = SENTIMENT_VERBALIZER if options.verbalizer is None else options.verbalizer
     return ClassificationTask(
         name="sentiment",
-        template=template,
-        verbalizer=dict(SENTIMENT_VERBALIZER if verbalizer is None else verbalizer),
-        data_files=split_files(data_dir),
-        objective=objective,
+        template=options.template,
+        verbalizer=dict(verbalizer),
+        data_files=split_files(options.data_dir),
+        objective=options.objective,
     )
 
 
-@register_task("jsonl")
-def jsonl(
-    path: str | Path | Mapping[str, str | Path],
-    template: str,
-    verbalizer: Mapping[Any, str] | None = None,
-    label: str = "label",
-    target: str | None = None,
-    name: str = "jsonl",
-    objective: str = "loss",
-    metric: str | None = None,
-    answer_prefix: str = " ",
-) -> Task:
+@dataclass(frozen=True)
+class JsonlOptions:
     """A user's own task from a config: JSONL or CSV file(s) and a template, plus either
 
     - `verbalizer` (label value -> candidate string) and `label` (the label field): a
@@ -56,31 +52,45 @@ def jsonl(
     - `target` (the field holding the gold answer, or a list of them): a generation task,
       trained by teacher forcing on the answer and scored by SQuAD-style F1.
     """
+
+    path: str | Path | Mapping[str, str | Path]
+    template: str
+    verbalizer: Mapping[Any, str] | None = None
+    label: str = "label"
+    target: str | None = None
+    name: str = "jsonl"
+    objective: str = "loss"
+    metric: str | None = None
+    answer_prefix: str = " "
+
+
+def jsonl(options: JsonlOptions) -> Task:
+    name, verbalizer, target = options.name, options.verbalizer, options.target
     if (verbalizer is None) == (target is None):
         raise TaskError(
             f"task {name!r}: give either `verbalizer` (a classification task) or `target` "
             "(a generation task: the field holding the answer), not "
             + ("both" if target is not None else "neither")
         )
-    files = split_files(path)
+    files = split_files(options.path)
     if target is not None:
         return GenerationTask(
             name=name,
-            template=template,
+            template=options.template,
             data_files=files,
             target_field=target,
-            answer_prefix=answer_prefix,
-            objective=objective,
-            metric=check_metric(metric or "squad_f1"),
+            answer_prefix=options.answer_prefix,
+            objective=options.objective,
+            metric=check_metric(options.metric or "squad_f1"),
         )
     return ClassificationTask(
         name=name,
-        template=template,
+        template=options.template,
         verbalizer=dict(verbalizer or {}),
         data_files=files,
-        label_field=label,
-        objective=objective,
-        metric=check_metric(metric or "accuracy"),
+        label_field=options.label,
+        objective=options.objective,
+        metric=check_metric(options.metric or "accuracy"),
     )
 
 
@@ -112,3 +122,7 @@ def _split_file(directory: Path, split: str) -> Path:
         if (directory / f"{split}{suffix}").is_file():
             return directory / f"{split}{suffix}"
     return directory / f"{split}{ROW_FORMATS[0]}"
+
+
+register_task("sentiment", SentimentOptions, sentiment, kinds=("classification",), fixtures=False)
+register_task("jsonl", JsonlOptions, jsonl, kinds=("classification", "generation"), fixtures=False)
