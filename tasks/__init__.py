@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tasks import builtin as _builtin  # noqa: F401  (registers the shipped tasks)
-from tasks.base import ClassificationTask, Example, Task, TaskError
+from tasks.base import Example, Task, TaskError
+from tasks.files import ClassificationTask
 from tasks.registry import available_tasks, get_task, register_task
 
 if TYPE_CHECKING:

@@ -1,5 +1,6 @@
 """The tasks shipped with the package: the bundled sentiment data, a user's own files, and
-(by importing `tasks.suite`) the MeZO / ZO-Bench benchmark suite."""
+(by importing `tasks.chat` and `tasks.suite`) chat / instruction rows and the MeZO /
+ZO-Bench benchmark suite."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks import chat as _chat  # noqa: F401  (registers chat)
 from tasks import suite as _suite  # noqa: F401  (registers sst2, rte, ..., winogrande)
-from tasks.base import SPLITS, ClassificationTask, GenerationTask, Task, TaskError
-from tasks.jsonl import ROW_FORMATS
+from tasks.base import Task, TaskError
+from tasks.files import ClassificationTask, GenerationTask, split_files
 from tasks.metrics import check_metric
 from tasks.registry import register_task
 
@@ -62,6 +64,10 @@ class JsonlOptions:
     objective: str = "loss"
     metric: str | None = None
     answer_prefix: str = " "
+    dev_fraction: float | None = None
+    """Hold out this share of a single training file as the dev split (seeded by
+    `split_seed`; stratified by label for classification); an error beside a dev file."""
+    split_seed: int = 0
 
 
 def jsonl(options: JsonlOptions) -> Task:
@@ -72,7 +78,7 @@ def jsonl(options: JsonlOptions) -> Task:
             "(a generation task: the field holding the answer), not "
             + ("both" if target is not None else "neither")
         )
-    files = split_files(options.path)
+    files = split_files(options.path, hold_out_dev=options.dev_fraction is not None)
     if target is not None:
         return GenerationTask(
             name=name,
@@ -82,6 +88,8 @@ def jsonl(options: JsonlOptions) -> Task:
             answer_prefix=options.answer_prefix,
             objective=options.objective,
             metric=check_metric(options.metric or "squad_f1"),
+            dev_fraction=options.dev_fraction,
+            split_seed=options.split_seed,
         )
     return ClassificationTask(
         name=name,
@@ -91,37 +99,9 @@ def jsonl(options: JsonlOptions) -> Task:
         label_field=options.label,
         objective=options.objective,
         metric=check_metric(options.metric or "accuracy"),
+        dev_fraction=options.dev_fraction,
+        split_seed=options.split_seed,
     )
-
-
-def split_files(path: str | Path | Mapping[str, str | Path]) -> dict[str, Path]:
-    """Which file holds which split.
-
-    - a mapping `{train: a.jsonl, dev: b.csv}`: as given;
-    - a pattern with `{split}` (`data/{split}.jsonl`): filled in per split;
-    - a directory: `train.jsonl` (or `train.csv`), `dev...` and `test...` inside it;
-    - a single file: the train split only (scoring dev on training rows would
-      look like success, so there is deliberately no default dev split).
-    A missing file is reported when its split is loaded, with the expected format.
-    """
-    if isinstance(path, Mapping):
-        return {str(split): Path(file) for split, file in path.items()}
-    text = str(path)
-    if "{split}" in text:
-        return {split: Path(text.format(split=split)) for split in SPLITS}
-    # A path without a suffix is taken as a directory even before it exists, so a typo
-    # is reported as "dir/train.jsonl not found" rather than as a file that is missing.
-    if Path(text).is_dir() or Path(text).suffix == "":
-        return {split: _split_file(Path(text), split) for split in SPLITS}
-    return {"train": Path(text)}
-
-
-def _split_file(directory: Path, split: str) -> Path:
-    """`split.jsonl` or `split.csv`, whichever exists (JSONL first); JSONL if neither."""
-    for suffix in ROW_FORMATS:
-        if (directory / f"{split}{suffix}").is_file():
-            return directory / f"{split}{suffix}"
-    return directory / f"{split}{ROW_FORMATS[0]}"
 
 
 register_task("sentiment", SentimentOptions, sentiment, kinds=("classification",), fixtures=False)

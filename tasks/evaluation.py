@@ -185,6 +185,7 @@ def candidate_scores(
     settings: EvalSettings,
 ) -> list[Tensor]:
     """Per example, the [C] scores its prediction is the argmax of (fp32, on CPU)."""
+    task = task.for_tokenizer(tokenizer)
     if settings.calibrate:
         return calibrated_scores(model, tokenizer, task, examples, settings)
     rows = rows_of(task, examples)
@@ -229,6 +230,7 @@ def generate_answers(
             f"({type(model).__name__}) cannot decode answers: use a causal LM"
         )
     greedy = replace(settings.greedy, max_length=settings.max_length)
+    task = task.for_tokenizer(tokenizer)
     prompts = [task.prompt(example) for example in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [""] * len(prompts)

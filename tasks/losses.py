@@ -166,7 +166,7 @@ def make_batch(
 
     Without `model` the causal-LM layout is used; `batch_loss` then refuses a masked LM.
     """
-    kind = task_kind(task)
+    kind, task = task_kind(task), task.for_tokenizer(tokenizer)
     if not examples:
         raise TaskError(f"task {task.name!r}: a batch needs at least one example")
     if kind == "generation" and model is not None and is_masked_lm(model):

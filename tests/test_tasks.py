@@ -29,7 +29,7 @@ from tasks import (
     predict,
     register_task,
 )
-from tasks.builtin import split_files
+from tasks.files import split_files
 from tasks.registry import TaskTraits, task_registration
 from zo.models import byte_tokenizer, tiny_model
 
