@@ -132,6 +132,10 @@ def _built(name: str, tmp_path) -> object:
         return tasks.get_task(
             name, path=str(data), template="{text}", verbalizer={0: " x", 1: " y"}
         )
+    if name == "chat":
+        data = tmp_path / "chat.jsonl"
+        data.write_text('{"prompt": "a", "completion": " b"}\n')
+        return tasks.get_task(name, path=str(data))
     return tasks.get_task(name)
 
 
@@ -144,7 +148,7 @@ def test_every_task_registration_has_the_traits_the_loop_reads(tmp_path) -> None
     assert sorted(TASKS) == tasks.available_tasks() and len(TASKS) >= 18
     # the package's own tasks (other tests register throwaway ones)
     shipped = {n: r for n, r in TASKS.items() if r.impl.__module__.startswith("tasks.")}
-    assert {"sentiment", "jsonl", "sst2", "squad"} <= set(shipped)
+    assert {"sentiment", "jsonl", "chat", "sst2", "squad"} <= set(shipped)
     for name, registration in shipped.items():
         assert isinstance(registration.traits, TaskTraits), name
         assert registration.traits.kinds and set(registration.traits.kinds) <= set(KINDS), name
