@@ -8,7 +8,7 @@ gradients of the real model; a random mask of the same density costs the same me
 * ``forward``: one forward of the batch (the loss closure, under ``no_grad``);
 * ``zo_step``: one ZO-SGD step (two perturbed forwards and the update) on the same batch.
 
-The loss is the project's (``--loss scored``, as :mod:`tasks.scoring`): hidden states at the
+The loss is the project's (``--loss scored``, as :mod:`tasks.losses`): hidden states at the
 last position of each sequence, the head there only; ``--loss full`` is a language-model loss
 over every position (a sequence x vocabulary logits tensor). On CUDA the script also prints
 ``zo plan``'s prediction for the same configuration next to the measured peak.
@@ -104,7 +104,7 @@ def loss_closure(model, ids: torch.Tensor, loss: str):
             return F.cross_entropy(flat, ids[:, 1:].reshape(-1))
 
         return full
-    from tasks.scoring import backbone_and_head
+    from tasks.lm import backbone_and_head
 
     backbone, head = backbone_and_head(model)
 

@@ -165,7 +165,7 @@ def request_for(case: Case, shape: ModelShape) -> PlanRequest:
 
 
 def scored_loss(model, backbone, head, ids, mask):
-    """The project's loss shape (tasks.scoring): hidden states gathered at the scored
+    """The project's loss shape (tasks.losses): hidden states gathered at the scored
     positions, the head there only, fp32 log-softmax, NLL of the next tokens."""
     import torch
 
@@ -184,7 +184,7 @@ def worker(case: Case) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     import estimators
-    from tasks.scoring import backbone_and_head
+    from tasks.lm import backbone_and_head
     from zo.engine import EngineConfig
 
     torch.set_num_threads(1)  # the profiler counts allocations of profiled threads only

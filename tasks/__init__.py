@@ -9,32 +9,33 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tasks import builtin as _builtin  # noqa: F401  (registers the shipped tasks)
-from tasks.base import ClassificationTask, Example, Task, TaskError
+from tasks.base import Example, Task, TaskError
+from tasks.files import ClassificationTask
 from tasks.registry import available_tasks, get_task, register_task
 
 if TYPE_CHECKING:
-    from tasks.evaluation import batch_loss, evaluate, make_batch
-    from tasks.objectives import objective_closure
-    from tasks.scoring import (
-        CandidateBatch,
+    from tasks.encoding import CandidateBatch, encode_candidates
+    from tasks.evaluation import evaluate, predict
+    from tasks.losses import (
+        batch_loss,
         candidate_log_likelihoods,
         classification_loss,
-        encode_candidates,
+        make_batch,
         pair_log_likelihoods,
-        predict,
     )
+    from tasks.objectives import objective_closure
 
 # name -> the module that defines it, imported on first use
 _LAZY = {
-    "CandidateBatch": "tasks.scoring",
-    "candidate_log_likelihoods": "tasks.scoring",
-    "classification_loss": "tasks.scoring",
-    "encode_candidates": "tasks.scoring",
-    "pair_log_likelihoods": "tasks.scoring",
-    "predict": "tasks.scoring",
+    "CandidateBatch": "tasks.encoding",
+    "encode_candidates": "tasks.encoding",
+    "candidate_log_likelihoods": "tasks.losses",
+    "classification_loss": "tasks.losses",
+    "pair_log_likelihoods": "tasks.losses",
+    "make_batch": "tasks.losses",
+    "batch_loss": "tasks.losses",
     "evaluate": "tasks.evaluation",
-    "make_batch": "tasks.evaluation",
-    "batch_loss": "tasks.evaluation",
+    "predict": "tasks.evaluation",
     "objective_closure": "tasks.objectives",
 }
 

@@ -1,6 +1,6 @@
 """What a task is: examples, a prompt per example, and what the model is scored on.
 
-A task knows text, not models: `tasks.scoring` and `tasks.generation` turn prompts and
+A task knows text, not models: `tasks.encoding` and `tasks.generation` turn prompts and
 continuations into token batches. Three kinds of task share one interface:
 
 - "classification": a fixed candidate set (a verbalizer); the loss is cross-entropy over
@@ -11,20 +11,18 @@ continuations into token batches. Three kinds of task share one interface:
 - "generation": a free-form answer; trained by teacher forcing on the first gold answer,
   evaluated by greedy decoding scored with SQuAD-style F1/EM against every gold answer.
 
-`ClassificationTask` and `GenerationTask` cover a user's own task over local JSONL/CSV
-files, so a new task of either kind is a config, not code.
+`tasks.files` covers a user's own task over local JSONL/CSV files (`ClassificationTask`,
+`GenerationTask`, and `tasks.chat` for chat and instruction rows), so a new task is a
+config, not code.
 """
 
 from __future__ import annotations
 
 import string
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar
-
-from tasks.jsonl import Rows, read_rows
+from typing import Any
 
 SPLITS = ("train", "dev", "test")
 KINDS = ("classification", "multiple_choice", "generation")
@@ -105,10 +103,16 @@ class Task(ABC):
         `candidates`; None: a masked LM reads `prompt` with a mask appended."""
         return None
 
+    def for_tokenizer(self, tokenizer: Any) -> Task:
+        """The task as the model of `tokenizer` reads it: itself, except for a task whose
+        text depends on the tokenizer (a chat template, `tasks.chat`). Training batches
+        and evaluation call it before they read prompts."""
+        return self
+
     # Optional: `candidate_prompts(example) -> list[str]`, one prompt per candidate, for
     # tasks whose candidates differ in what precedes a shared continuation (WinoGrande's
     # partial scoring: the option fills the blank, the rest of the sentence is scored).
-    # Scoring then reads each candidate after its own prompt (`tasks.scoring.rows_of`).
+    # Scoring then reads each candidate after its own prompt (`tasks.encoding.rows_of`).
 
     def answers(self, example: Example) -> list[str]:
         """Generation: every gold answer as a continuation of the prompt (with
@@ -151,206 +155,3 @@ def template_fields(template: str) -> list[str]:
         if name not in names:
             names.append(name)
     return names
-
-
-class _TemplateFileTask(Task):
-    """A template over local JSONL/CSV files, one file per split, read once per split.
-
-    Subclasses say which fields a row needs and how a row becomes an Example.
-    """
-
-    name: str
-    template: str
-    data_files: Mapping[str, str | Path]
-    _fields: list[str]
-    _cache: dict[str, list[Example]]
-
-    def _check_template(self) -> None:
-        if not isinstance(self.template, str):  # `template: {text}` is a YAML mapping
-            raise TaskError(
-                f"task {self.name!r}: template must be text, got {self.template!r}; quote it "
-                '(template: "{text}")'
-            )
-        self._fields = template_fields(self.template)
-        if not self._fields:
-            raise TaskError(
-                f"task {self.name!r}: template {self.template!r} has no {{field}} placeholder"
-            )
-        self.objective = check_choice(f"task {self.name!r}: objective", self.objective, OBJECTIVES)
-
-    @property
-    def required_fields(self) -> list[str]:
-        return list(self._fields)
-
-    @property
-    def expected_format(self) -> str:
-        return "JSONL (one object per line) or CSV (a header row), with fields " + ", ".join(
-            self.required_fields
-        )
-
-    def load(self, split: str) -> list[Example]:
-        if split not in self.data_files:
-            raise TaskError(
-                f"task {self.name!r} has no {split!r} split; it has {sorted(self.data_files)}"
-            )
-        if split not in self._cache:
-            # Loaded once per task object: the training loop and evaluation both ask.
-            self._cache[split] = self._read(split, Path(self.data_files[split]))
-        return list(self._cache[split])
-
-    def _read(self, split: str, path: Path) -> list[Example]:
-        context = f"task {self.name!r} split {split!r}"
-        try:
-            rows = read_rows(path)
-        except FileNotFoundError:
-            raise TaskError(
-                f"{context}: data file {path} not found; expected {self.expected_format}"
-            ) from None
-        except ValueError as error:  # empty or malformed; the message names path and line
-            raise TaskError(f"{context}: {error}; expected {self.expected_format}") from None
-        return [self._checked(rows, index, split) for index in range(len(rows))]
-
-    def _checked(self, rows: Rows, index: int, split: str) -> Example:
-        row = rows[index]
-        for name in self.required_fields:
-            # datasets fills a key absent from one row with None, so None means missing.
-            if row.get(name) is None:
-                raise TaskError(
-                    f"{rows.where(index)}: field {name!r} is missing; the template "
-                    f"{self.template!r} and the task need {self.required_fields}; "
-                    f"the row has {sorted(k for k, v in row.items() if v is not None)}"
-                )
-        uid = str(row.get("uid", row.get("id", f"{split}-{index}")))
-        return self._example(row, uid, rows.where(index))
-
-    def _example(self, row: dict[str, Any], uid: str, where: str) -> Example:
-        raise NotImplementedError
-
-    def prompt(self, example: Example) -> str:
-        try:
-            return self.template.format_map(example.fields)
-        except KeyError as error:  # an Example built by hand, not by load()
-            raise TaskError(
-                f"task {self.name!r}: example {example.uid!r} lacks field {error.args[0]!r} "
-                f"used by the template {self.template!r}"
-            ) from None
-
-
-@dataclass
-class ClassificationTask(_TemplateFileTask):
-    """A template with `{field}` placeholders plus a verbalizer, over JSONL/CSV files.
-
-    `verbalizer` maps a label value, as it appears in the data, to the candidate string
-    (mind the leading space: " great" is one word after "It was", "great" is glued to it).
-    Candidates are the verbalizer's values in its order, so `Example.label` is the
-    position of the row's label among the verbalizer's keys.
-    """
-
-    name: str
-    template: str
-    verbalizer: Mapping[Any, str]
-    data_files: Mapping[str, str | Path]
-    label_field: str = "label"
-    """The row field holding the label (a key of the verbalizer)."""
-    objective: str = "loss"
-    """What training minimises: one of OBJECTIVES."""
-    metric: str = "accuracy"
-    """The evaluation metric, a name in `tasks.metrics.METRICS`."""
-    kind: ClassVar[str] = "classification"
-    _fields: list[str] = field(init=False, repr=False, compare=False)
-    _label_index: dict[str, int] = field(init=False, repr=False, compare=False)
-    _cache: dict[str, list[Example]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
-
-    def __post_init__(self) -> None:
-        self._check_template()
-        if len(self.verbalizer) < 2:
-            raise TaskError(
-                f"task {self.name!r}: the verbalizer needs at least two labels, got "
-                f"{dict(self.verbalizer)!r}"
-            )
-        words = list(self.verbalizer.values())
-        if any(not isinstance(word, str) or not word for word in words):
-            raise TaskError(f"task {self.name!r}: verbalizer values must be non-empty strings")
-        if len(set(words)) != len(words):
-            raise TaskError(f"task {self.name!r}: two labels share a verbalizer string {words}")
-        # Keys compare as strings: YAML gives `1:` as an int and `"1":` as a str, JSON
-        # labels may be either, CSV labels are always text; all should mean the same label.
-        self._label_index = {str(key): i for i, key in enumerate(self.verbalizer)}
-        if len(self._label_index) != len(self.verbalizer):
-            raise TaskError(f"task {self.name!r}: verbalizer keys collide as strings")
-
-    @property
-    def required_fields(self) -> list[str]:
-        return [*self._fields, self.label_field]
-
-    @property
-    def expected_format(self) -> str:
-        labels = ", ".join(repr(key) for key in self.verbalizer)
-        return f"{super().expected_format} ({self.label_field} one of {labels})"
-
-    def _example(self, row: dict[str, Any], uid: str, where: str) -> Example:
-        value = row[self.label_field]
-        label = self._label_index.get(str(value))
-        if label is None:
-            raise TaskError(
-                f"{where}: label {value!r} is not in the verbalizer; "
-                f"expected one of {list(self.verbalizer)}"
-            )
-        return Example(fields=dict(row), label=label, uid=uid)
-
-    def candidates(self, example: Example) -> list[str]:
-        return list(self.verbalizer.values())
-
-
-@dataclass
-class GenerationTask(_TemplateFileTask):
-    """A template plus a target field, over JSONL/CSV files: free-form answers.
-
-    The target field holds one answer (a string) or several (a JSON list of strings, all
-    accepted by the metric; the first is the training target). `answer_prefix` joins the
-    answer to the prompt, like a candidate's leading space.
-    """
-
-    name: str
-    template: str
-    data_files: Mapping[str, str | Path]
-    target_field: str = "target"
-    """The row field holding the gold answer(s)."""
-    answer_prefix: str = " "
-    """Put between the prompt and an answer when training on it."""
-    objective: str = "loss"
-    """What training minimises: one of OBJECTIVES."""
-    metric: str = "squad_f1"
-    """The evaluation metric, a name in `tasks.metrics.METRICS`."""
-    kind: ClassVar[str] = "generation"
-    _fields: list[str] = field(init=False, repr=False, compare=False)
-    _cache: dict[str, list[Example]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
-
-    def __post_init__(self) -> None:
-        self._check_template()
-
-    @property
-    def required_fields(self) -> list[str]:
-        return [*self._fields, self.target_field]
-
-    @property
-    def expected_format(self) -> str:
-        return f"{super().expected_format} ({self.target_field} a string or a list of strings)"
-
-    def _example(self, row: dict[str, Any], uid: str, where: str) -> Example:
-        value = row[self.target_field]
-        answers = [value] if isinstance(value, str) else value
-        if (
-            not isinstance(answers, list)
-            or not answers
-            or not all(isinstance(a, str) and a.strip() for a in answers)
-        ):
-            raise TaskError(
-                f"{where}: target {self.target_field!r} must be a non-empty string or a "
-                f"non-empty list of non-empty strings, got {value!r}"
-            )
-        return Example(fields=dict(row), label=0, uid=uid, answers=tuple(answers))

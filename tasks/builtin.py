@@ -1,15 +1,18 @@
 """The tasks shipped with the package: the bundled sentiment data, a user's own files, and
-(by importing `tasks.suite`) the MeZO / ZO-Bench benchmark suite."""
+(by importing `tasks.chat` and `tasks.suite`) chat / instruction rows and the MeZO /
+ZO-Bench benchmark suite."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks import chat as _chat  # noqa: F401  (registers chat)
 from tasks import suite as _suite  # noqa: F401  (registers sst2, rte, ..., winogrande)
-from tasks.base import SPLITS, ClassificationTask, GenerationTask, Task, TaskError
-from tasks.jsonl import ROW_FORMATS
+from tasks.base import Task, TaskError
+from tasks.files import ClassificationTask, GenerationTask, split_files
 from tasks.metrics import check_metric
 from tasks.registry import register_task
 
@@ -29,37 +32,30 @@ def _mapping(task: str, verbalizer: object) -> dict[Any, str]:
     return dict(verbalizer)
 
 
-@register_task("sentiment")
-def sentiment(
-    template: str = SENTIMENT_TEMPLATE,
-    verbalizer: Mapping[Any, str] | None = None,
-    data_dir: str | Path = DATA_DIR / "sentiment",
-    objective: str = "loss",
-) -> ClassificationTask:
+@dataclass(frozen=True)
+class SentimentOptions:
     """Short English reviews written for this project (0 = negative, 1 = positive)."""
+
+    template: str = SENTIMENT_TEMPLATE
+    verbalizer: Mapping[Any, str] | None = None
+    """Label -> candidate; None: MeZO's " terrible" / " great"."""
+    data_dir: str | Path = DATA_DIR / "sentiment"
+    objective: str = "loss"
+
+
+def sentiment(options: SentimentOptions) -> ClassificationTask:
+    verbalizer = SENTIMENT_VERBALIZER if options.verbalizer is None else options.verbalizer
     return ClassificationTask(
         name="sentiment",
-        template=template,
-        verbalizer=_mapping(
-            "sentiment", SENTIMENT_VERBALIZER if verbalizer is None else verbalizer
-        ),
-        data_files=split_files(data_dir),
-        objective=objective,
+        template=options.template,
+        verbalizer=_mapping("sentiment", verbalizer),
+        data_files=split_files(options.data_dir),
+        objective=options.objective,
     )
 
 
-@register_task("jsonl")
-def jsonl(
-    path: str | Path | Mapping[str, str | Path],
-    template: str,
-    verbalizer: Mapping[Any, str] | None = None,
-    label: str = "label",
-    target: str | None = None,
-    name: str = "jsonl",
-    objective: str = "loss",
-    metric: str | None = None,
-    answer_prefix: str = " ",
-) -> Task:
+@dataclass(frozen=True)
+class JsonlOptions:
     """A user's own task from a config: JSONL or CSV file(s) and a template, plus either
 
     - `verbalizer` (label value -> candidate string) and `label` (the label field): a
@@ -67,59 +63,55 @@ def jsonl(
     - `target` (the field holding the gold answer, or a list of them): a generation task,
       trained by teacher forcing on the answer and scored by SQuAD-style F1.
     """
+
+    path: str | Path | Mapping[str, str | Path]
+    template: str
+    verbalizer: Mapping[Any, str] | None = None
+    label: str = "label"
+    target: str | None = None
+    name: str = "jsonl"
+    objective: str = "loss"
+    metric: str | None = None
+    answer_prefix: str = " "
+    dev_fraction: float | None = None
+    """Hold out this share of a single training file as the dev split (seeded by
+    `split_seed`; stratified by label for classification); an error beside a dev file."""
+    split_seed: int = 0
+
+
+def jsonl(options: JsonlOptions) -> Task:
+    name, verbalizer, target = options.name, options.verbalizer, options.target
     if (verbalizer is None) == (target is None):
         raise TaskError(
             f"task {name!r}: give either `verbalizer` (a classification task) or `target` "
             "(a generation task: the field holding the answer), not "
             + ("both" if target is not None else "neither")
         )
-    files = split_files(path)
+    files = split_files(options.path, hold_out_dev=options.dev_fraction is not None)
     if target is not None:
         return GenerationTask(
             name=name,
-            template=template,
+            template=options.template,
             data_files=files,
             target_field=target,
-            answer_prefix=answer_prefix,
-            objective=objective,
-            metric=check_metric(metric or "squad_f1"),
+            answer_prefix=options.answer_prefix,
+            objective=options.objective,
+            metric=check_metric(options.metric or "squad_f1"),
+            dev_fraction=options.dev_fraction,
+            split_seed=options.split_seed,
         )
     return ClassificationTask(
         name=name,
-        template=template,
+        template=options.template,
         verbalizer=_mapping(name, verbalizer or {}),
         data_files=files,
-        label_field=label,
-        objective=objective,
-        metric=check_metric(metric or "accuracy"),
+        label_field=options.label,
+        objective=options.objective,
+        metric=check_metric(options.metric or "accuracy"),
+        dev_fraction=options.dev_fraction,
+        split_seed=options.split_seed,
     )
 
 
-def split_files(path: str | Path | Mapping[str, str | Path]) -> dict[str, Path]:
-    """Which file holds which split.
-
-    - a mapping `{train: a.jsonl, dev: b.csv}`: as given;
-    - a pattern with `{split}` (`data/{split}.jsonl`): filled in per split;
-    - a directory: `train.jsonl` (or `train.csv`), `dev...` and `test...` inside it;
-    - a single file: the train split only (scoring dev on training rows would
-      look like success, so there is deliberately no default dev split).
-    A missing file is reported when its split is loaded, with the expected format.
-    """
-    if isinstance(path, Mapping):
-        return {str(split): Path(file) for split, file in path.items()}
-    text = str(path)
-    if "{split}" in text:
-        return {split: Path(text.format(split=split)) for split in SPLITS}
-    # A path without a suffix is taken as a directory even before it exists, so a typo
-    # is reported as "dir/train.jsonl not found" rather than as a file that is missing.
-    if Path(text).is_dir() or Path(text).suffix == "":
-        return {split: _split_file(Path(text), split) for split in SPLITS}
-    return {"train": Path(text)}
-
-
-def _split_file(directory: Path, split: str) -> Path:
-    """`split.jsonl` or `split.csv`, whichever exists (JSONL first); JSONL if neither."""
-    for suffix in ROW_FORMATS:
-        if (directory / f"{split}{suffix}").is_file():
-            return directory / f"{split}{suffix}"
-    return directory / f"{split}{ROW_FORMATS[0]}"
+register_task("sentiment", SentimentOptions, sentiment, kinds=("classification",), fixtures=False)
+register_task("jsonl", JsonlOptions, jsonl, kinds=("classification", "generation"), fixtures=False)

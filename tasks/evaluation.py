@@ -1,19 +1,10 @@
-"""Training losses and evaluation for every task kind, batched.
+"""Evaluation for every task kind, batched: predictions, then the task's metric.
 
-Training: `make_batch` encodes what a kind's loss reads, `batch_loss` computes it.
-
-- classification: every candidate is scored; cross-entropy over their length-normalised
-  log-likelihoods.
-- multiple_choice, generation: only the gold candidate (or the first gold answer) is
-  encoded; the mean NLL of its tokens, prompt and padding masked out (teacher forcing).
-  With a prompt per candidate (partial scoring, WinoGrande) that is the shared
-  continuation after the gold candidate's prompt.
-
-Evaluation: `evaluate` predicts every example, then scores the predictions with the
-task's metric (`tasks.metrics.score`).
+`evaluate` predicts every example, then scores the predictions with the task's metric
+(`tasks.metrics.score`). Training losses are in `tasks.losses`.
 
 - Candidate kinds: all candidates of `batch_size` examples in one padded forward, logits
-  only at scored positions (`tasks.scoring`); the prediction is the argmax. Causal and
+  only at scored positions (`score_rows`); the prediction is the argmax. Causal and
   masked LMs alike: the layout follows the model. With `prefix_cache` ("auto" in
   `evaluate`), a causal LM runs each example's prompt once and scores its candidates
   after the prompt's KV cache where that pays (`tasks.prefix_cache` states the rule).
@@ -45,112 +36,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from tasks.base import KINDS, Example, Task, TaskError, check_choice
+from tasks.base import Example, Task, TaskError, check_choice
+from tasks.encoding import ScoringRow, rows_of
 from tasks.generation import GreedyConfig, greedy_generate
-from tasks.scoring import (
-    PREFIX_CACHE_MODES,
-    CandidateBatch,
-    ScoringRow,
-    classification_loss,
-    encode_rows,
-    evaluation_mode,
-    is_masked_lm,
-    rows_of,
-    score_rows,
-    scorer_for,
-    teacher_forcing_loss,
-)
+from tasks.lm import PREFIX_CACHE_MODES, evaluation_mode, is_masked_lm, model_device, scorer_for
+from tasks.losses import candidate_log_likelihoods, task_kind
+from tasks.prefix_cache import prefix_table, use_prefix_cache
 
 Prediction = int | str
-
-
-def task_kind(task: Task) -> str:
-    return check_choice(f"task {task.name!r}: kind", getattr(task, "kind", None), KINDS)
-
-
-# ------------------------------------------------------------------------------- losses
-
-KIND_LOSSES: Mapping[str, Callable[[nn.Module, CandidateBatch], Tensor]] = {
-    "classification": classification_loss,
-    "multiple_choice": teacher_forcing_loss,
-    "generation": teacher_forcing_loss,
-}
-
-
-@dataclass(frozen=True)
-class TaskBatch:
-    """A training batch: the encoded pairs and the task kind whose loss reads them."""
-
-    kind: str
-    pairs: CandidateBatch
-
-    @property
-    def num_examples(self) -> int:
-        return self.pairs.num_examples
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> TaskBatch:
-        return replace(self, pairs=self.pairs.to(device, non_blocking=non_blocking))
-
-
-def gold_rows(task: Task, examples: Sequence[Example]) -> list[ScoringRow]:
-    """Each example's teacher-forcing target as a one-candidate row: the gold candidate
-    (after its own prompt, if it has one), or for generation the first gold answer."""
-    if task_kind(task) != "generation":
-        return [
-            replace(
-                r,
-                candidates=[r.candidates[r.label]],
-                label=0,
-                # kept as a one-prompt list, so a masked LM refuses it as it refuses eval
-                prompts=None if r.prompts is None else [r.prompts[r.label]],
-            )
-            for r in rows_of(task, examples)
-        ]
-    rows = []
-    for example in examples:
-        answers = task.answers(example)
-        if not answers or not answers[0]:
-            raise TaskError(
-                f"task {task.name!r}: example {example.uid!r} has no gold answer to train on"
-            )
-        rows.append(ScoringRow(task.prompt(example), [answers[0]], 0, example.uid))
-    return rows
-
-
-def make_batch(
-    tokenizer: Any,
-    task: Task,
-    examples: Sequence[Example],
-    max_length: int = 256,
-    *,
-    model: nn.Module | None = None,
-) -> TaskBatch:
-    """What `batch_loss` needs for these examples, in the layout of `model`.
-
-    Without `model` the causal-LM layout is used; `batch_loss` then refuses a masked LM.
-    """
-    kind = task_kind(task)
-    if not examples:
-        raise TaskError(f"task {task.name!r}: a batch needs at least one example")
-    if kind == "generation" and model is not None and is_masked_lm(model):
-        raise TaskError(
-            f"task {task.name!r} is a generation task; a masked LM "
-            f"({type(model).__name__}) cannot decode answers: use a causal LM"
-        )
-    rows = rows_of(task, examples) if kind == "classification" else gold_rows(task, examples)
-    encode = scorer_for(model).encode if model is not None else encode_rows
-    return TaskBatch(kind, encode(tokenizer, rows, max_length))
-
-
-def batch_loss(model: nn.Module, batch: TaskBatch) -> Tensor:
-    """The kind's training loss on `batch`: a scalar tensor (autograd and no_grad alike)."""
-    return KIND_LOSSES[batch.kind](model, batch.pairs)
-
-
-# --------------------------------------------------------------------------- evaluation
 
 
 @dataclass(frozen=True)
@@ -177,6 +72,61 @@ class EvalSettings:
         if self.batch_size < 1:
             raise TaskError(f"batch_size must be >= 1, got {self.batch_size}")
         check_choice("prefix_cache", self.prefix_cache, PREFIX_CACHE_MODES)
+
+
+def score_rows(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[ScoringRow],
+    batch_size: int = 32,
+    max_length: int = 256,
+    normalize: bool = True,
+    prefix_cache: str = "never",
+) -> list[Tensor]:
+    """Per row, the [C] candidate log-likelihoods (on CPU), in `batch_size`-row forwards.
+
+    Rows are batched in order of prompt length, so a batch pads to similar lengths; the
+    result is in the order of `rows`. Call it under `evaluation_mode` or `no_grad`.
+    `prefix_cache` ("auto", "always", "never"): whether a batch may run each shared
+    prompt once and score the candidates after its KV cache (`tasks.prefix_cache`, which
+    states the rule); the scores agree up to rounding.
+    """
+    if batch_size < 1:
+        raise TaskError(f"batch_size must be >= 1, got {batch_size}")
+    check_choice("prefix_cache", prefix_cache, PREFIX_CACHE_MODES)
+    scorer, device = scorer_for(model), model_device(model)
+    cached = use_prefix_cache(model, prefix_cache)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))
+    scores: list[Tensor | None] = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        part = [rows[i] for i in chunk]
+        table = None
+        if cached:
+            table = prefix_table(model, tokenizer, part, max_length, normalize, prefix_cache)
+        if table is None:
+            batch = scorer.encode(tokenizer, part, max_length).to(device)
+            table = candidate_log_likelihoods(model, batch, normalize)
+        table = table.cpu()
+        for b, i in enumerate(chunk):
+            scores[i] = table[b, : len(rows[i].candidates)]
+    return scores  # type: ignore[return-value]  (every slot is filled)
+
+
+def predict(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Task,
+    examples: Sequence[Example],
+    batch_size: int = 32,
+    max_length: int = 256,
+    prefix_cache: str = "auto",
+) -> list[int]:
+    """The index of the best-scoring candidate per example."""
+    with evaluation_mode(model):
+        rows = rows_of(task, examples)
+        scores = score_rows(model, tokenizer, rows, batch_size, max_length, True, prefix_cache)
+    return [int(s.argmax()) for s in scores]
 
 
 def content_free_row(task: Task, example: Example, row: ScoringRow, filler: str) -> ScoringRow:
@@ -235,6 +185,7 @@ def candidate_scores(
     settings: EvalSettings,
 ) -> list[Tensor]:
     """Per example, the [C] scores its prediction is the argmax of (fp32, on CPU)."""
+    task = task.for_tokenizer(tokenizer)
     if settings.calibrate:
         return calibrated_scores(model, tokenizer, task, examples, settings)
     rows = rows_of(task, examples)
@@ -279,6 +230,7 @@ def generate_answers(
             f"({type(model).__name__}) cannot decode answers: use a causal LM"
         )
     greedy = replace(settings.greedy, max_length=settings.max_length)
+    task = task.for_tokenizer(tokenizer)
     prompts = [task.prompt(example) for example in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [""] * len(prompts)
@@ -376,18 +328,14 @@ def evaluate(
 
 
 __all__ = [
-    "KIND_LOSSES",
     "PREDICTORS",
     "EvalSettings",
-    "TaskBatch",
-    "batch_loss",
     "calibrated_scores",
     "candidate_scores",
     "evaluate",
     "generate_answers",
-    "gold_rows",
-    "make_batch",
+    "predict",
     "predictions_with_extras",
+    "score_rows",
     "summarize",
-    "task_kind",
 ]

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from tasks.base import TaskError
+from tasks.encoding import bos_prefix, pad_id
 from tasks.kv_cache import cache_keyword, returned_cache, why_no_kv_cache
-from tasks.scoring import backbone_and_head, bos_prefix, head_logits, model_device, pad_id
+from tasks.lm import backbone_and_head, head_logits, model_device
 
 
 @dataclass(frozen=True)

@@ -27,15 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from tasks.base import OBJECTIVES, Example, Task, TaskError, check_choice
-from tasks.evaluation import (
-    EvalSettings,
-    batch_loss,
-    make_batch,
-    predictions_with_extras,
-    summarize,
-)
+from tasks.evaluation import EvalSettings, predictions_with_extras, summarize
 from tasks.generation import GreedyConfig
-from tasks.scoring import model_device
+from tasks.lm import model_device
+from tasks.losses import batch_loss, make_batch
 
 
 def task_objective(task: Task) -> str:

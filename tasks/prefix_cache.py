@@ -1,7 +1,7 @@
 """Evaluation of candidates after a shared prompt: the prompt runs once, its KV cache serves
 every candidate.
 
-The per-sequence layout (`tasks.scoring.encode_rows`) gives each multi-token candidate a
+The per-sequence layout (`tasks.encoding.encode_rows`) gives each multi-token candidate a
 sequence of its own, `context + candidate[:-1]`, so a row with m such candidates runs its
 prompt m times. COPA's and ReCoRD's candidates are whole sentences after a long prompt:
 most of their forward is the same prompt again. Here a batch runs in two passes:
@@ -20,7 +20,7 @@ the scores equal the per-sequence ones up to floating-point rounding (tested). O
 scored positions reach the LM head, as elsewhere. Evaluation only: the cache is built
 under the caller's no_grad/inference mode; training losses keep the per-sequence layout.
 
-Which batches take this path (`tasks.scoring.score_rows`, `prefix_cache=`):
+Which batches take this path (`tasks.evaluation.score_rows`, `prefix_cache=`):
 
 - never: the per-sequence layout, always.
 - always / auto: wherever the model can use it (`Scorer.prefix_cache`: a causal LM
@@ -61,22 +61,17 @@ from torch import Tensor, nn
 from transformers import cache_utils
 
 from tasks.base import TaskError
-from tasks.kv_cache import cache_keyword, returned_cache, why_no_kv_cache
-from tasks.scoring import (
+from tasks.encoding import (
     ScoringRow,
-    _tokenized_candidates,
-    _unwrapped,
-    backbone_and_head,
     bos_prefix,
-    candidate_table,
     cut_context,
-    head_logits,
-    model_device,
     pad_id,
-    pair_totals,
     prompt_room,
-    scorer_for,
+    tokenized_candidates,
 )
+from tasks.kv_cache import cache_keyword, returned_cache, why_no_kv_cache
+from tasks.lm import backbone_and_head, head_logits, model_device, scorer_for, unwrapped
+from tasks.losses import candidate_table, pair_totals
 
 logger = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -180,7 +175,7 @@ def encode_prefix_rows(
             "scoring); the prefix cache needs one prompt per example: use prefix_cache='never'"
         )
     bos = bos_prefix(tokenizer)
-    answers_of = _tokenized_candidates(tokenizer, rows)
+    answers_of = tokenized_candidates(tokenizer, rows)
     texts = list(dict.fromkeys(row.prompt for row in rows))
     prompt_ids = dict(
         zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True)
@@ -349,7 +344,7 @@ def prefix_token_log_probs(model: nn.Module, batch: PrefixBatch) -> Tensor:
 def prefix_candidate_log_likelihoods(
     model: nn.Module, batch: PrefixBatch, normalize: bool = True
 ) -> Tensor:
-    """[B, C_max]: as `tasks.scoring.candidate_log_likelihoods`, through the prompt's cache."""
+    """[B, C_max]: as `tasks.losses.candidate_log_likelihoods`, through the prompt's cache."""
     return candidate_table(
         batch, pair_totals(batch, prefix_token_log_probs(model, batch), normalize)
     )
@@ -361,7 +356,7 @@ def use_prefix_cache(model: nn.Module, mode: str) -> bool:
     if mode == "never":
         return False
     scorer = scorer_for(model)
-    name = type(_unwrapped(model)).__name__
+    name = type(unwrapped(model)).__name__
     if scorer.prefix_cache is None:
         reason, level = (
             "a masked LM reads each prompt with its candidates in one pass",

@@ -81,8 +81,8 @@ def test_task_keys_beside_name_become_the_tasks_options(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["task.colour=red"], r"task: .*unexpected keyword argument 'colour'.*options are"),
-        (["task.name=jsonl"], r"task: .*missing a required argument"),
+        (["task.colour=red"], r"task: .*unknown option\(s\) \['colour'\]; its options are"),
+        (["task.name=jsonl"], r"task: .*missing option\(s\) \['path', 'template'\]"),
         (
             ["estimator.name=zo_sgd", "train.autocast=bf17"],
             r"train\.autocast: 'bf17' is not one of \['none', 'bf16', 'fp16'\]",

@@ -13,13 +13,8 @@ import estimators
 from estimators.zo_sgd import ZOSGDConfig
 from tasks import metrics
 from tasks.base import Example, Task, TaskError
-from tasks.evaluation import (
-    EvalSettings,
-    batch_loss,
-    calibrated_scores,
-    evaluate,
-    make_batch,
-)
+from tasks.evaluation import EvalSettings, calibrated_scores, evaluate
+from tasks.losses import batch_loss, make_batch
 from tasks.objectives import (
     objective_closure,
     objective_is_differentiable,

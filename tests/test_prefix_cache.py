@@ -13,18 +13,11 @@ from torch import nn
 import tasks
 import tasks.prefix_cache as prefix_cache
 from tasks.base import Example, TaskError
-from tasks.evaluation import EvalSettings, calibrated_scores, candidate_scores, evaluate
+from tasks.encoding import ScoringRow, bos_prefix, encode_rows, rows_of
+from tasks.evaluation import EvalSettings, calibrated_scores, candidate_scores, evaluate, score_rows
 from tasks.kv_cache import CACHE_KEYWORDS, cache_keyword, returned_cache
+from tasks.lm import accepts_prefix_cache, why_no_prefix_cache
 from tasks.prefix_cache import encode_prefix_rows, prefix_pays, rows_of_cache, use_prefix_cache
-from tasks.scoring import (
-    ScoringRow,
-    accepts_prefix_cache,
-    bos_prefix,
-    encode_rows,
-    rows_of,
-    score_rows,
-    why_no_prefix_cache,
-)
 from tests.test_evaluation import TemplateTask
 from tests.tiny import lively
 from zo.models import masked_byte_tokenizer, tiny_model

@@ -113,3 +113,49 @@ def test_mapping_view_is_read_only_and_follows_registrations() -> None:
         view["delta"]
     with pytest.raises(TypeError):
         view["delta"] = view["gamma"]  # type: ignore[index]
+
+
+# --- the task registry ------------------------------------------------------------------------
+
+
+def _built(name: str, tmp_path) -> object:
+    """A task of every registered name, from options that need no network."""
+    import tasks
+    from tasks.registry import task_registration
+
+    registration = task_registration(name)
+    if registration.traits.fixtures:
+        return tasks.get_task(name, fixtures=True)
+    if name == "jsonl":
+        data = tmp_path / "train.jsonl"
+        data.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')
+        return tasks.get_task(
+            name, path=str(data), template="{text}", verbalizer={0: " x", 1: " y"}
+        )
+    if name == "chat":
+        data = tmp_path / "chat.jsonl"
+        data.write_text('{"prompt": "a", "completion": " b"}\n')
+        return tasks.get_task(name, path=str(data))
+    return tasks.get_task(name)
+
+
+def test_every_task_registration_has_the_traits_the_loop_reads(tmp_path) -> None:
+    import tasks
+    from tasks.base import KINDS, OBJECTIVES, Task
+    from tasks.metrics import METRICS
+    from tasks.registry import TASKS, TaskTraits, option_names
+
+    assert sorted(TASKS) == tasks.available_tasks() and len(TASKS) >= 18
+    # the package's own tasks (other tests register throwaway ones)
+    shipped = {n: r for n, r in TASKS.items() if r.impl.__module__.startswith("tasks.")}
+    assert {"sentiment", "jsonl", "chat", "sst2", "squad"} <= set(shipped)
+    for name, registration in shipped.items():
+        assert isinstance(registration.traits, TaskTraits), name
+        assert registration.traits.kinds and set(registration.traits.kinds) <= set(KINDS), name
+        assert option_names(registration.config_class), name
+        task = _built(name, tmp_path)
+        # what zo.train and tasks.evaluation read from a built task
+        assert isinstance(task, Task), name
+        assert task.kind in registration.traits.kinds, name
+        assert task.objective in OBJECTIVES and task.metric in METRICS, name
+        assert task.load("train"), name

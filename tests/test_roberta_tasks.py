@@ -18,15 +18,9 @@ import torch
 import tasks
 from tasks import sources
 from tasks.base import MASK, Example, TaskError
-from tasks.evaluation import (
-    EvalSettings,
-    batch_loss,
-    candidate_scores,
-    content_free_row,
-    evaluate,
-    make_batch,
-)
-from tasks.scoring import ScoringRow, rows_of
+from tasks.encoding import ScoringRow, rows_of
+from tasks.evaluation import EvalSettings, candidate_scores, content_free_row, evaluate
+from tasks.losses import batch_loss, make_batch
 from tasks.suite import SUITE
 from tests.test_task_suite import fixture_task, no_network  # noqa: F401 (autouse fixture)
 from zo import models

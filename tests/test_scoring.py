@@ -9,21 +9,18 @@ import pytest
 import torch
 
 from tasks.base import Example, MaskedPrompt, Task, TaskError
-from tasks.evaluation import EvalSettings, batch_loss, candidate_scores, make_batch
-from tasks.scoring import (
+from tasks.encoding import (
     CandidateBatch,
     MaskedCandidateBatch,
     ScoringRow,
-    backbone_and_head,
-    candidate_log_likelihoods,
-    classification_loss,
     encode_candidates,
     encode_masked_rows,
     encode_rows,
-    is_masked_lm,
     rows_of,
-    scorer_for,
 )
+from tasks.evaluation import EvalSettings, candidate_scores
+from tasks.lm import backbone_and_head, is_masked_lm, scorer_for
+from tasks.losses import batch_loss, candidate_log_likelihoods, classification_loss, make_batch
 from zo.models import masked_byte_tokenizer, tiny_model
 
 

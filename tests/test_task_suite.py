@@ -25,10 +25,11 @@ import torch
 
 import tasks
 from tasks.base import Example, TaskError
-from tasks.evaluation import batch_loss, evaluate, generate_answers, make_batch
+from tasks.encoding import bos_prefix, encode_rows, rows_of
+from tasks.evaluation import evaluate, generate_answers, score_rows
+from tasks.losses import batch_loss, make_batch
 from tasks.metrics import score
 from tasks.sampling import Sampling, permutation
-from tasks.scoring import bos_prefix, encode_rows, rows_of, score_rows
 from tasks.sources import FIXTURES_DIR
 from tasks.suite import SUITE
 from zo.models import FAMILIES, masked_byte_tokenizer, tiny_model

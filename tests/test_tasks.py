@@ -29,7 +29,8 @@ from tasks import (
     predict,
     register_task,
 )
-from tasks.builtin import split_files
+from tasks.files import split_files
+from tasks.registry import TaskTraits, task_registration
 from zo.models import byte_tokenizer, tiny_model
 
 FAMILIES = ["llama", "opt"]
@@ -122,7 +123,9 @@ def test_import_is_light_and_one_way():
             if isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
             for name in names:
-                assert name.split(".")[0] not in {"zo", "estimators"}, f"{source.name}: {name}"
+                # the one registry form is the only module of ours tasks may import
+                if name.split(".")[0] in {"zo", "estimators"}:
+                    assert name == "zo.registry", f"{source.name}: {name}"
 
 
 def test_registry_lists_builds_and_rejects():
@@ -135,18 +138,29 @@ def test_registry_lists_builds_and_rejects():
     assert custom.prompt(Example({"text": "Fine."}, 0, "x")) == "Review: Fine. Verdict:"
 
 
-def test_register_task_function_and_decorator():
-    def make() -> Task:
+def test_register_task_one_call_with_options_dataclass_and_traits():
+    @dataclass(frozen=True)
+    class VaryingOptions:
+        scale: int = 1
+
+    def make(options: VaryingOptions) -> Task:
         return VaryingTask()
 
-    register_task("test-varying", make)
-    register_task("test-varying", make)  # the same factory again is harmless
-    assert isinstance(get_task("test-varying"), VaryingTask)
+    assert register_task("test-varying", VaryingOptions, make, kinds=("classification",),
+                         fixtures=False) is make  # fmt: skip
+    assert isinstance(get_task("test-varying", scale=2), VaryingTask)
+    assert task_registration("test-varying").traits == TaskTraits(("classification",), False)
+    with pytest.raises(
+        TaskError, match=r"unknown option\(s\) \['size'\]; its options are \['scale'\]"
+    ):
+        get_task("test-varying", size=2)
     with pytest.raises(TaskError, match="already registered"):
-
-        @register_task("test-varying")
-        def other() -> Task:
-            return VaryingTask()
+        register_task("test-varying", VaryingOptions, make, kinds=("classification",),
+                      fixtures=False)  # fmt: skip
+    with pytest.raises(TypeError, match="kinds"):
+        register_task("test-bad-kind", VaryingOptions, make, kinds=("ranking",), fixtures=False)
+    with pytest.raises(TypeError, match="dataclass"):
+        register_task("test-no-dataclass", dict, make, kinds=("generation",), fixtures=False)
 
 
 # ------------------------------------------------------------------------------ data

@@ -40,9 +40,10 @@ from typing import Any
 import torch
 
 import tasks
+from tasks.encoding import bos_prefix, rows_of
 from tasks.evaluation import EvalSettings, candidate_scores
 from tasks.generation import GreedyConfig, eos_ids, greedy_generate
-from tasks.scoring import PREFIX_CACHE_MODES, bos_prefix, rows_of
+from tasks.lm import PREFIX_CACHE_MODES
 
 # A multi-candidate variant of the bundled task: five candidates of one to four tokens, so
 # the batched layout needs a sequence per multi-token candidate (the labels stay 0 and 1).

@@ -1,4 +1,4 @@
-"""Scoring candidates with a language model: log-likelihoods, the training losses, evaluation.
+"""Encoding: task examples into rows, rows into one padded token batch per layout.
 
 A "row" is a prompt and the candidate continuations scored after it, or (partial
 scoring, WinoGrande) one prompt per candidate: a task with a `candidate_prompts(example)`
@@ -28,17 +28,14 @@ vocabulary the full logits would be most of a forward's memory and time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from tasks.base import MASK, Example, MaskedPrompt, Task, TaskError, check_choice
-from tasks.kv_cache import why_no_kv_cache
+from tasks.base import MASK, Example, MaskedPrompt, Task, TaskError
 
 
 @dataclass(frozen=True)
@@ -79,7 +76,7 @@ class ScoringRow:
             raise TaskError(
                 f"example {self.uid!r}: the row was changed after its masked-LM form was made "
                 "(a new prompt or candidate set), so the form no longer describes it; build "
-                "the changed row from the task (tasks.scoring.rows_of) or drop `masked`"
+                "the changed row from the task (tasks.encoding.rows_of) or drop `masked`"
             )
         prompt = self.masked.prompt.replace(MASK, mask_token)
         return ScoringRow(prompt, list(self.masked.candidates), self.label, self.uid)
@@ -266,7 +263,7 @@ class _Layout:
         )
 
 
-def _tokenized_candidates(tokenizer: Any, rows: Sequence[ScoringRow]) -> list[list[list[int]]]:
+def tokenized_candidates(tokenizer: Any, rows: Sequence[ScoringRow]) -> list[list[list[int]]]:
     cache: dict[str, list[int]] = {}  # verbalizers repeat: tokenize each string once
     result = []
     for row in rows:
@@ -323,7 +320,7 @@ def encode_rows(
     if not rows:
         raise TaskError("encoding needs at least one example")
     bos = bos_prefix(tokenizer)
-    answers_of = _tokenized_candidates(tokenizer, rows)
+    answers_of = tokenized_candidates(tokenizer, rows)
     texts = list(dict.fromkeys(text for row in rows for text in row.candidate_prompts))
     prompt_ids = dict(
         zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True)
@@ -382,7 +379,7 @@ def encode_masked_rows(
     prompts = tokenizer([row.prompt for row in rows], add_special_tokens=False)["input_ids"]
     layout = _Layout()
     for b, (row, prompt, answers) in enumerate(
-        zip(rows, prompts, _tokenized_candidates(tokenizer, rows), strict=True)
+        zip(rows, prompts, tokenized_candidates(tokenizer, rows), strict=True)
     ):
         if row.prompts is not None:
             raise TaskError(
@@ -424,265 +421,3 @@ def encode_candidates(
     if not examples:
         raise TaskError("encode_candidates needs at least one example")
     return encode_rows(tokenizer, rows_of(task, examples), max_length)
-
-
-# ------------------------------------------------------------------- models and scorers
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    # A PEFT wrapper is looked through: the adapters are injected into the wrapped
-    # model's layers, and the wrapper's own `base_model` is the LoRA container.
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def is_masked_lm(model: nn.Module) -> bool:
-    """A transformers *ForMaskedLM model (or a subclass, or one wrapped by PEFT)."""
-    return any(cls.__name__.endswith("ForMaskedLM") for cls in type(_unwrapped(model)).__mro__)
-
-
-def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The transformer without its LM head, and the head that maps hidden states to logits.
-
-    `base_model` is the backbone of every transformers *ForCausalLM and *ForMaskedLM
-    (LlamaModel, OPTModel (its decoder applies the final layer norm), RobertaModel...).
-    The head is the model's child that holds the output embedding: the embedding itself
-    for causal LMs, RoBERTa's `lm_head` (dense, GELU, layer norm, then the embedding).
-    """
-    model = _unwrapped(model)
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    backbone = getattr(model, "base_model", model)
-    head = None
-    if output is not None and backbone is not model:
-        head = next(
-            (
-                child
-                for child in model.children()
-                if child is not backbone and any(m is output for m in child.modules())
-            ),
-            None,
-        )
-    if head is None:
-        raise TaskError(
-            f"{type(model).__name__} is not a language model with a separate backbone and LM "
-            "head (expected a transformers *ForCausalLM or *ForMaskedLM model)"
-        )
-    return backbone, head
-
-
-def _softcap(model: nn.Module) -> float | None:
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    if hasattr(config, "get_text_config"):  # multimodal configs nest the LM's settings
-        config = config.get_text_config()
-    return getattr(config, "final_logit_softcapping", None)
-
-
-def head_logits(model: nn.Module, head: nn.Module, hidden: Tensor) -> Tensor:
-    """fp32 logits of some hidden states, as the model's forward would compute them."""
-    logits = head(hidden).float()  # the head runs in the model's dtype, as in forward()
-    cap = _softcap(model)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
-Encoder = Callable[[Any, Sequence[ScoringRow], int], CandidateBatch]
-
-
-def why_no_prefix_cache(model: nn.Module) -> str | None:
-    """Why the backbone cannot continue a shared prompt from its KV cache at given
-    positions (`tasks.prefix_cache`); None where it can."""
-    try:
-        backbone, _ = backbone_and_head(model)
-    except TaskError as error:
-        return str(error)
-    return why_no_kv_cache(backbone)
-
-
-def accepts_prefix_cache(model: nn.Module) -> bool:
-    return why_no_prefix_cache(model) is None
-
-
-@dataclass(frozen=True)
-class Scorer:
-    """How one kind of language model reads rows: which models, their batch layout, and
-    why a model cannot reuse a shared prompt's KV cache (`tasks.prefix_cache`)."""
-
-    name: str
-    applies_to: Callable[[nn.Module], bool]
-    encode: Encoder
-    layout: type[CandidateBatch]
-    prefix_cache: Callable[[nn.Module], str | None] | None = None
-    """None: the layout reads each prompt in one pass with its candidates, by design."""
-
-
-# First match wins; the causal layout is the fallback for every other LM. A masked LM
-# reads the whole prompt around <mask> in one bidirectional pass: no prefix to cache.
-SCORERS: list[Scorer] = [
-    Scorer("masked_lm", is_masked_lm, encode_masked_rows, MaskedCandidateBatch),
-    Scorer("causal_lm", lambda model: True, encode_rows, CandidateBatch, why_no_prefix_cache),
-]
-
-PREFIX_CACHE_MODES = ("auto", "always", "never")
-"""Evaluation's use of the shared prompt's KV cache; the rule is in `tasks.prefix_cache`."""
-
-
-def scorer_for(model: nn.Module) -> Scorer:
-    return next(scorer for scorer in SCORERS if scorer.applies_to(model))
-
-
-# ----------------------------------------------------------------------------- scoring
-
-
-def token_log_probs(model: nn.Module, batch: CandidateBatch) -> Tensor:
-    """[K]: the fp32 log-probability of each scored candidate token."""
-    scorer = scorer_for(model)
-    if type(batch) is not scorer.layout:
-        raise TaskError(
-            f"the batch has the {type(batch).__name__} layout but {type(model).__name__} "
-            f"needs {scorer.layout.__name__}: encode it for this model "
-            "(tasks.evaluation.make_batch(..., model=model))"
-        )
-    backbone, head = backbone_and_head(model)
-    # use_cache=False: a KV cache would be built for nothing and cost memory.
-    output = backbone(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    )
-    hidden = output[0]  # last_hidden_state, as a ModelOutput or a tuple
-    picked = hidden[batch.score_rows, batch.score_positions]  # [Q, H]
-    log_probs = head_logits(model, head, picked).log_softmax(dim=-1)  # [Q, V]
-    return log_probs[batch.target_slot, batch.target_ids]
-
-
-def pair_totals(batch: Any, token_scores: Tensor, normalize: bool = True) -> Tensor:
-    """[P]: the scored tokens summed per pair, divided by the pair's length if `normalize`.
-
-    `batch` is any layout with the pair fields of a CandidateBatch (target_pair,
-    candidate_lengths, ...), as the prefix-cache layout (`tasks.prefix_cache`) has.
-    """
-    totals = token_scores.new_zeros(batch.num_pairs).index_add(0, batch.target_pair, token_scores)
-    return totals / batch.candidate_lengths.to(totals.dtype) if normalize else totals
-
-
-def candidate_table(batch: Any, pair_scores: Tensor) -> Tensor:
-    """[B, C_max]: the pair scores arranged per row and candidate; -inf where none."""
-    max_candidates = int(batch.num_candidates.max())
-    table = pair_scores.new_full((batch.num_examples, max_candidates), float("-inf"))
-    # Out of place, so autograd sees it (first-order baselines differentiate this).
-    return table.index_put((batch.example_index, batch.candidate_index), pair_scores)
-
-
-def pair_log_likelihoods(model: nn.Module, batch: CandidateBatch, normalize: bool = True) -> Tensor:
-    """[P]: each pair's candidate log-likelihood, the mean over its tokens (or the sum)."""
-    return pair_totals(batch, token_log_probs(model, batch), normalize)
-
-
-def candidate_log_likelihoods(
-    model: nn.Module, batch: CandidateBatch, normalize: bool = True
-) -> Tensor:
-    """[B, C_max]: the log-likelihood of each candidate (length-normalised); -inf where none."""
-    return candidate_table(batch, pair_log_likelihoods(model, batch, normalize))
-
-
-def classification_loss(model: nn.Module, batch: CandidateBatch) -> Tensor:
-    """Mean over examples of -log softmax(candidate scores)[gold]: a scalar tensor.
-
-    Works under `torch.no_grad()` (ZO closures) and with autograd alike; the -inf padding
-    gets zero probability and zero gradient.
-    """
-    return F.cross_entropy(candidate_log_likelihoods(model, batch), batch.labels)
-
-
-def teacher_forcing_loss(model: nn.Module, batch: CandidateBatch) -> Tensor:
-    """Mean NLL over the gold candidates' tokens, pooled over the batch: a scalar tensor.
-
-    The causal-LM loss with labels -100 on prompt and padding (MeZO's loss for multiple
-    choice and generation): every gold token counts once, so long answers weigh more.
-    """
-    token_scores = token_log_probs(model, batch)
-    pair = batch.target_pair
-    gold = batch.candidate_index[pair] == batch.labels[batch.example_index[pair]]
-    return -token_scores[gold].mean()
-
-
-# -------------------------------------------------------------------------- evaluation
-
-
-def model_device(model: nn.Module) -> torch.device:
-    device = getattr(model, "device", None)  # transformers models know theirs
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device
-
-
-@contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (dropout off) and inference mode; every module's mode restored after."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()  # evaluation must be a function of the weights
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        # Per module, not model.train(mode): a model partly in eval mode stays that way.
-        for module, training in modes:
-            module.training = training
-
-
-def score_rows(
-    model: nn.Module,
-    tokenizer: Any,
-    rows: Sequence[ScoringRow],
-    batch_size: int = 32,
-    max_length: int = 256,
-    normalize: bool = True,
-    prefix_cache: str = "never",
-) -> list[Tensor]:
-    """Per row, the [C] candidate log-likelihoods (on CPU), in `batch_size`-row forwards.
-
-    Rows are batched in order of prompt length, so a batch pads to similar lengths; the
-    result is in the order of `rows`. Call it under `evaluation_mode` or `no_grad`.
-    `prefix_cache` ("auto", "always", "never"): whether a batch may run each shared
-    prompt once and score the candidates after its KV cache (`tasks.prefix_cache`, which
-    states the rule); the scores agree up to rounding.
-    """
-    if batch_size < 1:
-        raise TaskError(f"batch_size must be >= 1, got {batch_size}")
-    check_choice("prefix_cache", prefix_cache, PREFIX_CACHE_MODES)
-    scorer, device = scorer_for(model), model_device(model)
-    # Imported here: tasks.prefix_cache builds on this module.
-    from tasks.prefix_cache import prefix_table, use_prefix_cache
-
-    cached = use_prefix_cache(model, prefix_cache)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))
-    scores: list[Tensor | None] = [None] * len(rows)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        part = [rows[i] for i in chunk]
-        table = None
-        if cached:
-            table = prefix_table(model, tokenizer, part, max_length, normalize, prefix_cache)
-        if table is None:
-            batch = scorer.encode(tokenizer, part, max_length).to(device)
-            table = candidate_log_likelihoods(model, batch, normalize)
-        table = table.cpu()
-        for b, i in enumerate(chunk):
-            scores[i] = table[b, : len(rows[i].candidates)]
-    return scores  # type: ignore[return-value]  (every slot is filled)
-
-
-def predict(
-    model: nn.Module,
-    tokenizer: Any,
-    task: Task,
-    examples: Sequence[Example],
-    batch_size: int = 32,
-    max_length: int = 256,
-    prefix_cache: str = "auto",
-) -> list[int]:
-    """The index of the best-scoring candidate per example."""
-    with evaluation_mode(model):
-        rows = rows_of(task, examples)
-        scores = score_rows(model, tokenizer, rows, batch_size, max_length, True, prefix_cache)
-    return [int(s.argmax()) for s in scores]
