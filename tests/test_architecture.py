@@ -33,14 +33,14 @@ COMPOSERS = ("zo.train", "zo.replay", "zo.commands", "zo.integrations")
 """The zo modules (and packages) that may import estimators and tasks."""
 
 # moves to zo/commands in issue 14
-KNOWN_VIOLATIONS = {"zo.bench", "zo.bench_eval", "zo.cli", "zo.compare"}
+KNOWN_VIOLATIONS = {"zo.bench", "zo.bench_eval", "zo.cli", "zo.compare", "zo.plan"}
 """zo core modules that import estimators or tasks today."""
 
 # tasks/scoring.py is split by idea in issue 14 (the prefix cache depends on it, not the reverse)
 KNOWN_CIRCLES = {frozenset({"tasks.prefix_cache", "tasks.scoring"})}
 """Import circles today, by their modules."""
 
-KNOWN_LONG_FILES = {"tasks/scoring.py", "tasks/suite.py", "zo/plan.py"}
+KNOWN_LONG_FILES = {"tasks/scoring.py", "tasks/suite.py"}
 """Source files over MAX_LINES lines today (to be split by idea)."""
 
 
