@@ -61,7 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tied.add_argument("--untied", dest="tied_embeddings", action="store_false")
     run = parser.add_argument_group("run (unset: zo train's defaults; searched with --budget)")
     run.add_argument("--estimator", help=f"one of {estimators.available_estimators()}")
-    run.add_argument("--trainable", help="full | lora | lora:TARGETS | mask:DENSITY | mask:PATH")
+    run.add_argument(
+        "--trainable", help="full | names:PATTERNS | lora | lora:TARGETS | mask:DENSITY | mask:PATH"
+    )
     run.add_argument("--lora-r", type=int, help=f"LoRA rank (default {TrainableConfig.lora_r})")
     run.add_argument("--quant", help="none | nf4")
     run.add_argument("--dtype", help=f"weights (default {ModelConfig.dtype}): float32 | bfloat16")
@@ -185,6 +187,8 @@ def request_from_options(
     if trainable.startswith("mask:") and not _is_density(trainable):
         trainable = _mask_density(trainable.removeprefix("mask:"), shape)
     engine = config.engine if config is not None else EngineConfig()
+    if config is not None:
+        sources["engine"] = origin
     engine = replace(
         engine,
         **{
@@ -228,12 +232,10 @@ def _settings_from_config(config: RunConfig) -> dict[str, Any]:
         planned = "lora:" + ",".join(trainable.lora_targets)
     elif trainable.kind == "mask":
         planned = f"mask:{trainable.path}"
-    elif trainable.kind == "full":
-        planned = "full"
+    elif trainable.kind == "names":
+        planned = "names:" + ",".join(trainable.patterns)
     else:
-        raise PlanError(
-            f"trainable.kind={trainable.kind} is not in the planner (full, lora, mask are)"
-        )
+        planned = trainable.kind
     settings: dict[str, Any] = {
         "model": config.model.name,
         "estimator": str(config.estimator.get("name")),

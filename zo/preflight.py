@@ -181,6 +181,8 @@ def _planned_trainable(config: RunConfig, shape: ModelShape) -> str:
         return "full"
     if trainable.kind == "lora":
         return "lora:" + ",".join(trainable.lora_targets)
+    if trainable.kind == "names":
+        return "names:" + ",".join(trainable.patterns)
     if trainable.kind == "mask" and trainable.path:
         from zo.masks import MaskError, load_mask
 

@@ -31,8 +31,13 @@ def assumptions(request: PlanRequest, sources: dict[str, str]) -> dict[str, Any]
         "gradient_checkpointing": request.gradient_checkpointing,
         "engine": asdict(request.engine),
     }
+    derived = {
+        "model_type": "the model's config",
+        "compute_dtype": "--compute-dtype" if request.compute_dtype else "dtype, as zo train",
+        "engine": "zo train's default (engine section)",
+    }
     return {
-        key: {"value": value, "from": sources.get(key, "planner default")}
+        key: {"value": value, "from": sources.get(key) or derived.get(key, "planner default")}
         for key, value in values.items()
     }
 

@@ -79,7 +79,7 @@ def step_cost(request: PlanRequest) -> float:
     dequantization and the kernels' speed are not modelled (a relative count, not seconds)."""
     memory = request.estimator.memory
     passes = memory.forward_passes
-    if memory.backward and parse_trainable(request.trainable, request.lora_r).kind != "full":
+    if memory.backward and not parse_trainable(request.trainable, request.lora_r).dense:
         passes -= 1
     if memory.backward and request.gradient_checkpointing:
         passes += 1
@@ -149,7 +149,7 @@ def rank(fits: Iterable[Fit]) -> list[Fit]:
     fits = list(fits)
     cheapest = min((f.cost for f in fits), default=1.0)
     fits = [replace(f, relative_cost=f.cost / cheapest) for f in fits]
-    order = {"full": 0, "lora": 1, "mask": 2}
+    order = {"full": 0, "names": 0, "lora": 1, "mask": 2}
 
     def key(fit: Fit):
         request = fit.request

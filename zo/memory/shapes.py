@@ -102,6 +102,8 @@ class ModelShape:
     outer_parameters: int
     """Parameters outside the blocks: embeddings, positions, final norm, head (if untied)."""
     activations: ActivationProfile
+    parameter_names: tuple[tuple[str, int], ...] = ()
+    """``(name, numel)`` of every parameter, tied ones once (``names:`` trainable sets)."""
 
     @property
     def q_width(self) -> int:
@@ -132,7 +134,10 @@ class ModelShape:
     def from_dict(cls, data: dict[str, Any]) -> ModelShape:
         matrices = tuple(Matrix(**m) for m in data["matrices"])
         profile = ActivationProfile(**data["activations"])
-        return cls(**{**data, "matrices": matrices, "activations": profile})
+        names = tuple((name, numel) for name, numel in data.get("parameter_names", ()))
+        return cls(
+            **{**data, "matrices": matrices, "activations": profile, "parameter_names": names}
+        )
 
 
 # ---------------------------------------------------------------------- from a built model
@@ -182,6 +187,7 @@ def shape_of_model(model: nn.Module) -> ModelShape:
         block_vectors=block_parameters - sum(m.numel for m in matrices),
         outer_parameters=outer,
         activations=activation_profile(model, block, matrices, hidden, intermediate),
+        parameter_names=tuple((name, p.numel()) for name, p in model.named_parameters()),
     )
 
 

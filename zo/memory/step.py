@@ -92,6 +92,12 @@ class TrainableSpec:
     lora_r: int = 0
     lora_targets: tuple[str, ...] = ()
     density: float = 0.0
+    patterns: tuple[str, ...] = ()
+
+    @property
+    def dense(self) -> bool:
+        """Trains the model's own weights, in their dtype (``full``, ``names``)."""
+        return self.kind in ("full", "names")
 
 
 def parse_trainable(text: str, lora_r: int = TrainableConfig.lora_r) -> TrainableSpec:
@@ -100,6 +106,8 @@ def parse_trainable(text: str, lora_r: int = TrainableConfig.lora_r) -> Trainabl
     kind, _, value = text.partition(":")
     if kind == "full" and not value:
         return TrainableSpec("full")
+    if kind == "names" and value:
+        return TrainableSpec("names", patterns=tuple(p for p in value.split(",") if p))
     if kind == "lora":
         targets = tuple(t for t in value.split(",") if t) or DEFAULT_LORA_TARGETS
         if any(t.isdigit() for t in targets):
@@ -119,8 +127,9 @@ def parse_trainable(text: str, lora_r: int = TrainableConfig.lora_r) -> Trainabl
         if 0.0 < density <= 1.0:
             return TrainableSpec("mask", density=density)
     raise PlanError(
-        f"trainable {text!r} is not understood; use full, lora or lora:TARGETS (rank: "
-        "--lora-r), mask:DENSITY (0 < DENSITY <= 1, e.g. mask:0.001) or mask:PATH"
+        f"trainable {text!r} is not understood; use full, names:PATTERNS, lora or "
+        "lora:TARGETS (rank: --lora-r), mask:DENSITY (0 < DENSITY <= 1, e.g. mask:0.001) "
+        "or mask:PATH"
     )
 
 
@@ -212,7 +221,7 @@ class _Run:
         token chunk by token chunk without grad; see :mod:`zo.sparse_delta`)."""
         if self.request.quant == "nf4":
             weight = rows * cols * self.act_bytes
-        elif not self.memory.backward and self.trainable.kind == "full":
+        elif not self.memory.backward and self.trainable.dense:
             weight = rows * cols * self.weight_bytes
         else:
             weight = 0
@@ -308,6 +317,21 @@ def _trainable_tensors(shape: ModelShape, spec: TrainableSpec) -> list[int]:
         rest = shape.parameters() - sum(matrices)
         big = [shape.vocab * shape.hidden] * (1 if shape.tied_embeddings else 2)
         return matrices + big + [rest - sum(big)]
+    if spec.kind == "names":  # fnmatch over parameter names, as zo train's selector
+        from fnmatch import fnmatchcase
+
+        sizes = [
+            numel
+            for name, numel in shape.parameter_names
+            if any(fnmatchcase(name, pattern) for pattern in spec.patterns)
+        ]
+        if not sizes:
+            examples = ", ".join(name for name, _ in shape.parameter_names[:4])
+            raise PlanError(
+                f"trainable names {list(spec.patterns)} match no parameter; names look "
+                f"like: {examples}"
+            )
+        return sizes
     if spec.kind == "lora":  # A (r x in) and B (out x r) per targeted matrix
         r = spec.lora_r
         per_block = [n for rows, cols in _lora_matrices(shape, spec) for n in (r * cols, rows * r)]
@@ -348,7 +372,7 @@ def _forward_phases(run: _Run) -> dict[str, int]:
 
     embed = n * h * s * (3 if profile.rope else 1)
     vocab_numel = shape.vocab * shape.hidden
-    zo_full = not run.memory.backward and run.trainable.kind == "full"
+    zo_full = not run.memory.backward and run.trainable.dense
     if zo_full:  # a perturbed copy, or the output-side perturbation's fp32 rows
         output_side = n * h * 4 * (2 if request.device == "cuda" else 1)
         embed += output_side if run.offloaded(vocab_numel, 0) else vocab_numel * s
@@ -375,7 +399,7 @@ def _stored_activations(run: _Run) -> int:
     profile, n = shape.activations, run.tokens
     scores = request.batch * shape.heads * request.seq_len**2 * (4 + (s if s < 4 else 0))
     stored_h, stored_i = profile.stored_h, profile.stored_i
-    if run.trainable.kind != "full":  # norms frozen; LoRA also freezes most linear layers
+    if not run.trainable.dense:  # norms frozen; LoRA also freezes most linear layers
         stored_h -= profile.norm_weight_inputs_h
     if run.trainable.kind == "lora":
         stored_h, stored_i = stored_h - profile.linear_only_h, stored_i - profile.linear_only_i
@@ -409,7 +433,7 @@ def _direction_chunk(run: _Run, largest: int) -> tuple[int, str]:
     default_chunk = CPU_CHUNK if request.device == "cpu" else ACCELERATOR_CHUNK
     chunk = min(engine.chunk_size or default_chunk, largest)
     threads = 1 if request.device == "cuda" else engine.threads or min(8, _intra_op_threads())
-    copies = 1 + run.memory.accumulator + (run.trainable.kind == "full" and run.weight_bytes < 4)
+    copies = 1 + run.memory.accumulator + (run.trainable.dense and run.weight_bytes < 4)
     return chunk * 4 * threads * copies, f"{chunk} fp32 x {copies} x {threads} thread(s)"
 
 
@@ -425,7 +449,7 @@ def plan_memory(request: PlanRequest) -> Plan:
     parameters = shape.parameters()
     tensors = _trainable_tensors(shape, spec)
     trainable = sum(tensors)
-    trainable_bytes = wb if spec.kind == "full" else 4
+    trainable_bytes = wb if spec.dense else 4
 
     components = _resident_weights(request, shape, spec, trainable, wb)
     state_bytes = trainable_bytes if memory.backward else 4
