@@ -64,8 +64,12 @@ class ActivationProfile:
     """Width-``h`` tensors alive during the MLP: the layer input, the mid-layer residual, and
     the normed input (Llama's MLP module holds it; OPT rebinds it, freeing it)."""
     stored_h: int
-    """Saved for backward per block, width ``h``: layer input, q, k, v, attention output,
-    mid-layer residual, each norm's output (and its normalised input under RMSNorm)."""
+    """Saved for backward per block, width ``h``: layer input, mid-layer residual, each
+    norm's output (and its normalised input under RMSNorm). Attention's q, k, v (k and v
+    repeated to the query heads) and output are four more, of the query width."""
+    head_norms: bool
+    """q/k norms over each head (Gemma-3, Qwen-3): under RMSNorm they save the normalised q
+    and k (query width + key/value width)."""
     stored_i: int
     """Saved per block, width ``i``: SwiGLU gate, act(gate), up, product (4); ReLU's output
     (1); GELU's input and output (2)."""
@@ -225,11 +229,12 @@ def activation_profile(
         hidden_norms=len(hidden_norms),
         inference_mlp_i=3 if gated else 2,
         inference_mlp_h=3 if gated else 2,
-        stored_h=6 + per_norm * len(hidden_norms) + (2 if head_norms and rms else 0),
+        stored_h=2 + per_norm * len(hidden_norms),
+        head_norms=bool(head_norms),
         stored_i=4 if gated else (1 if relu else 2),
         held_embeddings=2 if summed_embeddings else 1,
         stored_embeddings=2 if summed_embeddings else 0,
-        norm_weight_inputs_h=(len(hidden_norms) + (2 if head_norms else 0)) if rms else 0,
+        norm_weight_inputs_h=len(hidden_norms) if rms else 0,
         linear_only_h=2,
         linear_only_i=0 if (relu and not gated) else 1,
     )

@@ -403,7 +403,11 @@ def _stored_activations(run: _Run) -> int:
         stored_h -= profile.norm_weight_inputs_h
     if run.trainable.kind == "lora":
         stored_h, stored_i = stored_h - profile.linear_only_h, stored_i - profile.linear_only_i
-    per_layer = (stored_h * n * shape.hidden + stored_i * n * shape.intermediate) * s
+    attention = 4 * shape.q_width  # q, k and v repeated to the query heads, the output
+    if profile.head_norms and profile.rms_norm and run.trainable.dense:
+        attention += shape.q_width + shape.kv_width  # q/k norms' normalised inputs
+    widths = stored_h * shape.hidden + stored_i * shape.intermediate + attention
+    per_layer = widths * n * s
     per_layer += scores if run.eager else 0
     if profile.rms_norm and s < 4:  # RMSNorm saves its fp32 upcast of the input
         per_layer += profile.hidden_norms * n * shape.hidden * 4
