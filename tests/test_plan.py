@@ -204,6 +204,20 @@ def test_the_planner_names_no_estimator():
         assert not names & literals, f"{path.name} names {sorted(names & literals)}"
 
 
+def test_the_planner_keeps_no_table_per_family():
+    """No mapping keyed by a model family, and no comparison with a family name."""
+    from zo.models import available_families
+
+    families = set(available_families())
+    for path in sorted((ROOT / "zo" / "memory").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            keys = node.keys if isinstance(node, ast.Dict) else []
+            if isinstance(node, ast.Compare):
+                keys = node.comparators
+            found = {k.value for k in keys if isinstance(k, ast.Constant)} & families
+            assert not found, f"{path.name}:{node.lineno} keys on families {sorted(found)}"
+
+
 def test_eager_attention_comes_from_the_trait_not_the_name():
     tangent = PlannedEstimator("my_jvp", EstimatorMemory(tangents=True), eager_attention=True)
     with pytest.raises(zs.PlanError, match="my_jvp needs eager attention"):

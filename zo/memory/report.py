@@ -114,7 +114,11 @@ def search_table(result: SearchResult, budget: int, top: int | None) -> str:
         "cost: forward-pass equivalents per training token relative to the cheapest row "
         "(compute per step, not steps to converge; zeroth-order methods need more steps)"
     )
-    lines += [f"not planned: {what}: {why}" for what, why in result.refused.items()]
+    reasons: dict[str, list[str]] = {}
+    for what, why in result.refused.items():
+        reasons.setdefault(why, []).append(what)
+    for why, combinations in reasons.items():
+        lines.append(f"not planned ({len(combinations)}, e.g. {combinations[0]}): {why}")
     return "\n".join(lines)
 
 
