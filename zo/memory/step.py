@@ -372,7 +372,7 @@ def _forward_phases(run: _Run) -> dict[str, int]:
 
     embed = n * h * s * (3 if profile.rope else 1)
     vocab_numel = shape.vocab * shape.hidden
-    zo_full = not run.memory.backward and run.trainable.dense
+    zo_full = not run.memory.backward and not run.memory.tangents and run.trainable.dense
     if zo_full:  # a perturbed copy, or the output-side perturbation's fp32 rows
         output_side = n * h * 4 * (2 if request.device == "cuda" else 1)
         embed += output_side if run.offloaded(vocab_numel, 0) else vocab_numel * s
@@ -380,8 +380,17 @@ def _forward_phases(run: _Run) -> dict[str, int]:
     if zo_full and not run.offloaded(vocab_numel, run.scored_rows):
         head += vocab_numel * run.weight_bytes
     phases = {"embedding": embed + mask + rope, "decoder layer": layer, "head": head}
-    factor = 2 if run.memory.tangents else 1
-    return {name: factor * count for name, count in phases.items()}
+    if not run.memory.tangents:
+        return phases
+    # every activation carries a tangent; each trainable weight read gets its direction
+    # drawn in fp32 (and cast to the weight's dtype) for the call that reads it
+    phases = {name: 2 * count for name, count in phases.items()}
+    if run.trainable.dense:
+        direction = 4 + (run.weight_bytes if run.weight_bytes < 4 else 0)
+        phases["embedding"] += vocab_numel * direction
+        phases["decoder layer"] += max(m.numel for m in shape.matrices) * direction
+        phases["head"] += vocab_numel * direction
+    return phases
 
 
 def _logits_bytes(run: _Run) -> int:
