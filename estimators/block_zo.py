@@ -44,6 +44,7 @@ from estimators.registry import register_estimator
 from estimators.zo_sgd import ZOSGDConfig
 from zo.blocks import NoBlocksError, decoder_blocks
 from zo.engine import EngineConfig, mix_seed
+from zo.memory import EstimatorMemory
 
 OUTSIDE = "outside blocks"
 """Name of the unit holding the trainable tensors that no single block owns."""
@@ -231,7 +232,13 @@ class PrefixReplay:
 
 
 # ---------------------------------------------------------------------------- estimator
-@register_estimator("block_zo", BlockZOConfig, zeroth_order=True, needs_model=True)
+@register_estimator(
+    "block_zo",
+    BlockZOConfig,
+    zeroth_order=True,
+    needs_model=True,
+    memory=EstimatorMemory(kept_hidden_states=2, forward_passes=1.5),
+)
 class BlockZO(ZOOptimizer):
     """ZO-SGD on one block per step; the blocks before it are computed once per estimate.
 

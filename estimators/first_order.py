@@ -20,6 +20,7 @@ import torch
 from estimators.base import check_hyperparameters, differentiable_loss, mean_over_ranks
 from estimators.registry import register_estimator
 from zo.engine import EngineConfig
+from zo.memory import EstimatorMemory
 
 Closure = Callable[[], torch.Tensor]
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
@@ -109,7 +110,9 @@ class SGDConfig:
     """L2 decay added to the gradient, as ``torch.optim.SGD`` does."""
 
 
-@register_estimator("sgd", SGDConfig, zeroth_order=False)
+@register_estimator(
+    "sgd", SGDConfig, zeroth_order=False, memory=EstimatorMemory(gradients="all", forward_passes=3)
+)
 class SGD(FirstOrderMixin, torch.optim.SGD):
     _base = torch.optim.SGD
 
@@ -146,7 +149,12 @@ class AdamWConfig:
     """Decoupled weight decay (torch's default is 0.01; 0 matches the other estimators)."""
 
 
-@register_estimator("adamw", AdamWConfig, zeroth_order=False)
+@register_estimator(
+    "adamw",
+    AdamWConfig,
+    zeroth_order=False,
+    memory=EstimatorMemory(gradients="all", state_copies=2, foreach_temp=True, forward_passes=3),
+)
 class AdamW(FirstOrderMixin, torch.optim.AdamW):
     _base = torch.optim.AdamW
 

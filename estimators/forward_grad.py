@@ -29,6 +29,7 @@ from estimators.registry import register_estimator
 from estimators.zo_sgd import ZOSGD
 from zo.engine import EngineConfig
 from zo.jvp import directional_derivative
+from zo.memory import EstimatorMemory
 
 
 @dataclass
@@ -41,7 +42,13 @@ class ForwardGradConfig:
     """Tangent directions per step (one forward-AD pass each); the update averages them."""
 
 
-@register_estimator("forward_grad", ForwardGradConfig, zeroth_order=True, eager_attention=True)
+@register_estimator(
+    "forward_grad",
+    ForwardGradConfig,
+    zeroth_order=True,
+    eager_attention=True,
+    memory=EstimatorMemory(tangents=True, forward_passes=3),
+)
 class ForwardGrad(ZOSGD):
     """ZO-SGD whose scalars are exact directional derivatives from forward-mode AD.
 

@@ -40,6 +40,7 @@ from estimators.first_order import SGD, AdamW
 from estimators.registry import register_estimator
 from estimators.zo_sgd import ZOSGD, ZOSGDConfig
 from zo.engine import EngineConfig
+from zo.memory import EstimatorMemory
 
 FIRST_ORDER_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": SGD, "adamw": AdamW}
 """The first-order part's optimizer by name; each takes ``lr`` and ``weight_decay`` (the
@@ -143,7 +144,12 @@ def gradients_only_for(wanted: list[torch.Tensor], others: list[torch.Tensor]) -
             p.requires_grad_(flag)
 
 
-@register_estimator("hybrid", HybridConfig, zeroth_order=False)
+@register_estimator(
+    "hybrid",
+    HybridConfig,
+    zeroth_order=False,
+    memory=EstimatorMemory(gradients="part", forward_passes=5),
+)
 class Hybrid(torch.optim.Optimizer):
     """ZO-SGD over the ZO part (:attr:`zeroth`) and SGD/AdamW over the first-order part
     (:attr:`first`) in one ``estimate``/``step``.

@@ -37,6 +37,7 @@ import torch
 from estimators.base import check_hyperparameters, differentiable_loss, mean_over_ranks
 from estimators.registry import register_estimator
 from zo.engine import EngineConfig
+from zo.memory import EstimatorMemory
 
 Closure = Callable[[], torch.Tensor]
 
@@ -93,7 +94,13 @@ class DynamicLossScaler:
             self.clean_steps = 0
 
 
-@register_estimator("lomo", LOMOConfig, zeroth_order=False, grad_accum=False)
+@register_estimator(
+    "lomo",
+    LOMOConfig,
+    zeroth_order=False,
+    grad_accum=False,
+    memory=EstimatorMemory(gradients="one", forward_passes=3),
+)
 class LOMO(torch.optim.Optimizer):
     """``estimate(closure)`` runs forward, backward and the fused update; ``step()`` closes it.
 

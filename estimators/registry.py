@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from zo.memory import EstimatorMemory, PlannedEstimator
+
 
 @dataclass(frozen=True)
 class EstimatorSpec:
@@ -22,6 +24,12 @@ class EstimatorSpec:
     """Needs eager attention (torch.func.jvp fails through SDPA kernels)."""
     grad_accum: bool = True
     """Supports several estimate() calls per step (LOMO updates inside backward: no)."""
+    memory: EstimatorMemory = EstimatorMemory()
+    """What a step keeps in memory (``zo plan`` and the memory preflight read it)."""
+
+    def planned(self) -> PlannedEstimator:
+        """The estimator as the memory planner takes it."""
+        return PlannedEstimator(self.name, self.memory, self.eager_attention)
 
     @property
     def needs_differentiable_loss(self) -> bool:
@@ -41,12 +49,13 @@ def register_estimator(
     needs_model: bool = False,
     eager_attention: bool = False,
     grad_accum: bool = True,
+    memory: EstimatorMemory,
 ) -> Callable[[type[torch.optim.Optimizer]], type[torch.optim.Optimizer]]:
     def decorator(cls: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
         if name in ESTIMATORS:
             raise ValueError(f"estimator {name!r} is registered twice")
         ESTIMATORS[name] = EstimatorSpec(
-            name, cls, config_class, zeroth_order, needs_model, eager_attention, grad_accum
+            name, cls, config_class, zeroth_order, needs_model, eager_attention, grad_accum, memory
         )
         return cls
 

@@ -16,6 +16,7 @@ import torch
 from estimators.base import StepRecord, check_hyperparameters
 from estimators.registry import register_estimator
 from estimators.zo_variants import ChunkRule, ElementwiseZO, recorded
+from zo.memory import EstimatorMemory
 
 
 @dataclass
@@ -41,7 +42,12 @@ class ZOAdamConfig:
 HYPERPARAMETERS = ("beta1", "beta2", "adam_eps")
 
 
-@register_estimator("zo_adam", ZOAdamConfig, zeroth_order=True)
+@register_estimator(
+    "zo_adam",
+    ZOAdamConfig,
+    zeroth_order=True,
+    memory=EstimatorMemory(state_copies=2, accumulator=True),
+)
 class ZOAdam(ElementwiseZO):
     """``torch.optim.AdamW`` on ``g_hat``, rebuilt chunk by chunk from the step's seeds.
 

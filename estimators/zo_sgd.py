@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from estimators.base import StepRecord, ZOOptimizer
 from estimators.registry import register_estimator
+from zo.memory import EstimatorMemory
 
 
 @dataclass
@@ -23,7 +24,7 @@ class ZOSGDConfig:
     """``(L(W + eps z) - L(W)) / eps`` instead of the symmetric two-point difference."""
 
 
-@register_estimator("zo_sgd", ZOSGDConfig, zeroth_order=True)
+@register_estimator("zo_sgd", ZOSGDConfig, zeroth_order=True, memory=EstimatorMemory())
 class ZOSGD(ZOOptimizer):
     def _group_coefficients(self, record: StepRecord, group_index: int) -> Sequence[float]:
         factor = -record.lrs[group_index] * self.direction_scale(group_index) / len(record.scalars)

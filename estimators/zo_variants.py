@@ -30,6 +30,7 @@ import torch
 from estimators.base import Closure, StepRecord, _as_float, check_hyperparameters
 from estimators.registry import register_estimator
 from estimators.zo_sgd import ZOSGD, ZOOptimizer, ZOSGDConfig
+from zo.memory import EstimatorMemory
 
 ChunkRule = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], None]
 """``rule(weights_fp32, g_hat, state_chunks)``: update one chunk in place (all fp32)."""
@@ -136,7 +137,9 @@ class ZOSGDSignConfig(ZOSGDConfig):
     and the sign is taken of the average over ``queries`` directions."""
 
 
-@register_estimator("zo_sgd_sign", ZOSGDSignConfig, zeroth_order=True)
+@register_estimator(
+    "zo_sgd_sign", ZOSGDSignConfig, zeroth_order=True, memory=EstimatorMemory(accumulator=True)
+)
 class ZOSGDSign(ElementwiseZO):
     """ZO-SignSGD: ``W <- (1 - lr wd) W - lr * sign(g_hat)``; no state."""
 
@@ -169,7 +172,12 @@ class ZOSGDMomentumConfig:
     """``(L(W + eps z) - L(W)) / eps`` instead of the symmetric two-point difference."""
 
 
-@register_estimator("zo_sgd_momentum", ZOSGDMomentumConfig, zeroth_order=True)
+@register_estimator(
+    "zo_sgd_momentum",
+    ZOSGDMomentumConfig,
+    zeroth_order=True,
+    memory=EstimatorMemory(state_copies=1, accumulator=True),
+)
 class ZOSGDMomentum(ElementwiseZO):
     """ZO-SGD with heavy-ball momentum, torch.optim.SGD's convention:
 
@@ -225,7 +233,12 @@ CANDIDATES: dict[str, float] = {"descend": 1.0, "keep": 0.0, "ascend": -1.0}
 """Multiplier of the ZO-SGD update per candidate, in order of preference on a tie."""
 
 
-@register_estimator("zo_sgd_conservative", ZOSGDConservativeConfig, zeroth_order=True)
+@register_estimator(
+    "zo_sgd_conservative",
+    ZOSGDConservativeConfig,
+    zeroth_order=True,
+    memory=EstimatorMemory(forward_passes=5),  # two-point estimate + three candidates
+)
 class ZOSGDConservative(ZOSGD):
     """ZO-SGD that moves only where the step's own batch says it helps (ZO-Bench's ZO-SGD-Cons).
 

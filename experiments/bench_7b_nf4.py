@@ -74,12 +74,15 @@ def compute_dtype_name(args: argparse.Namespace) -> str:
 
 def predicted_peak_bytes(args: argparse.Namespace) -> int:
     """``zo plan``'s allocator peak for this configuration."""
-    from zo.plan import PRESETS, PlanRequest, plan_memory
+    import estimators
+    from zo.engine import EngineConfig
+    from zo.memory.shapes import resolve_shape
+    from zo.memory.step import PlanRequest, plan_memory
 
-    shape = replace(PRESETS["llama-2-7b"], layers=args.layers)
+    shape = replace(resolve_shape("llama-2-7b"), layers=args.layers)
     request = PlanRequest(
         shape=shape,
-        estimator="zo_sgd",
+        estimator=estimators.get_estimator("zo_sgd").planned(),
         trainable=f"mask:{args.density}",
         quant="nf4",
         compute_dtype=compute_dtype_name(args),
@@ -89,7 +92,7 @@ def predicted_peak_bytes(args: argparse.Namespace) -> int:
         logits=args.loss,
         attention=args.attention,
         device=torch.device(args.device).type,
-        threads=1,
+        engine=EngineConfig(threads=1),
     )
     return plan_memory(request).peak_allocated
 

@@ -3,6 +3,7 @@
     .venv/bin/python experiments/plan_check.py [--device cpu|cuda] [--sizes tiny,small]
         [--families llama,opt] [--estimators zo_sgd,adamw,lomo] [--json]
         [--trainable lora:8 | mask:0.01] [--quant nf4 [--compute-dtype fp32]]
+        [--model NAME_OR_DIR (a real model at batch 4 x 128)] [--checkpointing]
 
 Per config a worker process builds a random model of the family (``zo.models`` tiny
 configs at the size asked), runs two training steps (block_zo: one per unit, a whole cycle)
@@ -29,16 +30,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import estimators
+from zo.engine import EngineConfig
+from zo.memory.shapes import ModelShape, shape_from_hf_config
+from zo.memory.step import PlanRequest, plan_memory
 
-from zo.plan import ModelShape, PlanRequest, plan_memory  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SIZES = {  # hidden, layers, intermediate, heads, batch, seq, vocab
     "tiny": (256, 4, 768, 4, 8, 64, 4096),
     "small": (512, 8, 1536, 8, 8, 128, 8192),
     # two decoder layers of Llama-2-7B at its real widths: the per-layer peak of the 7B plan
     "7b-2l": (4096, 2, 11008, 32, 8, 256, 32000),
+    # with --model: the named model's own shape, at this batch and sequence length
+    "model": (0, 0, 0, 0, 4, 128, 0),
 }
 SCORED = 4
 
@@ -54,6 +59,11 @@ class Case:
     quant: str = "none"
     trainable: str = "full"
     compute_dtype: str = "fp32"
+    model: str = ""
+    """A model name or directory (``zo.models.load_model``) instead of a random family model;
+    4-bit cases build random NF4 weights of its config (memory does not depend on values)."""
+    checkpointing: bool = False
+    """Activation checkpointing of every block (``zo.blocks.checkpoint_blocks``)."""
 
     def shape_args(self) -> dict:
         hidden, layers, inter, heads, batch, seq, vocab = SIZES[self.size]
@@ -72,6 +82,8 @@ def build_model(case: Case):
     from zo.engine import seeded
     from zo.models import TinySpec, family_model_class, get_family, tiny_config
 
+    if case.model:
+        return _named_model(case)
     args = case.shape_args()
     spec = TinySpec(
         vocab_size=args["vocab"],
@@ -102,6 +114,26 @@ def build_model(case: Case):
     with seeded(0):
         model = family_model_class(get_family(case.family))(config)
     return model.to(device=case.device, dtype=dtype).eval(), config
+
+
+def _named_model(case: Case):
+    import torch
+
+    from zo.models import load_model
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[case.dtype]
+    model, _ = load_model(case.model, dtype=dtype, attn=case.attention)
+    if case.quant != "nf4":
+        return model.to(case.device), model.config
+    from zo.quant import build_random_quantized
+
+    config = model.config
+    del model
+    compute = {"fp32": torch.float32, "bf16": torch.bfloat16}[case.compute_dtype]
+    quantized = build_random_quantized(
+        config, compute_dtype=compute, float_dtype=dtype, attn=case.attention, device=case.device
+    )
+    return quantized, config
 
 
 def trainable_set(model, case: Case) -> list:
@@ -140,27 +172,26 @@ def resident_bytes(model) -> int:
     return sum(storages.values())
 
 
-def shape_of(config) -> ModelShape:
-    from zo.plan import shape_from_hf_config
-
-    return shape_from_hf_config(config.to_dict())
-
-
 def request_for(case: Case, shape: ModelShape) -> PlanRequest:
     batch, seq = case.batch_seq()
+    trainable, lora_r = case.trainable, 8
+    if trainable.startswith("lora:"):  # plan_check's lora:R is a rank; zo's lora:X targets
+        trainable, lora_r = "lora", int(trainable.removeprefix("lora:"))
     return PlanRequest(
         shape=shape,
-        estimator=case.estimator,
+        estimator=estimators.get_estimator(case.estimator).planned(),
         dtype=case.dtype,
         batch=batch,
         seq_len=seq,
         scored=SCORED,
         attention=case.attention,
         device=case.device,
-        threads=1,
+        engine=EngineConfig(threads=1),
         quant=case.quant,
-        trainable=case.trainable,
+        trainable=trainable,
+        lora_r=lora_r,
         compute_dtype=case.compute_dtype,
+        gradient_checkpointing=case.checkpointing,
     )
 
 
@@ -183,9 +214,7 @@ def worker(case: Case) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import estimators
     from tasks.lm import backbone_and_head
-    from zo.engine import EngineConfig
 
     torch.set_num_threads(1)  # the profiler counts allocations of profiled threads only
     model, config = build_model(case)
@@ -197,6 +226,10 @@ def worker(case: Case) -> dict:
     spec = estimators.get_estimator(case.estimator)
     fields = {f.name for f in dataclasses.fields(spec.config_class)}
     named = trainable_set(model, case)
+    if case.checkpointing:
+        from zo.blocks import checkpoint_blocks
+
+        checkpoint_blocks(model)
     optimizer = estimators.build_estimator(
         case.estimator,
         named,
@@ -230,7 +263,7 @@ def worker(case: Case) -> dict:
     return {
         "static_bytes": static,
         "step_bytes": step,
-        "shape": dataclasses.asdict(shape_of(config)),
+        "config": config.to_dict(),
     }
 
 
@@ -263,13 +296,13 @@ def measure(case: Case) -> dict:
 
 def compare(case: Case) -> dict:
     measured = measure(case)
-    shape = ModelShape(**measured["shape"])
+    shape: ModelShape = shape_from_hf_config(measured["config"])
     plan = plan_memory(request_for(case, shape))
     resident = sum(plan.component(name) for name in RESIDENT)
     predicted_step = plan.peak_allocated - resident
     measured_total = measured["static_bytes"] + measured["step_bytes"]
     return {
-        "case": f"{case.family}-{case.size} {case.estimator} ({case.device}, {case.attention}, "
+        "case": f"{case.model or case.family + '-' + case.size} {case.estimator} ({case.device}, {case.attention}, "
         f"{case.dtype}{_quant_label(case)})",
         "predicted_total": plan.peak_allocated,
         "measured_total": measured_total,
@@ -299,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quant", default="none", choices=["none", "nf4"])
     parser.add_argument("--trainable", default="full", help="full | lora:R | mask:DENSITY")
     parser.add_argument("--compute-dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--model", default="", help="a model name or directory (--sizes model)")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
@@ -306,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(Case(**json.loads(options.worker)))))
         return 0
     rows = []
-    for size in options.sizes.split(","):
-        for family in options.families.split(","):
+    sizes = ["model"] if options.model else options.sizes.split(",")
+    families = [""] if options.model else options.families.split(",")
+    for size in sizes:
+        for family in families:
             for estimator in options.estimators.split(","):
                 case = Case(
                     family,
@@ -319,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                     options.quant,
                     options.trainable,
                     options.compute_dtype,
+                    options.model,
+                    options.checkpointing,
                 )
                 rows.append(compare(case))
                 print(json.dumps(rows[-1]) if options.json else _row(rows[-1]), flush=True)
@@ -330,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quant_label(case: Case) -> str:
     quant = f", nf4 {case.compute_dtype} compute" if case.quant == "nf4" else ""
-    return quant + (f", {case.trainable}" if case.trainable != "full" else "")
+    checkpointing = ", checkpointing" if case.checkpointing else ""
+    return quant + (f", {case.trainable}" if case.trainable != "full" else "") + checkpointing
 
 
 def _row(row: dict) -> str:

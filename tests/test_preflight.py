@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import estimators
 import zo.preflight as preflight
 import zo.train as loop
 from tests.test_cli import SMOKE, zo
 from zo.config import ConfigError, load_config
-from zo.plan import PRESETS
+from zo.memory import shapes
+from zo.memory.shapes import PRESETS, PlanError
 
 QUIET = ["train.progress=false", "train.eval_before=false", "task.eval_limit=4"]
 
@@ -99,6 +101,8 @@ def test_cuda_without_a_gpu_is_a_config_error(tmp_path, capsys, no_model):
     assert "torch sees no CUDA device" in capsys.readouterr().err
 
 
+ZO_SGD = estimators.get_estimator("zo_sgd").planned()
+
 # ---------------------------------------------------------------------- the batch
 
 
@@ -129,26 +133,26 @@ def test_the_planner_reads_a_checkpoint_config(tmp_path, capsys, no_model):
     # a 7B shape, no weights: refused before anything would try to load them
     checkpoint = tmp_path / "llama-7b-shape"
     checkpoint.mkdir()
-    shape = PRESETS["llama-2-7b"]
-    config = {
-        "model_type": "llama",
-        "hidden_size": shape.hidden,
-        "num_hidden_layers": shape.layers,
-        "intermediate_size": shape.intermediate,
-        "num_attention_heads": shape.heads,
-        "vocab_size": shape.vocab,
-        "tie_word_embeddings": False,
-    }
+    config = {**PRESETS["llama-2-7b"], "tie_word_embeddings": False}
     (checkpoint / "config.json").write_text(json.dumps(config))
     overrides = [f"model.name={checkpoint}", "model.device=cpu", "task.max_length=2048"]
     assert train(f"train.out={tmp_path / 'run'}", *overrides, "train.batch_size=256") == 2
     assert "zo plan predicts a peak of" in capsys.readouterr().err
 
 
-def test_a_run_without_a_memory_model_says_so_once(tmp_path, capsys):
+def test_a_run_without_a_memory_model_says_so_once(tmp_path, capsys, monkeypatch):
+    def no_shape(name):
+        raise PlanError(f"no shape for {name}")
+
+    monkeypatch.setattr(shapes, "resolve_shape", no_shape)
     assert train(f"train.out={tmp_path / 'run'}", "train.steps=2") == 0
     out = capsys.readouterr().out
     assert out.count("memory check: zo plan has no memory model for model tiny-llama") == 1
+
+
+def test_tiny_models_have_a_memory_model(tmp_path, capsys):
+    assert train(f"train.out={tmp_path / 'run'}", "train.steps=1") == 0
+    assert "no memory model" not in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------- config files
@@ -242,4 +246,4 @@ def test_on_cuda_the_gpu_memory_bounds_the_batch(tmp_path, monkeypatch):
         preflight.check_device_available(torch.device("cuda", 3))
     config = load_config(SMOKE, ["model.name=llama-2-7b", "model.dtype=bfloat16"])
     with pytest.raises(ConfigError, match=r"more than the 8.00 GiB of GPU 0 \(Small GPU\)"):
-        preflight.check_batch_fits_memory(config, torch.device("cuda", 0), 4, print)
+        preflight.check_batch_fits_memory(config, torch.device("cuda", 0), 4, print, ZO_SGD)

@@ -280,7 +280,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # Commands with their own argument parsers: command -> (module, one-line help).
 MODULE_COMMANDS: dict[str, tuple[str, str]] = {
     "mask": ("zo.mask_cli", "compute a sensitive-parameter mask from calibration text"),
-    "plan": ("zo.plan", "predict peak memory per component for a model, estimator and batch"),
+    "plan": ("zo.plan", "does it fit? predict peak memory, or list what fits a --budget"),
     "merge": ("zo.merge", "merge trained mask values into a dense HF checkpoint"),
 }
 

@@ -10,11 +10,15 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from zo.config import ConfigError, RunConfig
-from zo.memory import format_bytes
+from zo.memory import PlannedEstimator, format_bytes
+
+if TYPE_CHECKING:
+    from zo.memory.shapes import ModelShape
 
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
@@ -111,37 +115,43 @@ def check_batch_fits_memory(
     device: torch.device,
     sequences: int,
     log: Callable[[str], None],
+    estimator: PlannedEstimator,
 ) -> None:
     """Refuse a micro-batch of ``sequences`` sequences that ``zo plan`` predicts cannot fit
     in ``device``'s memory; say once why nothing was checked when the planner has no
-    memory model for this run. ``train.check_memory=false`` turns it off."""
+    memory model for this run. ``estimator`` is the run's, as its registration declares it
+    (``EstimatorSpec.planned()``). ``train.check_memory=false`` turns it off."""
     if not config.train.check_memory:
         return
-    from zo.plan import PlanError, PlanRequest, plan_memory, resolve_shape
+    from zo.memory.shapes import PlanError, resolve_shape
+    from zo.memory.step import PlanRequest, plan_memory
 
     try:
         shape = resolve_shape(config.model.name)
-    except PlanError:
+    except PlanError as error:
         log(
-            f"memory check: zo plan has no memory model for model {config.model.name} (not "
-            "one of its presets, no config.json): the batch is not checked against memory"
+            f"memory check: zo plan has no memory model for model {config.model.name} "
+            f"({error}): the batch is not checked against memory"
         )
         return
     available, where = _memory_of(device)
     try:
         request = PlanRequest(
             shape=shape,
+            estimator=estimator,
             model=config.model.name,
-            estimator=str(config.estimator.get("name")),
-            trainable=_planned_trainable(config),
+            trainable=_planned_trainable(config, shape),
+            lora_r=config.trainable.lora_r,
             quant=config.model.quant,
-            compute_dtype=config.model.dtype,
             dtype=config.model.dtype,
             batch=sequences,
             seq_len=config.task.max_length,
-            attention="eager" if config.model.attn == "eager" else "sdpa",
+            attention="eager"
+            if estimator.eager_attention or config.model.attn == "eager"
+            else "sdpa",
             gradient_checkpointing=config.train.gradient_checkpointing,
             device=device.type,
+            engine=config.engine,
         )
         plan = plan_memory(request) if available is not None else None
     except PlanError as error:
@@ -161,15 +171,18 @@ def check_batch_fits_memory(
     )
 
 
-def _planned_trainable(config: RunConfig) -> str:
-    """The trainable set in ``zo plan``'s terms (``full``, ``lora:R``, ``mask:DENSITY``)."""
-    from zo.plan import PlanError, resolve_shape
+def _planned_trainable(config: RunConfig, shape: ModelShape) -> str:
+    """The trainable set in ``zo plan``'s terms (``full``, ``lora:TARGETS``,
+    ``mask:DENSITY``)."""
+    from zo.memory.shapes import PlanError
 
     trainable = config.trainable
     if trainable.kind == "full":
         return "full"
     if trainable.kind == "lora":
-        return f"lora:{trainable.lora_r}"
+        return "lora:" + ",".join(trainable.lora_targets)
+    if trainable.kind == "names":
+        return "names:" + ",".join(trainable.patterns)
     if trainable.kind == "mask" and trainable.path:
         from zo.masks import MaskError, load_mask
 
@@ -178,7 +191,7 @@ def _planned_trainable(config: RunConfig) -> str:
         except MaskError as error:
             raise ConfigError(f"trainable.path: {error}") from None
         entries = sum(t.numel() for t in indices.values())
-        return f"mask:{entries / resolve_shape(config.model.name).layer_matrix_parameters():.6g}"
+        return f"mask:{entries / shape.layer_matrix_parameters():.6g}"
     raise PlanError(f"trainable.kind={trainable.kind} is not in the planner")
 
 

@@ -3,7 +3,7 @@
 The gathered ``[tokens, k]`` block of a sparse-delta call is scratch: at 16x256 tokens and
 Llama-2-7B's 45k-entry MLP masks it would be ~1.8 GB per call in the forward and more in the
 backward. :class:`zo.sparse_delta.SparseDeltaLinear` works through the tokens in chunks
-sized here. Torch-free, so the memory planner (:mod:`zo.plan`) predicts exactly what the
+sized here. Torch-free, so the memory planner (:mod:`zo.memory.step`) predicts exactly what the
 layer does without importing torch.
 """
 

@@ -389,7 +389,9 @@ def preflight(config: RunConfig, parallel: DataParallel, log) -> list[tasks.Exam
     examples = task.load("train")[: config.task.train_limit]
     check_batch_fits_data(config, len(examples))
     per_rank = config.train.batch_size // parallel.world_size
-    check_batch_fits_memory(config, device, per_rank * _sequences_per_example(task, examples), log)
+    estimator = estimators.get_estimator(str(config.estimator.get("name"))).planned()
+    sequences = per_rank * _sequences_per_example(task, examples)
+    check_batch_fits_memory(config, device, sequences, log, estimator)
     return examples
 
 
