@@ -29,10 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from zo.plan import ModelShape, PlanRequest, plan_memory  # noqa: E402
+from zo.plan import ModelShape, PlanRequest, plan_memory
 
 SIZES = {  # hidden, layers, intermediate, heads, batch, seq, vocab
     "tiny": (256, 4, 768, 4, 8, 64, 4096),
@@ -255,7 +252,7 @@ class _Allocation:
 def measure(case: Case) -> dict:
     """Run one case in a fresh interpreter, so nothing of another case is resident."""
     command = [sys.executable, __file__, "--worker", json.dumps(dataclasses.asdict(case))]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"worker for {case} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
