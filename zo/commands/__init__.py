@@ -103,7 +103,15 @@ def make_parser(verb: str | None = None) -> argparse.ArgumentParser:
             formatter_class=HelpFormatter,
         )
         module.add_arguments(command)
+        _defaults_in_help(command)
     return parser
+
+
+def _defaults_in_help(parser: argparse.ArgumentParser) -> None:
+    """An option without help text still shows its default (argparse formats no line for it)."""
+    for action in parser._actions:
+        if action.help is None and action.option_strings and action.default is not None:
+            action.help = " "  # HelpFormatter appends the default and strips the blank
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
