@@ -146,3 +146,17 @@ def test_experiment_scripts_use_the_installed_public_api():
             ):
                 private = [a.name for a in node.names if a.name.startswith("_")]
                 assert not private, f"{script.name}:{node.lineno}: imports private {private}"
+
+
+def test_the_distribution_is_zo_llm_with_the_extras_the_readme_installs():
+    import importlib.metadata
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "zo-llm"  # `zo` on PyPI is an unrelated package
+    assert project["scripts"] == {"zo": "zo.cli:main"}
+    assert importlib.metadata.version("zo-llm") == zo.__version__  # the one version number
+    readme = (ROOT / "README.md").read_text()
+    for extra, package in (("quant", "bitsandbytes"), ("lora", "peft"), ("tensorboard", "")):
+        assert any(dep.startswith(package) for dep in project["optional-dependencies"][extra])
+        assert f"pip install 'zo-llm[{extra}]'" in readme
