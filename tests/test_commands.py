@@ -150,6 +150,7 @@ def test_experiment_scripts_use_the_installed_public_api():
 
 def test_the_distribution_is_zo_llm_with_the_extras_the_readme_installs():
     import importlib.metadata
+
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
