@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from estimators.base import Closure, NonFiniteLossError, ZOEstimate
+from estimators.base import Closure, NonFiniteLossError, ZOEstimate, check_hyperparameters
 from estimators.registry import register_estimator
 from estimators.zo_sgd import ZOSGD
 from zo.engine import EngineConfig
@@ -65,6 +65,7 @@ class ForwardGrad(ZOSGD):
         eps: float | None = None,
     ):
         if eps is not None:
+            check_hyperparameters(eps=eps)  # ignored, but a bad value is still refused
             warnings.warn(
                 f"forward_grad ignores eps={eps}: its directional derivatives are exact "
                 "(forward-mode AD), there is no perturbation to scale; drop estimator.eps",
