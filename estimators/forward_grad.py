@@ -19,12 +19,13 @@ bitsandbytes 4-bit layers are run through a dequantizing forward that carries ta
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from estimators.base import Closure, NonFiniteLossError, ZOEstimate
+from estimators.base import Closure, NonFiniteLossError, ZOEstimate, check_hyperparameters
 from estimators.registry import register_estimator
 from estimators.zo_sgd import ZOSGD
 from zo.engine import EngineConfig
@@ -40,6 +41,9 @@ class ForwardGradConfig:
     """Decoupled L2 decay, folded into the update pass: ``W *= 1 - lr * weight_decay``."""
     queries: int = 1
     """Tangent directions per step (one forward-AD pass each); the update averages them."""
+    eps: float | None = None
+    """Accepted so that one estimator section reads the same across methods, and ignored
+    with a warning: the derivative is exact, there is no perturbation to scale."""
 
 
 @register_estimator(
@@ -65,7 +69,16 @@ class ForwardGrad(ZOSGD):
         queries: int = 1,
         seed: int = 0,
         engine: EngineConfig | None = None,
+        eps: float | None = None,
     ):
+        if eps is not None:
+            check_hyperparameters(eps=eps)  # ignored, but a bad value is still refused
+            warnings.warn(
+                f"forward_grad ignores eps={eps}: its directional derivatives are exact "
+                "(forward-mode AD), there is no perturbation to scale; drop estimator.eps",
+                UserWarning,
+                stacklevel=2,
+            )
         super().__init__(
             params, lr=lr, weight_decay=weight_decay, queries=queries, seed=seed, engine=engine
         )

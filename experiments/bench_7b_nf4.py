@@ -36,9 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from zo.memory import (  # noqa: E402
+from zo.memory import (
     current_rss_bytes,
     format_bytes,
     peak_memory_bytes,

@@ -11,7 +11,7 @@ them alike. Also checked: the two block_zo variants give bit-identical scalars.
     .venv/bin/python experiments/bench_block_zo.py --model smollm2 --rounds 1 --no-zo-sgd
     .venv/bin/python experiments/bench_block_zo.py --model llama-16l --device cuda
 
-The loss scores the last positions of each sequence (``zo.bench.scored_loss``: logits only
+The loss scores the last positions of each sequence (``zo.commands.bench.scored_loss``: logits only
 where scored), fp32, random token batches.
 """
 
@@ -22,15 +22,14 @@ import json
 import statistics
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import estimators  # noqa: E402
-from zo.bench import _time, device_name, make_batch, record, scored_loss  # noqa: E402
-from zo.engine import EngineConfig, seeded  # noqa: E402
+import estimators
+from zo.commands.bench import device_name, make_batch, record, scored_loss
+from zo.commands.common import RESULTS
+from zo.engine import EngineConfig, seeded
+from zo.memory import time_call
 
 LLAMA_SHAPES = {  # random-weight Llamas: many blocks, so reuse has something to skip
     "llama-16l": {
@@ -126,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
             for _ in units:  # one full cycle: every block once
                 block_opt = optimizers[name] if name in per_unit else None
                 position = block_opt.unit_position(block_opt.step_count) if block_opt else 0
-                seconds = _time(step, args.device)
+                seconds = time_call(step, args.device)
                 total += seconds
                 if name in per_unit:
                     per_unit[name][position].append(seconds)
@@ -176,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {device_name(args.device)}")
     print(json.dumps(result, indent=2))
     if args.record:
-        record(result, "python experiments/bench_block_zo.py " + " ".join(argv or sys.argv[1:]))
+        command = "python experiments/bench_block_zo.py " + " ".join(argv or sys.argv[1:])
+        record(result, command, RESULTS)
     return 0
 
 

@@ -23,11 +23,8 @@ import gc
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MODES = ("hooks", "naive", "lomo")
 

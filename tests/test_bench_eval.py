@@ -12,7 +12,7 @@ from tasks.evaluation import EvalSettings, candidate_scores
 from tasks.generation import GreedyConfig, greedy_generate
 from tests.test_evaluation import CHOICES, TemplateTask
 from tests.tiny import lively
-from zo import bench_eval
+from zo.commands import bench_eval
 
 
 def test_anchor_scores_equal_batched_scores():

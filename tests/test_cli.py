@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from zo.cli import main, shipped_configs
+from zo.commands import main
+from zo.commands.validate import shipped_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "experiments" / "tiny" / "smoke.yaml")
@@ -136,10 +137,12 @@ def test_argparse_usage_errors_exit_2():
     assert error.value.code == 2
 
 
-def test_every_shipped_config_validates(capsys):
-    assert shipped_configs(), "no shipped configs found"
+def test_every_shipped_config_validates(capsys, monkeypatch):
+    shipped = shipped_configs(ROOT / "experiments")
+    assert shipped, "no shipped configs found"
+    monkeypatch.chdir(ROOT)  # `zo validate` reads the experiments/ folder where it runs
     assert zo("validate") == 0
-    assert capsys.readouterr().out.count("ok ") == len(shipped_configs())
+    assert capsys.readouterr().out.count("ok ") == len(shipped)
 
 
 def test_validate_reports_a_bad_config(tmp_path, capsys):

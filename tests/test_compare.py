@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from zo import cli
+from zo.commands import USAGE_EXIT, main
 
 
 def _plan(tmp_path, estimators: str) -> str:
@@ -20,7 +20,7 @@ def _plan(tmp_path, estimators: str) -> str:
 
 def test_compare_trains_each_method_and_tabulates(tmp_path, capsys):
     plan = _plan(tmp_path, "  zo_sgd: {lr: 1.0e-3, eps: 1.0e-3}\n")
-    assert cli.main(["bench", "compare", "--config", plan, "--out", str(tmp_path / "runs")]) == 0
+    assert main(["bench", "compare", "--config", plan, "--out", str(tmp_path / "runs")]) == 0
     lines = capsys.readouterr().out.splitlines()
     (result,) = json.loads(lines[0])
     assert result["estimator"] == "zo_sgd" and result["steps"] == 4
@@ -32,16 +32,16 @@ def test_compare_trains_each_method_and_tabulates(tmp_path, capsys):
 
 def test_comparison_plans_validate_per_method(tmp_path, capsys):
     good = _plan(tmp_path, "  zo_sgd: {lr: 1.0e-3}\n")
-    assert cli.main(["validate", good]) == 0
+    assert main(["validate", good]) == 0
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: experiments/tiny/smoke.yaml\nestimators:\n  zo_sgd: {lr: fast}\n")
-    assert cli.main(["validate", str(bad)]) == cli.USAGE_EXIT
+    assert main(["validate", str(bad)]) == USAGE_EXIT
     assert "estimator.lr: expected a number" in capsys.readouterr().out
 
 
 def test_unknown_estimator_in_a_plan_is_a_usage_error(tmp_path, capsys):
     plan = _plan(tmp_path, "  zo_magic: {}\n")
-    assert cli.main(["bench", "compare", "--config", plan]) == cli.USAGE_EXIT
+    assert main(["bench", "compare", "--config", plan]) == USAGE_EXIT
     assert "unknown estimator 'zo_magic'" in capsys.readouterr().err
 
 
@@ -49,11 +49,11 @@ def test_continue_reads_finished_methods_back_and_trains_the_rest(tmp_path, caps
     plan = _plan(tmp_path, "  zo_sgd: {lr: 1.0e-3}\n  zo_sgd_sign: {lr: 1.0e-4}\n")
     runs = tmp_path / "runs"
     args = ["bench", "compare", "--config", plan, "--out", str(runs)]
-    assert cli.main([*args, "--only", "zo_sgd"]) == 0
+    assert main([*args, "--only", "zo_sgd"]) == 0
     (parent,) = runs.iterdir()
     first = (parent / "zo_sgd" / "trajectory.jsonl").read_bytes()
     capsys.readouterr()
-    assert cli.main([*args, "--continue", str(parent)]) == 0
+    assert main([*args, "--continue", str(parent)]) == 0
     out = capsys.readouterr()
     assert "reading the finished zo_sgd run" in out.err and "training zo_sgd_sign" in out.err
     assert [r["estimator"] for r in json.loads(out.out.splitlines()[0])] == [
@@ -61,11 +61,11 @@ def test_continue_reads_finished_methods_back_and_trains_the_rest(tmp_path, caps
         "zo_sgd_sign",
     ]
     assert (parent / "zo_sgd" / "trajectory.jsonl").read_bytes() == first  # not retrained
-    assert cli.main([*args, "--continue", str(tmp_path / "nowhere")]) == cli.USAGE_EXIT
+    assert main([*args, "--continue", str(tmp_path / "nowhere")]) == USAGE_EXIT
 
 
 def test_methods_may_be_labelled_to_compare_trainable_sets(tmp_path):
-    from zo.compare import method_configs
+    from zo.commands.compare import method_configs
 
     plan = _plan(
         tmp_path,

@@ -16,7 +16,7 @@ import zo.train as loop
 from estimators.base import HYPERPARAMETER_RANGES
 from tests.test_cli import SMOKE, step_records, trained, zo
 from tests.tiny import fresh_tiny
-from zo.cli import DIVERGED_EXIT, EXIT_CODES
+from zo.commands.common import DIVERGED_EXIT, EXIT_CODES
 from zo.divergence import DIVERGED_EXIT as DIVERGED
 
 QUIET = ["train.progress=false", "train.eval_before=false", "task.eval_limit=4"]

@@ -20,8 +20,9 @@ from huggingface_hub import errors as hub_errors
 from safetensors.torch import load_file
 
 from zo import models, train
-from zo.cli import USAGE_EXIT, is_comparison, main, shipped_configs
-from zo.compare import method_configs
+from zo.commands import USAGE_EXIT, main
+from zo.commands.compare import method_configs
+from zo.commands.validate import is_comparison, shipped_configs
 from zo.config import ConfigError, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +112,7 @@ def lookup(data: dict, dotted: str):
 
 
 def test_every_experiment_directory_is_a_known_family_or_registered_model():
-    directories = {path.parent.name for path in shipped_configs()}
+    directories = {path.parent.name for path in shipped_configs(EXPERIMENTS)}
     assert directories == set(FAMILY_OF_DIRECTORY) | REGISTERED_MODEL_DIRECTORIES
 
 
@@ -121,7 +122,7 @@ def test_every_family_of_zo_has_configs():
         assert list((EXPERIMENTS / directory).glob("*.yaml")), directory
 
 
-@pytest.mark.parametrize("path", shipped_configs(), ids=relative)
+@pytest.mark.parametrize("path", shipped_configs(EXPERIMENTS), ids=relative)
 def test_every_shipped_config_parses_and_validates(path):
     configs = (
         [config for _, config in method_configs(str(path))]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
-from zo import mask_cli, masks
+from zo import masks
 from zo.calibration import CalibrationError, bundled_paths, read_texts, tokenize_chunks
+from zo.commands import main
 from zo.masks import (
     MaskError,
     budget,
@@ -352,10 +352,8 @@ def test_user_files_and_errors(tmp_path, llama):
 # --- the command ----------------------------------------------------------------------------------
 
 
-def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    mask_cli.add_arguments(parser)
-    return parser.parse_args(list(argv))
+def zo_mask(*argv: str) -> int:
+    return main(["mask", *argv])
 
 
 def test_cli_usage_errors_return_2(tmp_path, capsys):
@@ -369,15 +367,15 @@ def test_cli_usage_errors_return_2(tmp_path, capsys):
         ("--model", "tiny-llama", "--out", out, "--batch-size", "0"),
     ]
     for argv in cases:
-        assert mask_cli.run(parse(*argv)) == 2, argv
-        assert "zo mask: error:" in capsys.readouterr().err
+        assert zo_mask(*argv) == 2, argv
+        assert "zo: error:" in capsys.readouterr().err
     assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_cli_writes_a_valid_mask(tmp_path, capsys, llama):
     out = tmp_path / "sub" / "m.safetensors"
     argv = ["--model", "tiny-llama", "--out", str(out), "--density", "0.01", "--seq-len", "32"]
-    assert mask_cli.run(parse(*argv, "--tokens", "256", "--batch-size", "2")) == 0
+    assert zo_mask(*argv, "--tokens", "256", "--batch-size", "2") == 0
     assert "kept 737 of 73,728" in capsys.readouterr().out
     indices, metadata = load_mask(out)
     model, tokenizer = llama
@@ -393,6 +391,6 @@ def test_cli_writes_a_valid_mask(tmp_path, capsys, llama):
         model, tokenizer, density=0.01, seq_len=32, batch_size=2, max_tokens=256
     )
     assert_same_mask(indices, expected)
-    assert mask_cli.run(parse(*argv)) == 2  # exists now
-    assert mask_cli.run(parse(*argv, "--force", "--selection", "random")) == 0
+    assert zo_mask(*argv) == 2  # exists now
+    assert zo_mask(*argv, "--force", "--selection", "random") == 0
     assert load_mask(out)[1]["source"] == "none"

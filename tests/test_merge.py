@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import subprocess
@@ -16,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.tiny import IDS, fresh_tiny
 from zo import merge
+from zo.commands import main
 from zo.models import tiny_model
 from zo.sparse_delta import apply_sparse_deltas, read_metadata, read_values, save_values
 from zo.staging import OutputDirectoryError
@@ -61,9 +61,7 @@ def files(tmp_path):
     return tmp_path, model, named
 
 
-def options(tmp_path, **overrides) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    merge.add_arguments(parser)
+def zo_merge(tmp_path, *flags: str, **overrides) -> int:
     values = {
         "model": tmp_path / "base",
         "mask": tmp_path / "mask.safetensors",
@@ -71,7 +69,7 @@ def options(tmp_path, **overrides) -> argparse.Namespace:
         "out": tmp_path / "merged",
     } | overrides
     argv = [item for key, value in values.items() for item in (f"--{key}", str(value))]
-    return parser.parse_args(argv)
+    return main(["merge", *argv, *flags])
 
 
 def test_values_file_holds_the_values_alone_keyed_by_weight_name(files):
@@ -86,7 +84,7 @@ def test_values_file_holds_the_values_alone_keyed_by_weight_name(files):
 
 def test_merged_checkpoint_computes_what_the_sparse_model_computes(files):
     tmp_path, sparse_model, named = files
-    assert merge.run(options(tmp_path)) == 0
+    assert zo_merge(tmp_path) == 0
     merged = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "merged", attn_implementation="eager"
     ).eval()
@@ -111,9 +109,9 @@ def test_values_from_a_run_checkpoint_merge_too(files):
     """A run saves its trainable set as ``<module>.values``; merge accepts those names."""
     tmp_path, _, named = files
     save_file({n: p.detach() for n, p in named}, str(tmp_path / "trainable.safetensors"))
-    assert merge.run(options(tmp_path, values=tmp_path / "trainable.safetensors")) == 0
+    assert zo_merge(tmp_path, values=tmp_path / "trainable.safetensors") == 0
     a = load_file(str(tmp_path / "merged" / "model.safetensors"))
-    assert merge.run(options(tmp_path, out=tmp_path / "again")) == 0
+    assert zo_merge(tmp_path, out=tmp_path / "again") == 0
     b = load_file(str(tmp_path / "again" / "model.safetensors"))
     assert all(torch.equal(a[n], b[n]) for n in a)
 
@@ -125,8 +123,8 @@ def test_merging_into_a_wider_dtype_keeps_small_deltas(files):
     tiny = {name: torch.full((idx.numel(),), 1e-6) for name, idx in make_mask().items()}
     save_values(tmp_path / "tiny.safetensors", tiny.items(), METADATA)
     common = {"model": tmp_path / "bf16", "values": tmp_path / "tiny.safetensors"}
-    assert merge.run(options(tmp_path, **common, out=tmp_path / "keep")) == 0
-    assert merge.run(options(tmp_path, **common, out=tmp_path / "wide", dtype="float32")) == 0
+    assert zo_merge(tmp_path, **common, out=tmp_path / "keep") == 0
+    assert zo_merge(tmp_path, **common, out=tmp_path / "wide", dtype="float32") == 0
     name = next(iter(MASKED))
     base = load_file(str(tmp_path / "bf16" / "model.safetensors"))[name]
     kept = load_file(str(tmp_path / "keep" / "model.safetensors"))[name]
@@ -170,7 +168,7 @@ def corrupt(tmp_path, kind: str) -> dict:
 )
 def test_mismatched_files_exit_2_and_write_nothing(files, capsys, kind, message):
     tmp_path, _, _ = files
-    assert merge.run(options(tmp_path, **corrupt(tmp_path, kind))) == 2
+    assert zo_merge(tmp_path, **corrupt(tmp_path, kind)) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "merged").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]
@@ -180,11 +178,9 @@ def test_an_existing_output_needs_overwrite(files, capsys):
     tmp_path, _, _ = files
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "old.txt").write_text("something else")  # an empty one is fine
-    assert merge.run(options(tmp_path)) == 2
+    assert zo_merge(tmp_path) == 2
     assert "--overwrite" in capsys.readouterr().err
-    args = options(tmp_path)
-    args.overwrite = True
-    assert merge.run(args) == 0
+    assert zo_merge(tmp_path, "--overwrite") == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     assert not (tmp_path / "merged" / "old.txt").exists()
 
@@ -200,7 +196,7 @@ def test_stale_files_of_the_base_are_not_copied(files):
     old_index = {"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}
     (base / "model.safetensors.index.json").write_text(json.dumps(old_index))  # another sharding
     save_file({"stale": torch.zeros(1)}, str(base / "model-00001-of-00002.safetensors"))
-    assert merge.run(options(tmp_path)) == 0
+    assert zo_merge(tmp_path) == 0
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == sorted(
         p.name
         for p in base.iterdir()
@@ -217,7 +213,7 @@ def test_stale_files_of_the_base_are_not_copied(files):
 
 def test_a_directory_without_a_checkpoint_exits_2(files, capsys):
     tmp_path, _, _ = files
-    assert merge.run(options(tmp_path, model=tmp_path / "nothing")) == 2
+    assert zo_merge(tmp_path, model=tmp_path / "nothing") == 2
     assert "config.json" in capsys.readouterr().err
 
 
@@ -264,7 +260,7 @@ def test_a_sharded_base_merges_shard_by_shard(files):
     tokenizer.save_pretrained(tmp_path / "sharded")
     shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
     assert len(shards) > 1
-    assert merge.run(options(tmp_path, model=tmp_path / "sharded")) == 0
+    assert zo_merge(tmp_path, model=tmp_path / "sharded") == 0
     merged_dir = tmp_path / "merged"
     assert sorted(p.name for p in merged_dir.glob("*.safetensors")) == shards
     assert (merged_dir / "model.safetensors.index.json").is_file()
@@ -314,9 +310,9 @@ def test_a_damaged_values_file_is_refused_by_name(files, capsys, damage, source)
     values = tmp_path / "values.safetensors"
     if source == "run checkpoint":
         values = _checkpoint_values(tmp_path, named)
-        assert merge.run(options(tmp_path, values=values, out=tmp_path / "good")) == 0
+        assert zo_merge(tmp_path, values=values, out=tmp_path / "good") == 0
     VALUES_DAMAGE[damage](values)
-    assert merge.run(options(tmp_path, values=values)) == 2  # an exception fails here
+    assert zo_merge(tmp_path, values=values) == 2  # an exception fails here
     assert str(values) in capsys.readouterr().err
     assert not (tmp_path / "merged").exists()
 
@@ -327,7 +323,7 @@ def test_non_finite_values_are_refused(files, capsys):
         (n, torch.full_like(p, float("nan")) if i == 1 else p) for i, (n, p) in enumerate(named)
     ]
     save_values(tmp_path / "nan.safetensors", poisoned, METADATA)
-    assert merge.run(options(tmp_path, values=tmp_path / "nan.safetensors")) == 2
+    assert zo_merge(tmp_path, values=tmp_path / "nan.safetensors") == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "nan.safetensors") in err and "not finite" in err
     assert not (tmp_path / "merged").exists()
@@ -337,4 +333,4 @@ def test_a_values_file_without_a_checksum_merges_and_says_it_is_unverified(files
     tmp_path, _, named = files
     save_file({n: p.detach() for n, p in named}, str(tmp_path / "plain.safetensors"))
     with pytest.warns(UserWarning, match="no checksum"):
-        assert merge.run(options(tmp_path, values=tmp_path / "plain.safetensors")) == 0
+        assert zo_merge(tmp_path, values=tmp_path / "plain.safetensors") == 0

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 import estimators
-from zo import plan as command
+from zo.commands import plan as command
 from zo.engine import CPU_CHUNK, EngineConfig
 from zo.memory import EstimatorMemory, PlannedEstimator
 from zo.memory import shapes as zs

@@ -29,6 +29,8 @@ class ModelConfig:
     name: str = "tiny-llama"
     """A registered model (``zo list models``) or a local HF checkpoint directory."""
     dtype: str = "float32"
+    """``float32``, ``bfloat16``, ``float16`` (or ``fp32``, ``bf16``, ``fp16``: stored by their
+    full name)."""
     attn: str | None = None
     """Attention implementation (``eager``, ``sdpa``); None = the family's default."""
     device: str = "auto"
@@ -100,6 +102,9 @@ class TrainConfig:
     eval_before: bool = True
     """Evaluate the untrained model first (the zero-shot baseline)."""
     progress: bool = True
+    report_to: list[str] = field(default_factory=list)
+    """Reporters besides the run's own files: ``tensorboard``, ``wandb``, ``csv``
+    (:mod:`zo.reporting`); none by default."""
     keep_checkpoints: int = 1
     """Checkpoints kept: ``checkpoint/`` (the newest) plus k - 1 older ``checkpoint-STEP/``;
     resume takes the newest that verifies."""
@@ -269,12 +274,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
+            child = node.setdefault(_mapping_key(node, part), {})
             if not isinstance(child, dict):
                 raise ConfigError(f"override {override!r}: {part} is not a section")
             node = child
-        node[parts[-1]] = value
+        node[_mapping_key(node, parts[-1])] = value
     return data
+
+
+def _mapping_key(node: dict[Any, Any], part: str) -> Any:
+    """The key ``part`` names in ``node``: a mapping keyed by YAML numbers (a verbalizer's
+    labels ``0: ...``) gets ``task.verbalizer.1=...`` as the number 1, so the override
+    changes or adds that entry instead of adding a string key beside it."""
+    if part in node:
+        return part
+    try:
+        typed = yaml.safe_load(part)
+    except yaml.YAMLError:
+        return part
+    if isinstance(typed, bool) or not isinstance(typed, (int, float)):
+        return part
+    if typed in node or any(isinstance(k, (int, float)) and not isinstance(k, bool) for k in node):
+        return typed
+    return part
 
 
 def _deep_copy(data: Any) -> Any:
@@ -387,6 +409,7 @@ def config_from_data(data: dict[str, Any], overrides: list[str] | None = None) -
     if "name" not in config.estimator:
         raise ConfigError("estimator.name is missing (e.g. estimator.name=zo_sgd)")
     _check_ranges(config)
+    config.model.dtype = DTYPES[config.model.dtype]  # an alias is stored by its full name
     return config
 
 
@@ -433,7 +456,11 @@ def _check_ranges(config: RunConfig) -> None:
         raise ConfigError(f"model.dtype {config.model.dtype!r} is not one of {sorted(DTYPES)}")
 
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+DTYPES = {
+    **{name: name for name in ("float32", "bfloat16", "float16")},
+    **{"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"},
+}
+"""``model.dtype``'s accepted names -> the full name a run's config.yaml stores."""
 QUANTIZATIONS = ("none", "nf4")
 
 

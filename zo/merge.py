@@ -1,4 +1,4 @@
-"""``zo merge``: base checkpoint + mask + trained values -> a dense checkpoint, ``W[idx] += v``.
+"""Base checkpoint + mask + trained values -> a dense checkpoint, ``W[idx] += v`` (``zo merge``).
 
 Works shard by shard on the safetensors files, so memory is one shard, never the model,
 and the result is the base checkpoint's directory with the touched weights changed: config,
@@ -15,11 +15,9 @@ deltas below ~1/256 of a weight: ``--dtype float32`` keeps them (every float ten
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from zo.sparse_delta import SparseDeltaError, check_indices, read_mask_indices, read_values
-from zo.staging import OutputDirectoryError, staged_directory
+from zo.sparse_delta import check_indices, read_mask_indices, read_values
+from zo.staging import staged_directory
 
 DTYPES = {
     "keep": None,
@@ -49,39 +47,6 @@ class MergePlan:
     """Every safetensors shard and the mask's weights in it (possibly none)."""
     indices: dict[str, torch.Tensor]
     values: dict[str, torch.Tensor]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="base HF checkpoint directory")
-    parser.add_argument("--mask", required=True, help="mask file (zo mask)")
-    parser.add_argument(
-        "--values", required=True, help="trained values (save_values, or a run's checkpoint)"
-    )
-    parser.add_argument("--out", required=True, help="directory for the merged checkpoint")
-    parser.add_argument(
-        "--dtype",
-        choices=sorted(DTYPES),
-        default="keep",
-        help="dtype of the merged float tensors (keep = the base's)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-
-
-def run(options: argparse.Namespace) -> int:
-    try:
-        out = merge(
-            options.model,
-            options.mask,
-            options.values,
-            options.out,
-            dtype=DTYPES[options.dtype],
-            overwrite=options.overwrite,
-        )
-    except (MergeError, SparseDeltaError, OutputDirectoryError) as error:
-        print(f"zo merge: {error}", file=sys.stderr)
-        return 2
-    print(f"merged checkpoint written to {out}")
-    return 0
 
 
 STALE_FILES = frozenset({"zo-bundled.json"})

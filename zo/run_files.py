@@ -26,10 +26,27 @@ class RunDamagedError(ValueError):
     and left as it is. The CLI exits with code 2."""
 
 
+def file_mode() -> int:
+    """The mode ``open`` gives a new file: 0o666 less the process umask. Temp files (mkstemp)
+    and safetensors files are created 0600; run files get this mode, so a group or other
+    users the umask admits can read a run."""
+    try:
+        with open("/proc/self/status") as status:  # reads the umask without changing it
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting it, and set it back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
@@ -47,6 +64,7 @@ def save_tensors_atomic(
     tmp = path.with_name(f".{path.name}.tmp")
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(contiguous, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    tmp.chmod(file_mode())
     os.replace(tmp, path)
 
 

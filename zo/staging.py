@@ -110,11 +110,12 @@ def staged_directory(
 
 def _honour_umask(directory: Path) -> None:
     """Files as ``open`` would create them (safetensors writes its files 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    from zo.run_files import file_mode
+
+    mode = file_mode()
     for path in directory.rglob("*"):
         if path.is_file() and not path.is_symlink():
-            path.chmod(0o666 & ~mask)
+            path.chmod(mode)
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -41,6 +41,7 @@ from zo.preflight import (
     check_run_directory,
     parse_device,
 )
+from zo.reporting import Reporters, check_reporters
 from zo.run_directory import ReplicaRunDirectory, ResumePlan, RunDirectory
 from zo.run_lock import run_lock
 from zo.schedule import LRSchedule
@@ -126,6 +127,7 @@ def validate(config: RunConfig) -> tasks.Task:
         raise ConfigError(
             f"task.name {config.task.name!r} is unknown; choose one of {tasks.available_tasks()}"
         )
+    check_reporters(config.train.report_to)
     task = build_task(config)
     if spec.needs_differentiable_loss and not objective_is_differentiable(task):
         raise ConfigError(
@@ -439,12 +441,16 @@ def _train(
     schedule = LRSchedule.before_resume(config, optimizer)  # base lrs of a fresh optimizer
     start_step, zero_shot = _open_run(run, setup, plan, log)
 
+    reporters = Reporters.open(
+        train_cfg.report_to, run.path, to_dict(config), start_step, enabled=parallel.is_main
+    )
     if start_step == 0 and train_cfg.eval_before:
         zero_shot = evaluate(setup, dev_examples)
         log(
             f"zero-shot dev {zero_shot['metric']}: {zero_shot['score']:.4f} "
             f"({len(dev_examples)} examples)"
         )
+        reporters.log(0, {"dev_score": zero_shot["score"]})  # the bar's 0: before any update
 
     precision = _AUTOCAST_DTYPES[train_cfg.autocast]
     sampler = BatchSampler(len(train_examples), train_cfg.batch_size, train_cfg.seed)
@@ -492,6 +498,7 @@ def _train(
             if train_cfg.eval_every and done % train_cfg.eval_every == 0:
                 metrics["dev_score"] = evaluate(setup, dev_examples)["score"]
             run.append(run.metrics, metrics)
+            reporters.log(done, metrics)  # counted as the progress bar counts
         if (train_cfg.save_every and done % train_cfg.save_every == 0) or done == train_cfg.steps:
             tensors = setup.trainable.state_dict()
             guard.check_before_save(done, tensors)
@@ -500,6 +507,7 @@ def _train(
             )
             guard.saved(done)
     progress.close()
+    reporters.close()
     wall = time.perf_counter() - started
     steps_run = train_cfg.steps - start_step
     if steps_run == 0:

@@ -1,9 +1,11 @@
-"""Peak-memory measurement: process RSS on CPU, the caching allocator on CUDA."""
+"""Peak-memory measurement (process RSS on CPU, the caching allocator on CUDA) and timing."""
 
 from __future__ import annotations
 
 import resource
 import sys
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -54,6 +56,19 @@ def peak_rss_since_reset_bytes() -> int:
     except OSError:
         pass
     return peak_rss_bytes()
+
+
+def time_call(fn: Callable[[], object], device: torch.device | str = "cpu") -> float:
+    """Seconds ``fn()`` takes, the device's queued work included (CUDA is synchronized
+    before and after: kernels run asynchronously)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def format_bytes(count: float) -> str:

@@ -44,6 +44,12 @@ SHAPE_OPTIONS = tuple(CONFIG_KEYS)
 DEFAULTS = "zo train's default"
 
 
+EXAMPLE = (
+    "zo plan --model llama-2-7b --estimator zo_sgd --trainable mask:0.001 --quant nf4 "
+    "--batch 16 --seq 256"
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model (a name, directory or config; shape overrides)")
     model.add_argument(

@@ -8,14 +8,11 @@ calibration text and keeps the top 0.1% (see zo/masks.py for the selections and 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-USAGE_EXIT = 2
+from zo.commands.common import UsageError
 
-
-class UsageError(ValueError):
-    pass
+EXAMPLE = "zo mask --model smollm2-135m --out masks/smollm2.safetensors --density 0.001"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,9 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="mask file to write (.safetensors)")
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    parser.add_argument(
-        "--density", type=float, default=0.001, help="fraction of entries kept (default 0.001)"
-    )
+    parser.add_argument("--density", type=float, default=0.001, help="fraction of entries kept")
     parser.add_argument(
         "--selection",
         default="sensitive",
@@ -105,18 +100,6 @@ def _device(name: str):
 
 
 def run(options: argparse.Namespace) -> int:
-    from zo.calibration import CalibrationError
-    from zo.masks import MaskError
-    from zo.models import ModelNotFoundError
-
-    try:
-        return _run(options)
-    except (UsageError, CalibrationError, MaskError, ModelNotFoundError) as error:
-        print(f"zo mask: error: {error}", file=sys.stderr)
-        return USAGE_EXIT
-
-
-def _run(options: argparse.Namespace) -> int:
     import time
 
     import torch

@@ -4,7 +4,8 @@ A comparison config names a base experiment, overrides shared by every method (t
 budget, the trainable set) and per-estimator settings (lr, eps: each method's own scale).
 Each method trains in a fresh process (``zo train``), so its peak memory is its own; the
 result is one table (accuracy, loss, step time, peak memory) and one plot of the loss
-curves, printed and optionally appended to experiments/RESULTS.md with the command.
+curves, printed and optionally appended to --results with the command (the plot beside it,
+in figures/).
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from zo.commands.common import EXPERIMENTS, record_arguments
 from zo.config import ConfigError, read_yaml
-
-FIGURES = Path(__file__).resolve().parent.parent / "experiments" / "figures"
 
 
 def load_plan(path: str) -> tuple[str, list[str], dict[str, dict[str, Any]]]:
@@ -143,10 +143,14 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="experiments/smollm2/compare_estimators.yaml")
+    parser.add_argument(
+        "--config",
+        default=str(EXPERIMENTS / "smollm2" / "compare_estimators.yaml"),
+        help="comparison plan: a base experiment, shared overrides, settings per estimator",
+    )
     parser.add_argument("--only", default="", help="comma-separated subset of the estimators")
     parser.add_argument("--out", default="runs/compare", help="parent of the per-method runs")
-    parser.add_argument("--record", action="store_true", help="append to experiments/RESULTS.md")
+    record_arguments(parser)
     parser.add_argument(
         "--continue",
         dest="continue_dir",
@@ -188,13 +192,12 @@ def run(args: argparse.Namespace) -> int:
     if args.record:
         import shutil
 
-        from zo.bench import RESULTS
-
-        FIGURES.mkdir(parents=True, exist_ok=True)
-        figure = Path(shutil.copy(figure, FIGURES / f"compare-{stamp}.png"))
-        with open(RESULTS, "a") as handle:
+        figures = args.results.parent / "figures"
+        figures.mkdir(parents=True, exist_ok=True)
+        figure = Path(shutil.copy(figure, figures / f"compare-{stamp}.png"))
+        with open(args.results, "a") as handle:
             handle.write(
-                f"\n### bench compare ({stamp} UTC)\n\n`zo bench compare {' '.join(args.argv)}`\n\n"
-                f"{text}\n\nLoss curves: `{figure.relative_to(FIGURES.parent.parent)}`\n"
+                f"\n### bench compare ({stamp} UTC)\n\n`zo {' '.join(args.argv)}`\n\n"
+                f"{text}\n\nLoss curves: `{figure.relative_to(args.results.parent)}`\n"
             )
     return 0

@@ -18,16 +18,17 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from zo.commands.common import HelpFormatter, record_arguments
 from zo.engine import seeded
+from zo.memory import time_call
 
-RESULTS = Path(__file__).resolve().parent.parent / "experiments" / "RESULTS.md"
+EXAMPLE = "zo bench step --layers 4 --repeats 3 | zo bench memory --estimators all"
 SCORED = 4
 
 
@@ -100,16 +101,6 @@ def naive_mezo_step(model, loss_fn, ids, seed: int, lr: float, eps: float) -> fl
     return plus
 
 
-def _time(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def bench_step(args: argparse.Namespace) -> dict:
     from estimators import ZOSGD
     from zo.engine import EngineConfig
@@ -142,7 +133,7 @@ def bench_step(args: argparse.Namespace) -> dict:
         fn()
     for _ in range(args.repeats):  # interleaved, so machine noise hits every method alike
         for name, fn in runs.items():
-            timings[name].append(_time(fn, args.device))
+            timings[name].append(time_call(fn, args.device))
     median = {name: statistics.median(values) for name, values in timings.items()}
     return {
         "benchmark": "step",
@@ -240,7 +231,7 @@ def bench_memory(args: argparse.Namespace) -> dict:
         estimators.get_estimator(name)  # an unknown name fails before any process starts
     results = {}
     for mode in ("forward", *names):
-        command = [sys.executable, "-m", "zo.bench", "memory-worker", "--mode", mode]
+        command = [sys.executable, "-m", "zo.commands.bench", "memory-worker", "--mode", mode]
         command += ["--shape", args.shape, "--layers", str(args.layers)]
         command += ["--batch", str(args.batch), "--seq", str(args.seq)]
         command += ["--device", args.device, "--threads", str(args.threads)]
@@ -295,53 +286,105 @@ def device_name(device: str) -> str:
     return f"{device} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-def record(result: dict, command: str) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+def record(result: dict, command: str, results: Path) -> None:
+    """Append ``result`` as a table, with the command that measured it, to ``results``."""
+    results.parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    with open(RESULTS, "a") as handle:
+    with open(results, "a") as handle:
         handle.write(
             f"\n### bench {result['benchmark']} ({stamp}, {device_name(result['device'])})\n\n"
             f"`{command}`\n\n{_table(result)}\n"
         )
 
 
-def parse(what: str, argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"zo bench {what}")
-    parser.add_argument("--shape", choices=sorted(OPT_SHAPES), default="125m")
+def bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``step``, ``memory`` and the memory worker."""
+    parser.add_argument(
+        "--shape", choices=sorted(OPT_SHAPES), default="125m", help="OPT model shape"
+    )
     parser.add_argument("--layers", type=int, default=None, help="default: 12 (125m), 24 (1.3b)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per batch")
+    parser.add_argument("--seq", type=int, default=64, help="tokens per sequence")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the model runs",
+    )
     parser.add_argument("--threads", type=int, default=0, help="engine threads (0 = auto)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--mode", default="forward", help="memory-worker: forward or an estimator")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (step)")
+    # the memory worker's: forward or an estimator (bench_memory starts one process per mode)
+    parser.add_argument("--mode", default="forward", help=argparse.SUPPRESS)
     parser.add_argument(
         "--estimators",
         default="zo_sgd",
         help="memory: comma-separated estimator names, or `all` (default: zo_sgd)",
     )
-    parser.add_argument("--record", action="store_true", help="append to experiments/RESULTS.md")
+    record_arguments(parser)
     parser.add_argument(
         "--default-malloc", action="store_true", help="keep glibc's adaptive mmap threshold"
     )
-    args = parser.parse_args(argv)
-    if args.layers is None:
-        args.layers = 24 if args.shape == "1.3b" else 12
-    return args
 
 
 BENCHMARKS = {"step": bench_step, "memory": bench_memory, "memory-worker": memory_worker}
+OTHER_BENCHMARKS = {"compare": "zo.commands.compare", "eval": "zo.commands.bench_eval"}
+"""Benchmarks with their own module: name -> module (``add_arguments``, ``run``)."""
+
+
+def description(name: str, doc: str) -> str:
+    """The paragraph of ``doc`` about ``name`` (``name:`` and its indented lines)."""
+    lines = doc.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{name}:"))
+    end = next(
+        (i for i in range(start + 1, len(lines)) if not lines[i].startswith(" ")), len(lines)
+    )
+    return "\n".join(line.strip() for line in lines[start:end]).removeprefix(f"{name}:").strip()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    import importlib
+
+    sub = parser.add_subparsers(dest="what", required=True, metavar="BENCHMARK")
+    for name in [*BENCHMARKS, *OTHER_BENCHMARKS]:
+        if name == "memory-worker":
+            continue  # started by `memory`, one process per mode
+        if name in BENCHMARKS:
+            text, add, run_one = description(name, __doc__), bench_arguments, run_benchmark
+        else:
+            module = importlib.import_module(OTHER_BENCHMARKS[name])
+            text, add, run_one = module.__doc__, module.add_arguments, module.run
+        bench = sub.add_parser(
+            name,
+            help=" ".join(text.split()).removeprefix(f"``zo bench {name}``: ").split(". ")[0],
+            description=text,
+            formatter_class=HelpFormatter,
+        )
+        add(bench)
+        bench.set_defaults(benchmark=run_one)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args.benchmark(args)
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    if args.layers is None:
+        args.layers = 24 if args.shape == "1.3b" else 12
+    result = BENCHMARKS[args.what](args)
+    print(json.dumps(result))
+    if args.what != "memory-worker":
+        print(_table(result))
+        if args.record:
+            record(result, " ".join(["zo", *args.argv]), args.results)
+    return 0
 
 
 def main(what: str, argv: list[str]) -> int:
-    args = parse(what, argv)
-    result = BENCHMARKS[what](args)
-    print(json.dumps(result))
-    if what != "memory-worker":
-        print(_table(result))
-        if args.record:
-            record(result, " ".join(["zo bench", what, *argv]))
-    return 0
+    """A benchmark without the ``zo`` command (how ``memory`` starts its workers)."""
+    parser = argparse.ArgumentParser(prog=f"zo bench {what}")
+    bench_arguments(parser)
+    args = parser.parse_args(argv)
+    args.what, args.argv = what, ["bench", what, *argv]
+    return run_benchmark(args)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from tasks.encoding import bos_prefix, rows_of
 from tasks.evaluation import EvalSettings, candidate_scores
 from tasks.generation import GreedyConfig, eos_ids, greedy_generate
 from tasks.lm import PREFIX_CACHE_MODES
+from zo.commands.common import record_arguments
 
 # A multi-candidate variant of the bundled task: five candidates of one to four tokens, so
 # the batched layout needs a sequence per multi-token candidate (the labels stay 0 and 1).
@@ -364,11 +365,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="scoring: repeat the interleaved ways this often, report median times",
     )
-    parser.add_argument("--record", action="store_true", help="append to experiments/RESULTS.md")
+    record_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from zo.bench import RESULTS, device_name
+    from zo.commands.bench import device_name
 
     names = [name for name in args.tasks.split(",") if name]
     splits = [split for split in args.splits.split(",") if split]
@@ -396,8 +397,7 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     if args.record:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        with open(RESULTS, "a") as handle:
-            handle.write(
-                f"\n### bench eval ({stamp})\n\n`zo bench eval {' '.join(getattr(args, 'argv', []))}`\n\n{text}\n"
-            )
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.results, "a") as handle:
+            handle.write(f"\n### bench eval ({stamp})\n\n`zo {' '.join(args.argv)}`\n\n{text}\n")
     return 0
