@@ -17,6 +17,7 @@ from zo.memory.measure import (
     peak_rss_since_reset_bytes,
     reset_peak_memory,
     return_large_frees_to_os,
+    time_call,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "peak_rss_since_reset_bytes",
     "reset_peak_memory",
     "return_large_frees_to_os",
+    "time_call",
 ]
