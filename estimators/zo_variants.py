@@ -247,6 +247,8 @@ class ZOSGDConservative(ZOSGD):
     micro-batch's closure until :meth:`step` so the candidates see the same batches.
     """
 
+    _fused_step = False  # the choice is made on the host from the candidates' losses
+
     def __init__(self, params, **kwargs: Any):
         super().__init__(params, **kwargs)
         self._batches: list[tuple[Closure, float | None]] = []
