@@ -1,7 +1,12 @@
-"""``zo bench step | memory``: ratios measured in one run, printed as JSON + a table.
+"""``zo bench step | memory | ops | generators``: ratios measured in one run, as JSON + a table.
 
 step:   ZO-SGD step time over the time of two forward passes, and over a naive MeZO
         step (global ``torch.manual_seed``, four dense ``torch.normal`` passes).
+ops:    compute operators dispatched by one ZO-SGD step over those of two forwards (each one
+        kernel launch or more on a GPU), and the operators that make the host wait for the
+        device (:mod:`zo.opcount`); default batch 2 x 16, where launches dominate.
+generators: direction values per second of each generator and law on the device, one
+        thread and all of them, against torch's own ``normal_``.
 memory: peak memory of an estimator's step (ZO-SGD by default, ``--estimators all`` for
         the family) over that of a forward pass, each in a fresh process, measured after
         the model is built (peak RSS reset via clear_refs).
@@ -21,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -116,9 +122,8 @@ def bench_step(args: argparse.Namespace) -> dict:
 
     model = build_opt(args.layers, args.device, args.shape)
     ids = make_batch(args.batch, args.seq, model.config.vocab_size, args.device)
-    optimizer = ZOSGD(
-        model.parameters(), lr=1e-7, eps=1e-3, seed=0, engine=EngineConfig(threads=args.threads)
-    )
+    engine = EngineConfig(threads=args.threads, generator=args.generator)
+    optimizer = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, engine=engine)
     timings: dict[str, list[float]] = {
         "forward": [],
         "zo_sgd_step": [],
@@ -149,6 +154,7 @@ def bench_step(args: argparse.Namespace) -> dict:
         "model": f"opt-{args.shape}-shape ({args.layers} layers) random fp32",
         "batch": f"{args.batch}x{args.seq}",
         "device": args.device,
+        "generator": optimizer.engine.generator_name,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "seconds_median": median,
@@ -157,6 +163,85 @@ def bench_step(args: argparse.Namespace) -> dict:
         "speedup_vs_naive_mezo_full_logits": median["naive_mezo_full_logits"]
         / median["zo_sgd_step"],
     }
+
+
+def bench_ops(args: argparse.Namespace) -> dict:
+    from estimators import ZOSGD
+    from zo.engine import EngineConfig, resolve_generator
+    from zo.opcount import OpCounter
+
+    model = build_opt(args.layers, args.device, args.shape)
+    ids = make_batch(args.batch, args.seq, model.config.vocab_size, args.device)
+    # One drawing thread: a dispatch mode sees only the thread it runs in.
+    config = EngineConfig(threads=1, generator=args.generator)
+    optimizer = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, engine=config)
+    optimizer.step(lambda: scored_loss(model, ids))  # warm-up: the bucket plan is learned
+    with torch.no_grad(), OpCounter() as forward:
+        scored_loss(model, ids)
+    with OpCounter() as step:
+        optimizer.step(lambda: scored_loss(model, ids))
+    forward_ops, step_ops = forward.result.total, step.result.total
+    return {
+        "benchmark": "ops",
+        "model": f"opt-{args.shape}-shape ({args.layers} layers) random fp32",
+        "batch": f"{args.batch}x{args.seq}",
+        "device": args.device,
+        "generator": resolve_generator(config, args.device),
+        "trainable_tensors": len(optimizer.engine.tensors),
+        "forward_compute_ops": forward_ops,
+        "zo_sgd_step_compute_ops": step_ops,
+        "step_ops_over_two_forwards": step_ops / (2 * forward_ops),
+        "step_sync_ops": len(step.result.syncs),
+        "step_sync_op_names": ",".join(name for _, name in step.result.syncs) or "none",
+        "step_top_ops": step.result.top(),
+    }
+
+
+def bench_generators(args: argparse.Namespace) -> dict:
+    """Values per second of every generator and law, and of ``normal_`` (the platform's)."""
+    from zo.directions import GENERATORS, run_jobs
+
+    numel = 1 << 22
+    out = torch.empty(numel, device=args.device)
+    threads = torch.get_num_threads()
+    reference = torch.Generator(device=args.device).manual_seed(0)
+    runs: dict[str, Callable[[], None]] = {
+        "torch_normal_": lambda: out.normal_(generator=reference),
+    }
+    for name, cls in GENERATORS.items():
+        for law in ("gaussian", "rademacher"):
+            for workers in sorted({1, threads}):
+                generator = cls(law, workers)
+                step = generator.job_size()
+                runs[f"{name}_{law}_{workers}t"] = _filler(generator, out, step, workers, run_jobs)
+    timings: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()
+    for _ in range(args.repeats):  # interleaved, so machine noise hits every one alike
+        for name, fn in runs.items():
+            timings[name].append(_time(fn, args.device))
+    rates = {name: numel / statistics.median(t) / 1e6 for name, t in timings.items()}
+    return {
+        "benchmark": "generators",
+        "device": args.device,
+        "elements": numel,
+        "repeats": args.repeats,
+        "million_values_per_second": rates,
+        "over_torch_normal_": {n: r / rates["torch_normal_"] for n, r in rates.items()},
+    }
+
+
+def _filler(generator, out, step, workers, run_jobs) -> Callable[[], None]:
+    numel = out.numel()
+
+    def fill() -> None:
+        if out.device.type != "cpu" or workers == 1:
+            generator.fill(out, 1, 0, 0)
+            return
+        jobs = [partial(generator.fill, out[a : a + step], 1, 0, a) for a in range(0, numel, step)]
+        run_jobs(jobs, workers)
+
+    return fill
 
 
 def memory_worker(args: argparse.Namespace) -> dict:
@@ -190,7 +275,7 @@ def memory_worker(args: argparse.Namespace) -> dict:
             list(model.named_parameters()),
             model=model,
             seed=0,
-            engine=EngineConfig(threads=args.threads),
+            engine=EngineConfig(threads=args.threads, generator=args.generator),
             **({"lr": 1e-7} if "lr" in _config_fields(spec) else {}),
             **MEMORY_SETTINGS.get(spec.name, lambda _: {})(args),
         )
@@ -244,6 +329,7 @@ def bench_memory(args: argparse.Namespace) -> dict:
         command += ["--shape", args.shape, "--layers", str(args.layers)]
         command += ["--batch", str(args.batch), "--seq", str(args.seq)]
         command += ["--device", args.device, "--threads", str(args.threads)]
+        command += ["--generator", args.generator]
         command += ["--default-malloc"] if args.default_malloc else []
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[mode] = json.loads(output.strip().splitlines()[-1])
@@ -314,6 +400,12 @@ def parse(what: str, argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="engine threads (0 = auto)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--generator",
+        default="auto",
+        choices=["auto", "philox", "torch-blocks", "torch-chunks-v1"],
+        help="engine.generator for step, ops and memory (auto: by device)",
+    )
     parser.add_argument("--mode", default="forward", help="memory-worker: forward or an estimator")
     parser.add_argument(
         "--estimators",
@@ -327,10 +419,18 @@ def parse(what: str, argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.layers is None:
         args.layers = 24 if args.shape == "1.3b" else 12
+    if what == "ops" and "--batch" not in argv and "--seq" not in argv:
+        args.batch, args.seq = 2, 16  # the issue's count: a small batch, where launches dominate
     return args
 
 
-BENCHMARKS = {"step": bench_step, "memory": bench_memory, "memory-worker": memory_worker}
+BENCHMARKS = {
+    "step": bench_step,
+    "memory": bench_memory,
+    "ops": bench_ops,
+    "generators": bench_generators,
+    "memory-worker": memory_worker,
+}
 
 
 def main(what: str, argv: list[str]) -> int:

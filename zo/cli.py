@@ -185,7 +185,7 @@ MODULE_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-BENCHES = ["step", "memory", *BENCH_MODULES]
+BENCHES = ["step", "memory", "ops", "generators", *BENCH_MODULES]
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import sys
@@ -21,7 +22,7 @@ from zo import models
 from zo.blocks import checkpoint_blocks
 from zo.config import ConfigError, RunConfig, build, dump_yaml, load_config, to_dict
 from zo.distributed import DataParallel
-from zo.engine import ENGINE_VERSION, mix_seed, seeded
+from zo.engine import ENGINE_VERSION, mix_seed, recorded_generator, resolve_generator, seeded
 from zo.memory import peak_memory_bytes, reset_peak_memory, return_large_frees_to_os
 from zo.trainable import TrainableSet, check_group_settings, param_groups, select_trainable
 from zo.trajectory import (
@@ -246,10 +247,23 @@ def trajectory_header(setup: Setup) -> dict[str, Any]:
         "estimator": {"name": spec.name, **to_dict(estimator_config)},
         "run_seed": setup.config.train.seed,
         "engine_version": ENGINE_VERSION,
+        "generator": resolve_generator(setup.config.engine, setup.device),
         "device_type": setup.device.type,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
     }
+
+
+def _with_recorded_generator(config: RunConfig, header: dict, error: type[Exception]) -> RunConfig:
+    """``config`` drawing with the generator the run's trajectory was written with (version-1
+    runs: ``torch-chunks-v1``), so a resume or replay never draws other directions."""
+    try:
+        generator = recorded_generator(header)
+    except ValueError as problem:
+        raise error(f"trajectory header: {problem}") from None
+    return dataclasses.replace(
+        config, engine=dataclasses.replace(config.engine, generator=generator)
+    )
 
 
 def _check_resumable(run: RunDirectory, config: RunConfig) -> None:
@@ -293,6 +307,7 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
         if not run.holds_run():
             raise NothingToResumeError(f"resume=true but {run.path} holds no run to continue")
         _check_resumable(run, config)
+        config = _with_recorded_generator(config, run.header(), ConfigError)
     else:
         run.ensure_new()  # before any model loads: never overwrite a run
     # every rank has checked the directory before the rendezvous, so none sees rank 0's
@@ -449,8 +464,8 @@ def replay(run_dir: str | Path, out_dir: str | Path, log=print) -> dict[str, Any
         raise NothingToResumeError(
             f"{run.path} is not a zo run (no config.yaml / trajectory.jsonl)"
         )
-    config = load_config(run.config)
     header = run.header()
+    config = _with_recorded_generator(load_config(run.config), header, ReplayError)
     spec, _ = resolve_estimator(config)
     if not spec.zeroth_order:
         raise ReplayError(
