@@ -185,6 +185,20 @@ def test_update_with_device_coefficients_equals_host_coefficients(generator):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("generator", [*GENERATORS, "torch-chunks-v1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_updated_copy_is_what_update_writes(generator, dtype):
+    """ZO-SGD-Conservative scores the weights an update would write: the same bits."""
+    model = TiedLM().to(dtype)
+    config = EngineConfig(generator=generator, chunk_size=50)
+    engine = build_engine(list(model.parameters()), config)
+    copies = [engine.updated_copy([1, 2], [0.5, -0.25], 0.9, i) for i in range(5)]
+    engine.update([1, 2], [0.5, -0.25], decay=0.9)
+    for param, copy_ in zip(model.parameters(), copies, strict=True):
+        assert torch.equal(param, copy_)
+    assert engine.updated_copy([1], [0.0], 1.0, 0) is None
+
+
 def test_generator_choice_and_the_recorded_one():
     assert resolve_generator(EngineConfig(), "cpu") == "torch-blocks"
     assert resolve_generator(EngineConfig(), "cuda") == "philox"

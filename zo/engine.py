@@ -309,12 +309,9 @@ class PerturbationEngine:
             raise ValueError("update needs one coefficient per seed")
         if all(float(c) == 0.0 for c in coefficients) and decay == 1.0:
             return
-        values = (float(decay), *(float(c) for c in coefficients))
         for device, members in self._by_device(indices).items():
-            host = torch.tensor(values, dtype=torch.float32)
-            if device.type == "cuda":  # pinned and asynchronous: no wait on the stream
-                host = host.pin_memory()
-            self._axpz_in_place(seeds, host.to(device, non_blocking=True), decay != 1.0, members)
+            values = self._coefficients(float(decay), coefficients, device)
+            self._axpz_in_place(seeds, values, decay != 1.0, members)
 
     def update_device(
         self, seeds: Sequence[int], coefficients: torch.Tensor, indices: Sequence[int] | None = None
@@ -324,6 +321,32 @@ class PerturbationEngine:
         given the same values."""
         for members in self._by_device(indices).values():
             self._axpz_in_place(seeds, coefficients, True, members)
+
+    def updated_copy(
+        self, seeds: Sequence[int], coefficients: Sequence[float], decay: float, index: int
+    ) -> torch.Tensor | None:
+        """What :meth:`update` would leave in tensor ``index``, bit for bit, as a new tensor
+        (None when it would write nothing); the tensor itself is untouched."""
+        if all(float(c) == 0.0 for c in coefficients) and decay == 1.0:
+            return None
+        tensor = self.tensors[index].detach()
+        out = torch.empty_like(tensor)
+        values = self._coefficients(float(decay), coefficients, tensor.device)
+        with torch.no_grad():
+            self.generator.axpz(
+                [tensor.reshape(-1)], [out.view(-1)], [index], seeds, values, 1.0, decay != 1.0
+            )
+        return out
+
+    @staticmethod
+    def _coefficients(
+        decay: float, coefficients: Sequence[float], device: torch.device
+    ) -> torch.Tensor:
+        """``[decay, c_1 .. c_Q]`` in fp32 on ``device``, sent without waiting on a stream."""
+        host = torch.tensor((decay, *(float(c) for c in coefficients)), dtype=torch.float32)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(device, non_blocking=True)
 
     def _by_device(self, indices: Sequence[int] | None) -> dict[torch.device, list[int]]:
         groups: dict[torch.device, list[int]] = {}

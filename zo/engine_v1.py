@@ -399,6 +399,34 @@ class EngineV1:
 
     generator_name = LEGACY_GENERATOR
 
+    def updated_copy(
+        self, seeds: Sequence[int], coefficients: Sequence[float], decay: float, index: int
+    ) -> torch.Tensor | None:
+        """What :meth:`update` would leave in tensor ``index``, bit for bit, as a new tensor
+        (version 1's arithmetic: ``add_(z, alpha=c)`` per chunk in fp32)."""
+        terms = [(s, float(c)) for s, c in zip(seeds, coefficients, strict=True) if c != 0.0]
+        if not terms and decay == 1.0:
+            return None
+        tensor = self.tensors[index].detach()
+        out = torch.empty_like(tensor)
+        source, target = tensor.reshape(-1), out.view(-1)
+
+        def make_job(chunk: int, start: int, stop: int) -> Callable[[], None]:
+            def job() -> None:
+                acc = source[start:stop].to(torch.float32, copy=True)
+                if decay != 1.0:
+                    acc.mul_(decay)
+                for seed, coefficient in terms:
+                    acc.add_(
+                        self.draw(seed, index, chunk, stop - start, acc.device), alpha=coefficient
+                    )
+                target[start:stop].copy_(acc)
+
+            return job
+
+        self.run_jobs([make_job(*c) for c in self.chunks(index)], [index])
+        return out
+
     def update_device(
         self, seeds: Sequence[int], coefficients: torch.Tensor, indices: Sequence[int] | None = None
     ) -> None:
