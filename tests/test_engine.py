@@ -287,7 +287,7 @@ def test_bad_engine_config():
     with pytest.raises(ValueError, match="choose one of"):
         EngineConfig(distribution="uniform")
     with pytest.raises(ValueError, match="bucket_size"):
-        EngineConfig(bucket_size=0)
+        EngineConfig(bucket_size=-1)
     with pytest.raises(ValueError, match="prefetch"):
         EngineConfig(prefetch="yes")
 

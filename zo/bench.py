@@ -49,7 +49,11 @@ OPT_SHAPES = {  # OPTConfig's defaults are OPT-125m's shape
 
 
 def build_opt(
-    layers: int, device: str, shape: str = "125m", attn: str | None = None
+    layers: int,
+    device: str,
+    shape: str = "125m",
+    attn: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.nn.Module:
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -58,7 +62,7 @@ def build_opt(
         config._attn_implementation = attn
     with seeded(0):
         model = OPTForCausalLM(config)
-    return model.to(device).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def make_batch(batch: int, seq: int, vocab: int, device: str) -> torch.Tensor:
@@ -120,16 +124,10 @@ def bench_step(args: argparse.Namespace) -> dict:
     from estimators import ZOSGD
     from zo.engine import EngineConfig
 
-    model = build_opt(args.layers, args.device, args.shape)
+    model = build_opt(args.layers, args.device, args.shape, dtype=args.torch_dtype)
     ids = make_batch(args.batch, args.seq, model.config.vocab_size, args.device)
     engine = EngineConfig(threads=args.threads, generator=args.generator)
     optimizer = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, engine=engine)
-    timings: dict[str, list[float]] = {
-        "forward": [],
-        "zo_sgd_step": [],
-        "naive_mezo_same_loss": [],
-        "naive_mezo_full_logits": [],
-    }
 
     def forward() -> None:
         with torch.no_grad():
@@ -138,20 +136,27 @@ def bench_step(args: argparse.Namespace) -> dict:
     runs = {
         "forward": forward,
         "zo_sgd_step": lambda: optimizer.step(lambda: scored_loss(model, ids)),
+        **_baseline_steps(args, model, ids),
         "naive_mezo_same_loss": lambda: naive_mezo_step(model, scored_loss, ids, 1, 1e-7, 1e-3),
         "naive_mezo_full_logits": lambda: naive_mezo_step(
             model, full_logits_loss, ids, 1, 1e-7, 1e-3
         ),
     }
-    for fn in runs.values():  # warm-up: allocator, kernels, thread pools
+    timings: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():  # warm-up: allocator, kernels, thread pools, bucket plans
         fn()
     for _ in range(args.repeats):  # interleaved, so machine noise hits every method alike
         for name, fn in runs.items():
             timings[name].append(_time(fn, args.device))
     median = {name: statistics.median(values) for name, values in timings.items()}
+    extra = {
+        f"{name}_over_two_forwards": median[name] / (2 * median["forward"])
+        for name in median
+        if name.startswith("zo_sgd_step_")
+    }
     return {
         "benchmark": "step",
-        "model": f"opt-{args.shape}-shape ({args.layers} layers) random fp32",
+        "model": f"opt-{args.shape}-shape ({args.layers} layers) random {args.dtype}",
         "batch": f"{args.batch}x{args.seq}",
         "device": args.device,
         "generator": optimizer.engine.generator_name,
@@ -162,18 +167,44 @@ def bench_step(args: argparse.Namespace) -> dict:
         "speedup_vs_naive_mezo_same_loss": median["naive_mezo_same_loss"] / median["zo_sgd_step"],
         "speedup_vs_naive_mezo_full_logits": median["naive_mezo_full_logits"]
         / median["zo_sgd_step"],
+        **extra,
+        "seconds_all": {name: [round(v, 4) for v in values] for name, values in timings.items()},
     }
+
+
+def _baseline_steps(args: argparse.Namespace, model, ids) -> dict[str, Callable[[], float]]:
+    """ZO-SGD steps with other engine settings, timed in the same run (``--also``)."""
+    from estimators import ZOSGD
+    from zo.engine import EngineConfig
+
+    runs = {}
+    for setting in filter(None, args.also.split(",")):
+        fields = {
+            key: int(value) if value.isdigit() else value
+            for key, value in (part.split("=", 1) for part in setting.split(":"))
+        }
+        engine = EngineConfig(threads=args.threads, **fields)
+        optimizer = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, engine=engine)
+        name = "_".join(str(v).replace("-", "_") for v in fields.values())
+        runs[f"zo_sgd_step_{name}"] = partial(optimizer.step, partial(scored_loss, model, ids))
+    return runs
 
 
 def bench_ops(args: argparse.Namespace) -> dict:
     from estimators import ZOSGD
-    from zo.engine import EngineConfig, resolve_generator
+    from zo.engine import ACCELERATOR_BUCKET, ACCELERATOR_CHUNK, EngineConfig, resolve_generator
     from zo.opcount import OpCounter
 
-    model = build_opt(args.layers, args.device, args.shape)
+    model = build_opt(args.layers, args.device, args.shape, dtype=args.torch_dtype)
     ids = make_batch(args.batch, args.seq, model.config.vocab_size, args.device)
-    # One drawing thread: a dispatch mode sees only the thread it runs in.
-    config = EngineConfig(threads=1, generator=args.generator)
+    # One drawing thread: a dispatch mode sees only the thread it runs in. The accelerator's
+    # chunk and bucket sizes, so the count is the one a GPU would launch.
+    config = EngineConfig(
+        threads=1,
+        generator=args.generator,
+        chunk_size=ACCELERATOR_CHUNK,
+        bucket_size=ACCELERATOR_BUCKET,
+    )
     optimizer = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, engine=config)
     optimizer.step(lambda: scored_loss(model, ids))  # warm-up: the bucket plan is learned
     with torch.no_grad(), OpCounter() as forward:
@@ -183,7 +214,7 @@ def bench_ops(args: argparse.Namespace) -> dict:
     forward_ops, step_ops = forward.result.total, step.result.total
     return {
         "benchmark": "ops",
-        "model": f"opt-{args.shape}-shape ({args.layers} layers) random fp32",
+        "model": f"opt-{args.shape}-shape ({args.layers} layers) random {args.dtype}",
         "batch": f"{args.batch}x{args.seq}",
         "device": args.device,
         "generator": resolve_generator(config, args.device),
@@ -266,7 +297,13 @@ def memory_worker(args: argparse.Namespace) -> dict:
 
     spec = None if args.mode == "forward" else estimators.get_estimator(args.mode)
     eager = spec is not None and spec.eager_attention
-    model = build_opt(args.layers, args.device, args.shape, attn="eager" if eager else None)
+    model = build_opt(
+        args.layers,
+        args.device,
+        args.shape,
+        attn="eager" if eager else None,
+        dtype=args.torch_dtype,
+    )
     ids = make_batch(args.batch, args.seq, model.config.vocab_size, args.device)
     optimizer = None
     if spec is not None:
@@ -329,7 +366,7 @@ def bench_memory(args: argparse.Namespace) -> dict:
         command += ["--shape", args.shape, "--layers", str(args.layers)]
         command += ["--batch", str(args.batch), "--seq", str(args.seq)]
         command += ["--device", args.device, "--threads", str(args.threads)]
-        command += ["--generator", args.generator]
+        command += ["--generator", args.generator, "--dtype", args.dtype]
         command += ["--default-malloc"] if args.default_malloc else []
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[mode] = json.loads(output.strip().splitlines()[-1])
@@ -337,7 +374,7 @@ def bench_memory(args: argparse.Namespace) -> dict:
     forward_extra = max(1, forward["peak_bytes"] - forward["baseline_bytes"])
     result: dict = {
         "benchmark": "memory",
-        "model": f"opt-{args.shape}-shape ({args.layers} layers) random fp32",
+        "model": f"opt-{args.shape}-shape ({args.layers} layers) random {args.dtype}",
         "batch": f"{args.batch}x{args.seq}",
         "device": args.device,
         "malloc": "glibc default" if args.default_malloc else "fixed mmap threshold (1 MiB)",
@@ -399,6 +436,7 @@ def parse(what: str, argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="engine threads (0 = auto)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--generator",
@@ -412,6 +450,12 @@ def parse(what: str, argv: list[str]) -> argparse.Namespace:
         default="zo_sgd",
         help="memory: comma-separated estimator names, or `all` (default: zo_sgd)",
     )
+    parser.add_argument(
+        "--also",
+        default="",
+        help="step: more engine settings timed in the same run, comma-separated, fields joined "
+        "by ':' (e.g. generator=torch-chunks-v1,distribution=rademacher)",
+    )
     parser.add_argument("--record", action="store_true", help="append to experiments/RESULTS.md")
     parser.add_argument(
         "--default-malloc", action="store_true", help="keep glibc's adaptive mmap threshold"
@@ -419,6 +463,7 @@ def parse(what: str, argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.layers is None:
         args.layers = 24 if args.shape == "1.3b" else 12
+    args.torch_dtype = getattr(torch, args.dtype)
     if what == "ops" and "--batch" not in argv and "--seq" not in argv:
         args.batch, args.seq = 2, 16  # the issue's count: a small batch, where launches dominate
     return args

@@ -500,12 +500,12 @@ class TorchBlockGenerator(DirectionGenerator):
         flat_ids = ids.reshape(-1).to(torch.int64)
         if flat_ids.numel() == 0:
             return
-        offsets = flat_ids.unsqueeze(1) * row + torch.arange(row, device=ids.device)
         if ids.device.type == "cpu":
-            _add_scaled(out, self._rows_cpu(offsets, flat_ids, seed, index, row), scale)
+            _add_scaled(out, self._rows_cpu(flat_ids, seed, index, row), scale)
             return
         # On a GPU, choosing blocks by token would read the ids on the host: every block of
         # the tensor is drawn instead, 64 at a time, and the rows gathered under masks.
+        offsets = flat_ids.unsqueeze(1) * row + torch.arange(row, device=ids.device)
         total = -(-shape[0] * row // TORCH_BLOCK)
         acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
         group = 64
@@ -520,30 +520,46 @@ class TorchBlockGenerator(DirectionGenerator):
             acc.add_(torch.where(hit, picked, 0.0))
         _add_scaled(out, acc, scale)
 
-    def _rows_cpu(self, offsets, flat_ids, seed, index, row) -> torch.Tensor:
-        """Only the blocks the batch touches (reading ids on a CPU is no device sync)."""
-        needed = sorted(
-            {
-                block
-                for token in set(flat_ids.tolist())
-                for block in range(
-                    token * row // TORCH_BLOCK, ((token + 1) * row - 1) // TORCH_BLOCK + 1
-                )
-            }
-        )
-        drawn = torch.empty(len(needed), TORCH_BLOCK)
+    def _rows_cpu(self, flat_ids, seed, index, row) -> torch.Tensor:
+        """The batch's rows, drawing only the blocks they touch, each once (reading the ids
+        is no device sync on a CPU). Memory: the distinct rows and a block per thread."""
+        tokens = flat_ids.tolist()
+        distinct = sorted(set(tokens))
+        position = {token: p for p, token in enumerate(distinct)}
+        values = torch.empty(len(distinct), row)
+        per_job = -(-len(distinct) // max(1, self.threads))
         run_jobs(
-            [_block_job(self, drawn[p], seed, index, block) for p, block in enumerate(needed)],
+            [
+                _rows_job(self, values, distinct, (first, first + per_job), seed, index, row)
+                for first in range(0, len(distinct), per_job)
+            ],
             self.threads,
         )
-        lookup = torch.zeros(needed[-1] + 1, dtype=torch.int64)
-        lookup[torch.tensor(needed)] = torch.arange(len(needed))
-        where = lookup[offsets // TORCH_BLOCK] * TORCH_BLOCK + offsets % TORCH_BLOCK
-        return drawn.view(-1)[where]
+        return values[torch.tensor([position[token] for token in tokens])]
 
 
-def _block_job(generator: TorchBlockGenerator, out, seed, index, block) -> Job:
-    return lambda: generator.draw_block(out, seed, index, block)
+def _rows_job(generator, values, distinct, span, seed, index, row) -> Job:
+    """Rows ``distinct[span]`` (sorted) into ``values``: blocks drawn in order, each once."""
+
+    def job() -> None:
+        blocks: dict[int, torch.Tensor] = {}
+        for slot in range(*span):
+            if slot >= len(distinct):
+                return
+            start = distinct[slot] * row
+            stop = start + row
+            for block in range(start // TORCH_BLOCK, (stop - 1) // TORCH_BLOCK + 1):
+                if block not in blocks:
+                    blocks = {b: t for b, t in blocks.items() if b >= start // TORCH_BLOCK}
+                    blocks[block] = torch.empty(TORCH_BLOCK)
+                    generator.draw_block(blocks[block], seed, index, block)
+                first = max(start, block * TORCH_BLOCK)
+                last = min(stop, (block + 1) * TORCH_BLOCK)
+                values[slot, first - start : last - start] = blocks[block][
+                    first - block * TORCH_BLOCK : last - block * TORCH_BLOCK
+                ]
+
+    return job
 
 
 # ---------------------------------------------------------------------------- registry

@@ -90,7 +90,8 @@ class EngineConfig:
 
     chunk_size: int = 0
     """Elements per chunk of per-element updates (sign, momentum, Adam) and of a large head's
-    output-side perturbation; 0 = by device: 2**20 on CPU, 2**22 on accelerators."""
+    output-side perturbation (its fp32 temporary); 0 = by device: 2**20 on CPU, 2**22 on
+    accelerators, where a chunk costs kernel launches."""
     threads: int = 0
     """Worker threads drawing on CPU; 0 = one per intra-op thread (max 8)."""
     distribution: str = "gaussian"
@@ -104,9 +105,11 @@ class EngineConfig:
     generator: str = "auto"
     """``philox``, ``torch-blocks`` or ``torch-chunks-v1`` (version 1, kept for its runs);
     ``auto`` = philox on CUDA, torch-blocks elsewhere. A run records the one it used."""
-    bucket_size: int = 1 << 23
+    bucket_size: int = 0
     """Elements of trainable tensors a perturbed forward materialises per generator call:
-    one such copy (two with ``prefetch``) is the perturbation's temporary memory."""
+    one such copy (two with ``prefetch``) is the perturbation's temporary memory. Larger:
+    fewer kernels per pass; smaller: less memory (``zo bench ops`` / ``zo bench memory``).
+    0 = by device: 2**22 on CPU, 2**23 on accelerators."""
     prefetch: str = "auto"
     """Draw the next bucket while the current one computes: ``on``, ``off``, or ``auto`` (on
     for CUDA, on a side stream; off on CPU, where its thread competes with the forward's)."""
@@ -126,8 +129,8 @@ class EngineConfig:
                 f"engine.generator {self.generator!r} is unknown; "
                 f"choose one of {list(GENERATOR_CHOICES)}"
             )
-        if self.bucket_size < 1:
-            raise ValueError(f"engine.bucket_size must be >= 1, got {self.bucket_size}")
+        if self.bucket_size < 0:
+            raise ValueError(f"engine.bucket_size must be >= 0 (0 = auto), got {self.bucket_size}")
         if self.prefetch not in ("auto", "on", "off"):
             raise ValueError(f"engine.prefetch must be auto, on or off, got {self.prefetch!r}")
 
@@ -138,6 +141,8 @@ class FrozenTensorError(RuntimeError):
 
 CPU_CHUNK = 1 << 20
 ACCELERATOR_CHUNK = 1 << 22
+CPU_BUCKET = 1 << 22
+ACCELERATOR_BUCKET = 1 << 23
 
 _PERTURBABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -214,6 +219,9 @@ class PerturbationEngine:
         )
         if self.generator_name == "philox" and self.device.type == "cuda":
             _require_triton()
+        self.bucket_size = self.config.bucket_size or (
+            CPU_BUCKET if self.device.type == "cpu" else ACCELERATOR_BUCKET
+        )
         self._plan = _Plan(self)
         self._constants: dict[tuple, torch.Tensor] = {}
         self._prefetcher: ThreadPoolExecutor | None = None
@@ -471,7 +479,7 @@ class PerturbationEngine:
         x = args[0].reshape(-1, args[0].shape[-1])
         x = x if x.dtype == torch.float32 else x.float()
         row = weight.shape[1]
-        rows_per_chunk = max(1, self.config.bucket_size // row)
+        rows_per_chunk = max(1, self._chunk_len(index) // row)
         z = torch.empty(min(rows_per_chunk, weight.shape[0]) * row, device=weight.device)
         for first in range(0, weight.shape[0], rows_per_chunk):
             last = min(first + rows_per_chunk, weight.shape[0])
@@ -565,7 +573,7 @@ class _Plan:
             tensor = self.engine.tensors[index]
             if self.buckets:
                 head = self.engine.tensors[self.buckets[-1][0]]
-                fits = size + tensor.numel() <= self.engine.config.bucket_size
+                fits = size + tensor.numel() <= self.engine.bucket_size
                 same = head.device == tensor.device and head.dtype == tensor.dtype
             if not self.buckets or not (fits and same):
                 self.buckets.append([])

@@ -34,7 +34,12 @@ BLOCK = 1024
 MAX_QUERIES = 4
 """Seeds per launch (launch arguments); more queries take several launches."""
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float64: tl.float64,
+}
 _GAUSSIAN = {"gaussian": True, "rademacher": False}
 
 
@@ -264,7 +269,9 @@ def rows_add(
 
 
 _TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
-_MAX_TABLES = 64
+_MAX_TABLES = 4096
+"""Tables kept (one per bucket and one per update's tensor list): a step must find all of
+its own, or it would send them again, which waits for the device."""
 
 
 def _tables(
