@@ -183,9 +183,9 @@ def _baseline_steps(args: argparse.Namespace, model, ids) -> dict[str, Callable[
             key: int(value) if value.isdigit() else value
             for key, value in (part.split("=", 1) for part in setting.split(":"))
         }
-        engine = EngineConfig(threads=args.threads, **fields)
+        engine = EngineConfig(**{"threads": args.threads, **fields})
         optimizer = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, engine=engine)
-        name = "_".join(str(v).replace("-", "_") for v in fields.values())
+        name = "_".join(f"{k}_{v}".replace("-", "_") for k, v in fields.items())
         runs[f"zo_sgd_step_{name}"] = partial(optimizer.step, partial(scored_loss, model, ids))
     return runs
 

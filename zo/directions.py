@@ -45,10 +45,17 @@ def splitmix64(value: int) -> int:
 
 def mix_seed(*parts: int) -> int:
     """Fold integers into one 63-bit seed; order matters, collisions are negligible."""
-    state = 0x5A4F2D454E47494E  # "ZO-ENGIN": keeps mix_seed(0) away from splitmix64(0)
+    return _mixed(_MIX_START, parts) >> 1  # manual_seed takes any non-negative int < 2**64
+
+
+_MIX_START = 0x5A4F2D454E47494E  # "ZO-ENGIN": keeps mix_seed(0) away from splitmix64(0)
+
+
+def _mixed(state: int, parts) -> int:
+    """``mix_seed``'s state after ``parts``: ``mix_seed(*a, *b) == _mixed(_mixed(S, a), b) >> 1``."""
     for part in parts:
         state = splitmix64(state ^ (int(part) & _MASK64))
-    return state >> 1  # torch.Generator.manual_seed takes any non-negative int < 2**64
+    return state
 
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
@@ -184,45 +191,36 @@ def _axpz_job(generator, pair, address, seeds, coefficients, decay) -> Job:
     all_coefficients, factors = coefficients
 
     def job() -> None:
+        # z * c, then + w: two IEEE roundings, the same for every element wherever a call's
+        # boundaries fall (a fused a + c*b may round a loop's scalar tail differently).
+        in_place = source.data_ptr() == target.data_ptr() and target.dtype == torch.float32
+        direct = not decay and target.dtype == source.dtype == torch.float32 and not in_place
+        decay_by = all_coefficients[0] if decay else None
+        terms = [(seed, factors[query]) for query, seed in enumerate(seeds)]
+        z_all = _scratch(min(PIECE, target.numel()), target.device)
         for first in range(0, target.numel(), PIECE):
             last = min(first + PIECE, target.numel())
-            _axpz_piece(
-                generator,
-                (source[first:last], target[first:last]),
-                (index, start + first),
-                seeds,
-                (all_coefficients, factors),
-                decay,
-            )
+            piece_source, piece_target = source[first:last], target[first:last]
+            z = z_all[: last - first]
+            if in_place:
+                acc = piece_target
+            elif direct:
+                acc = None  # the first term writes target = source + c z in one pass
+            else:
+                acc = piece_source.to(torch.float32, copy=True)
+            if decay_by is not None and acc is not None:
+                acc.mul_(decay_by)
+            for seed, factor in terms:
+                generator.fill(z, seed, index, start + first)
+                z.mul_(factor)
+                if acc is None:
+                    acc = torch.add(piece_source, z, out=piece_target)
+                else:
+                    acc.add_(z)
+            if acc is not piece_target:
+                piece_target.copy_(acc)
 
     return job
-
-
-def _axpz_piece(generator, pair, address, seeds, coefficients, decay) -> None:
-    # z * c, then + w: two IEEE roundings, the same for every element wherever a call's
-    # boundaries fall (a fused a + c*b may round a loop's scalar tail differently).
-    source, target = pair
-    index, start = address
-    all_coefficients, factors = coefficients
-    z = _scratch(target.numel(), target.device)
-    if source.data_ptr() == target.data_ptr() and target.dtype == torch.float32:
-        acc = target  # in place, already fp32
-    elif target.dtype == torch.float32 and source.dtype == torch.float32 and not decay:
-        acc = None  # the first term writes target = source + c z in one pass
-    else:
-        acc = source.to(torch.float32, copy=True)
-    if decay and acc is not None:
-        acc.mul_(all_coefficients[0])
-    for query, seed in enumerate(seeds):
-        generator.fill(z, seed, index, start)
-        z.mul_(factors[query])
-        if acc is None:
-            torch.add(source, z, out=target)
-            acc = target
-        else:
-            acc.add_(z)
-    if acc is not target:
-        target.copy_(acc)
 
 
 def _add_scaled(out: torch.Tensor, rows: torch.Tensor, scale: float) -> None:
@@ -273,20 +271,31 @@ def philox_key(seed: int) -> tuple[int, int]:
 
 
 def words_to_values(words: list[torch.Tensor], distribution: str) -> torch.Tensor:
-    """Four words per counter -> ``[n, 4]`` fp32 values (element ``4 n + lane``).
+    """Four words per counter (1-D) -> ``[n, 4]`` fp32 values (element ``4 n + lane``).
 
     Gaussian: Box-Muller on (w0, w1) and (w2, w3), ``r = sqrt(-2 ln u)`` with ``u`` in
     (0, 1] from a word's top 24 bits (so ``|z| <= 5.77``); rademacher: each word's top bit.
     """
     if distribution == "rademacher":
         return torch.stack([1.0 - ((w >> 31) * 2).to(torch.float32) for w in words], dim=1)
-    out = []
-    for radius_word, angle_word in ((words[0], words[1]), (words[2], words[3])):
-        radius = ((radius_word >> 8) + 1).to(torch.float32).mul_(_UNIT)
-        radius = radius.log_().mul_(-2.0).sqrt_()
-        angle = (angle_word >> 8).to(torch.float32).mul_(_UNIT).mul_(TWO_PI)
-        out += [radius * torch.cos(angle), radius * torch.sin(angle)]
-    return torch.stack(out, dim=1)
+    count = words[0].numel()
+    out = torch.empty(count, 4, device=words[0].device)
+    for first in range(0, count, MATH_GRAIN):
+        last = min(first + MATH_GRAIN, count)
+        for lane, (radius_word, angle_word) in ((0, words[:2]), (2, words[2:])):
+            radius = ((radius_word[first:last] >> 8) + 1).to(torch.float32).mul_(_UNIT)
+            radius = radius.log_().mul_(-2.0).sqrt_()
+            angle = (angle_word[first:last] >> 8).to(torch.float32).mul_(_UNIT).mul_(TWO_PI)
+            torch.mul(radius, torch.cos(angle), out=out[first:last, lane])
+            torch.mul(radius, torch.sin(angle), out=out[first:last, lane + 1])
+    return out
+
+
+MATH_GRAIN = 2048
+"""Elements per call of log/cos/sin on a CPU: torch splits its vectorised math over threads
+above 2048 elements, and the first split in a process can round half the elements
+differently (measured: torch 2.13 CPU with 2 threads, 1 process in 3), so every call stays
+under it and runs in its caller's thread. Where ops run never changes a value."""
 
 
 PHILOX_PIECE = 1 << 15
@@ -455,8 +464,11 @@ class TorchBlockGenerator(DirectionGenerator):
         """The first ``out.numel()`` values of block ``block``: on CPU any multiple of 16 (a
         prefix of ``normal_`` equals the whole draw's prefix there), the whole block on CUDA
         (whose kernel maps elements to threads by the tensor's length)."""
+        self._draw(out, _mixed(_MIX_START, (seed, index, block)) >> 1)
+
+    def _draw(self, out: torch.Tensor, block_seed: int) -> None:
         generator = self._generator(out.device)
-        generator.manual_seed(mix_seed(seed, index, block))
+        generator.manual_seed(block_seed)
         if self.distribution == "gaussian":
             out.normal_(generator=generator)
             return
@@ -473,6 +485,15 @@ class TorchBlockGenerator(DirectionGenerator):
     def fill(self, out: torch.Tensor, seed: int, index: int, start: int) -> None:
         stop = start + out.numel()
         position = start
+        if start % TORCH_BLOCK == 0 and self.distribution == "gaussian":
+            # the hot path (whole blocks): one hash and two calls per block
+            prefix = _mixed(_MIX_START, (seed, index))
+            generator = self._generator(out.device)
+            first = start // TORCH_BLOCK
+            for block in range(out.numel() // TORCH_BLOCK):
+                generator.manual_seed(splitmix64(prefix ^ (first + block)) >> 1)
+                out[block * TORCH_BLOCK : (block + 1) * TORCH_BLOCK].normal_(generator=generator)
+            position = start + out.numel() // TORCH_BLOCK * TORCH_BLOCK
         while position < stop:
             block, within = divmod(position, TORCH_BLOCK)
             take = min(TORCH_BLOCK - within, stop - position)
