@@ -13,14 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from zo.directions import (
-    GENERATORS,
-    TORCH_BLOCK,
-    PhiloxGenerator,
-    TorchBlockGenerator,
-    philox4x32,
-    philox_values,
-)
+from zo.directions import generators
+from zo.philox import PhiloxGenerator, philox4x32, philox_values
+from zo.torch_blocks import TORCH_BLOCK, TorchBlockGenerator
+
+GENERATORS = generators()
 
 ROOT = Path(__file__).resolve().parent.parent
 LAWS = ["gaussian", "rademacher"]
@@ -162,7 +159,7 @@ TRITON_INTERPRETER_CHECK = textwrap.dedent(
     sys.path.insert(0, {root!r})
     import torch
     from zo import philox_triton
-    from zo.directions import philox_values
+    from zo.philox import philox_values
 
     for law in ("gaussian", "rademacher"):
         for start, count in ((0, 5000), (3, 2999), (4097, 1)):
@@ -193,7 +190,7 @@ TRITON_INTERPRETER_CHECK = textwrap.dedent(
     from estimators import ZOSGD
     from tests.test_engine import TiedLM
     from tests.test_zo_sgd import lm_loss
-    from zo.directions import PhiloxGenerator
+    from zo.philox import PhiloxGenerator
     from zo.engine import EngineConfig
 
     class TritonPhilox(PhiloxGenerator):

@@ -11,9 +11,13 @@ import torch
 from estimators import ZOSGD
 from tests.test_engine import IDS, TiedLM
 from tests.test_zo_sgd import lm_loss
-from zo.directions import GENERATORS, TORCH_BLOCK, PhiloxGenerator, philox_values
+from zo.directions import generators
 from zo.engine import EngineConfig, PerturbationEngine
 from zo.opcount import OpCounter
+from zo.philox import PhiloxGenerator, philox_values
+from zo.torch_blocks import TORCH_BLOCK
+
+GENERATORS = generators()
 
 pytestmark = [
     pytest.mark.gpu,

@@ -230,7 +230,7 @@ def bench_ops(args: argparse.Namespace) -> dict:
 
 def bench_generators(args: argparse.Namespace) -> dict:
     """Values per second of every generator and law, and of ``normal_`` (the platform's)."""
-    from zo.directions import GENERATORS, run_jobs
+    from zo.directions import generators, run_jobs
 
     numel = 1 << 22
     out = torch.empty(numel, device=args.device)
@@ -239,7 +239,7 @@ def bench_generators(args: argparse.Namespace) -> dict:
     runs: dict[str, Callable[[], None]] = {
         "torch_normal_": lambda: out.normal_(generator=reference),
     }
-    for name, cls in GENERATORS.items():
+    for name, cls in generators().items():
         for law in ("gaussian", "rademacher"):
             for workers in sorted({1, threads}):
                 generator = cls(law, workers)

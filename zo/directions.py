@@ -3,27 +3,17 @@
 A generator maps *global coordinates* -- ``(step seed, tensor index, element offset)`` -- to
 a direction value, so any element range of a tensor can be drawn alone: chunking,
 bucketing, thread count and sharding never change a value (a shard draws exactly its part).
+Two are registered (:data:`GENERATORS`): ``philox`` (:mod:`zo.philox`, counter-based, one
+Triton kernel per pass on CUDA) and ``torch-blocks`` (:mod:`zo.torch_blocks`, torch's own
+generator in seeded blocks, the fastest gaussian on CPU). This module holds what they share:
+seed mixing, the passes in torch ops, and the thread pool that runs them on CPU.
 
-* ``philox`` -- counter-based: element ``j`` of tensor ``i`` at step seed ``s`` comes from
-  Philox4x32-10 with key ``s`` and counter ``(j // 4, i, 0)`` (its 4 words give 4 elements:
-  Box-Muller on word pairs for gaussian, the top bit for rademacher). No generator state,
-  so a range, a row gather or a shard costs only its own elements. On CUDA one Triton
-  kernel (:mod:`zo.philox_triton`) draws and applies a whole bucket; on CPU it runs as torch
-  integer ops, exact but ~7x slower than torch's own CPU generator (``zo bench generators``).
-* ``torch-blocks`` -- the platform's generator in fixed blocks: element ``j`` is element
-  ``j % TORCH_BLOCK`` of a block drawn by a ``torch.Generator`` on the tensor's device seeded
-  with ``mix_seed(s, i, j // TORCH_BLOCK)``: mt19937 on CPU, the fastest gaussian measured
-  there. A range costs its whole blocks.
-
-The philox passes are registered operators (``torch.ops.zo.philox_*``): one dispatcher call
-each, one kernel launch on CUDA. Integer stages are exact everywhere; the float transform
-(log, cos, sin) follows the device's math library, so values are bit-identical on one device
-type and torch version (the trajectory records both, and the generator's name).
+Values are bit-identical on one device type and torch version for a given generator (the
+trajectory records all three).
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -45,14 +35,15 @@ def splitmix64(value: int) -> int:
 
 def mix_seed(*parts: int) -> int:
     """Fold integers into one 63-bit seed; order matters, collisions are negligible."""
-    return _mixed(_MIX_START, parts) >> 1  # manual_seed takes any non-negative int < 2**64
+    return mix_state(parts) >> 1  # manual_seed takes any non-negative int < 2**64
 
 
-_MIX_START = 0x5A4F2D454E47494E  # "ZO-ENGIN": keeps mix_seed(0) away from splitmix64(0)
+MIX_START = 0x5A4F2D454E47494E  # "ZO-ENGIN": keeps mix_seed(0) away from splitmix64(0)
 
 
-def _mixed(state: int, parts) -> int:
-    """``mix_seed``'s state after ``parts``: ``mix_seed(*a, *b) == _mixed(_mixed(S, a), b) >> 1``."""
+def mix_state(parts: Sequence[int], state: int = MIX_START) -> int:
+    """``mix_seed``'s state after ``parts``, to continue from:
+    ``mix_seed(*a, *b) == mix_state(b, mix_state(a)) >> 1``."""
     for part in parts:
         state = splitmix64(state ^ (int(part) & _MASK64))
     return state
@@ -223,7 +214,7 @@ def _axpz_job(generator, pair, address, seeds, coefficients, decay) -> Job:
     return job
 
 
-def _add_scaled(out: torch.Tensor, rows: torch.Tensor, scale: float) -> None:
+def add_scaled(out: torch.Tensor, rows: torch.Tensor, scale: float) -> None:
     """``out += scale * rows`` (rows is scratch): product, then sum, each rounded once."""
     rows.mul_(scale)
     if out.dtype == torch.float32:
@@ -232,362 +223,15 @@ def _add_scaled(out: torch.Tensor, rows: torch.Tensor, scale: float) -> None:
         out.copy_(out.float().add_(rows))
 
 
-# ---------------------------------------------------------------------------- philox
-PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
-PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
-PHILOX_ROUNDS = 10
-TWO_PI = 2.0 * math.pi
-_UNIT = 2.0**-24  # words keep their top 24 bits: exact in fp32
+def generators() -> dict[str, type[DirectionGenerator]]:
+    """The registered generators by name (imported on first use: they import this module)."""
+    from zo.philox import PhiloxGenerator
+    from zo.torch_blocks import TorchBlockGenerator
 
+    return {"philox": PhiloxGenerator, "torch-blocks": TorchBlockGenerator}
 
-def philox4x32(
-    counter: Sequence[torch.Tensor | int], key: tuple[int, int], rounds: int = PHILOX_ROUNDS
-) -> list[torch.Tensor]:
-    """Philox4x32 (Salmon et al., SC'11) on int64 tensors that hold uint32 values.
 
-    ``counter`` is four words (tensors or ints, broadcast), ``key`` two ints. The 32x32->64
-    products wrap in int64 (two's complement) and the mask after the arithmetic shift
-    recovers the unsigned high word, so results equal the reference bit for bit (tests check
-    the Random123 known-answer vectors).
-    """
-    c0, c1, c2, c3 = counter
-    k0, k1 = key
-    for round_ in range(rounds):
-        if round_:
-            k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
-        p0 = c0 * PHILOX_M0
-        p1 = c2 * PHILOX_M1
-        c0, c1, c2, c3 = (
-            ((p1 >> 32) & MASK32) ^ c1 ^ k0,
-            p1 & MASK32,
-            ((p0 >> 32) & MASK32) ^ c3 ^ k1,
-            p0 & MASK32,
-        )
-    return [c0, c1, c2, c3]  # type: ignore[list-item]
-
-
-def philox_key(seed: int) -> tuple[int, int]:
-    return seed & MASK32, (seed >> 32) & MASK32
-
-
-def words_to_values(words: list[torch.Tensor], distribution: str) -> torch.Tensor:
-    """Four words per counter (1-D) -> ``[n, 4]`` fp32 values (element ``4 n + lane``).
-
-    Gaussian: Box-Muller on (w0, w1) and (w2, w3), ``r = sqrt(-2 ln u)`` with ``u`` in
-    (0, 1] from a word's top 24 bits (so ``|z| <= 5.77``); rademacher: each word's top bit.
-    """
-    if distribution == "rademacher":
-        return torch.stack([1.0 - ((w >> 31) * 2).to(torch.float32) for w in words], dim=1)
-    count = words[0].numel()
-    out = torch.empty(count, 4, device=words[0].device)
-    for first in range(0, count, MATH_GRAIN):
-        last = min(first + MATH_GRAIN, count)
-        for lane, (radius_word, angle_word) in ((0, words[:2]), (2, words[2:])):
-            radius = ((radius_word[first:last] >> 8) + 1).to(torch.float32).mul_(_UNIT)
-            radius = radius.log_().mul_(-2.0).sqrt_()
-            angle = (angle_word[first:last] >> 8).to(torch.float32).mul_(_UNIT).mul_(TWO_PI)
-            torch.mul(radius, torch.cos(angle), out=out[first:last, lane])
-            torch.mul(radius, torch.sin(angle), out=out[first:last, lane + 1])
-    return out
-
-
-MATH_GRAIN = 2048
-"""Elements per call of log/cos/sin on a CPU: torch splits its vectorised math over threads
-above 2048 elements, and the first split in a process can round half the elements
-differently (measured: torch 2.13 CPU with 2 threads, 1 process in 3), so every call stays
-under it and runs in its caller's thread. Where ops run never changes a value."""
-
-
-PHILOX_PIECE = 1 << 15
-"""Elements per eager piece: under torch's intra-op grain (32768), so each op runs in one
-thread and pieces parallelise over the generator's own threads."""
-
-
-def philox_values(
-    seed: int, index: int, start: int, count: int, distribution: str, device
-) -> torch.Tensor:
-    """``count`` consecutive values of tensor ``index``'s direction from element ``start``."""
-    first = start // 4
-    last = (start + count + 3) // 4
-    counters = torch.arange(first, last, dtype=torch.int64, device=device)
-    words = philox4x32((counters & MASK32, counters >> 32, index, 0), philox_key(seed))
-    values = words_to_values(words, distribution).view(-1)
-    skip = start - 4 * first
-    return values[skip : skip + count]
-
-
-def _philox_fill(out: torch.Tensor, seed: int, index: int, start: int, distribution: str) -> None:
-    for piece in range(0, out.numel(), PHILOX_PIECE):
-        stop = min(piece + PHILOX_PIECE, out.numel())
-        out[piece:stop] = philox_values(
-            seed, index, start + piece, stop - piece, distribution, out.device
-        )
-
-
-def _philox_rows(
-    ids: torch.Tensor, seed: int, index: int, row: int, distribution: str
-) -> torch.Tensor:
-    """``z`` at rows ``ids`` of a ``row``-wide weight, ``[ids.numel(), row]``."""
-    flat_ids = ids.reshape(-1).to(torch.int64)
-    first = flat_ids * row // 4  # each row's first counter
-    width = row // 4 + 2  # counters spanning any row whatever its offset modulo 4
-    counters = first.unsqueeze(1) + torch.arange(width, device=ids.device)
-    words = philox4x32((counters & MASK32, counters >> 32, index, 0), philox_key(seed))
-    values = words_to_values([w.reshape(-1) for w in words], distribution)
-    values = values.view(flat_ids.numel(), width * 4)
-    skip = (flat_ids * row - 4 * first).unsqueeze(1) + torch.arange(row, device=ids.device)
-    return values.gather(1, skip)
-
-
-class PhiloxGenerator(DirectionGenerator):
-    name = "philox"
-    block = 4
-
-    def fill(self, out: torch.Tensor, seed: int, index: int, start: int) -> None:
-        torch.ops.zo.philox_fill(out, seed, index, start, self.distribution, self.threads)
-
-    def rows_add(self, out, ids, seed, index, shape, scale) -> None:
-        torch.ops.zo.philox_rows_add(out, ids, seed, index, shape[1], scale, self.distribution)
-
-    def axpz(self, sources, targets, indices, seeds, coefficients, scale, decay) -> None:
-        torch.ops.zo.philox_axpz(
-            list(sources),
-            list(targets),
-            list(indices),
-            list(seeds),
-            coefficients,
-            scale,
-            decay,
-            self.distribution,
-            self.threads,
-        )
-
-    def job_size(self) -> int:
-        return PHILOX_PIECE * 8
-
-
-class _EagerPhilox(PhiloxGenerator):
-    """The CPU implementation behind the registered operators (and the tests' reference)."""
-
-    def fill(self, out: torch.Tensor, seed: int, index: int, start: int) -> None:
-        _philox_fill(out, seed, index, start, self.distribution)
-
-    def rows_add(self, out, ids, seed, index, shape, scale) -> None:
-        if ids.numel():
-            _add_scaled(out, _philox_rows(ids, seed, index, shape[1], self.distribution), scale)
-
-    def axpz(self, sources, targets, indices, seeds, coefficients, scale, decay) -> None:
-        eager_axpz(self, sources, targets, indices, seeds, coefficients, scale, decay)
-
-
-def _register_philox_operators() -> torch.library.Library:
-    library = torch.library.Library("zo", "DEF")
-    library.define(
-        "philox_axpz(Tensor[] sources, Tensor(a!)[] targets, int[] indices, int[] seeds, "
-        "Tensor coefficients, float scale, bool decay, str distribution, int threads) -> ()"
-    )
-    library.define(
-        "philox_fill(Tensor(a!) out, int seed, int index, int start, str distribution, "
-        "int threads) -> ()"
-    )
-    library.define(
-        "philox_rows_add(Tensor(a!) out, Tensor ids, int seed, int index, int row, float scale, "
-        "str distribution) -> ()"
-    )
-
-    def axpz_cpu(sources, targets, indices, seeds, coefficients, scale, decay, law, threads):
-        _EagerPhilox(law, threads).axpz(
-            sources, targets, indices, seeds, coefficients, scale, decay
-        )
-
-    def fill_cpu(out, seed, index, start, law, threads):
-        _philox_fill(out, seed, index, start, law)
-
-    def rows_cpu(out, ids, seed, index, row, scale, law):
-        _EagerPhilox(law).rows_add(out, ids, seed, index, (0, row), scale)
-
-    def axpz_cuda(sources, targets, indices, seeds, coefficients, scale, decay, law, threads):
-        from zo import philox_triton
-
-        philox_triton.axpz(sources, targets, indices, seeds, coefficients, scale, decay, law)
-
-    def fill_cuda(out, seed, index, start, law, threads):
-        from zo import philox_triton
-
-        philox_triton.fill(out, seed, index, start, law)
-
-    def rows_cuda(out, ids, seed, index, row, scale, law):
-        from zo import philox_triton
-
-        philox_triton.rows_add(out, ids, seed, index, row, scale, law)
-
-    for name, cpu, cuda in (
-        ("philox_axpz", axpz_cpu, axpz_cuda),
-        ("philox_fill", fill_cpu, fill_cuda),
-        ("philox_rows_add", rows_cpu, rows_cuda),
-    ):
-        library.impl(name, cpu, "CPU")
-        library.impl(name, cuda, "CUDA")
-    return library
-
-
-_LIBRARY = _register_philox_operators()
-
-
-# ---------------------------------------------------------------------------- torch blocks
-TORCH_BLOCK = 1 << 14
-"""Elements per seeded block of ``torch-blocks``: part of its definition (changing it changes
-every direction). Small enough that an embedding's rows cost few blocks, large enough that
-seeding (~2 us) is noise next to drawing (~80 us)."""
-
-_SIGNS = torch.tensor(
-    [[1.0 - 2.0 * ((byte >> bit) & 1) for bit in range(8)] for byte in range(256)]
-)
-"""The 8 signs a random byte stands for: rademacher at one generator call per 8 elements."""
-
-
-class TorchBlockGenerator(DirectionGenerator):
-    name = "torch-blocks"
-    block = TORCH_BLOCK
-
-    def __init__(self, distribution: str = "gaussian", threads: int = 1):
-        super().__init__(distribution, threads)
-        self._local = threading.local()
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        generators = self._local.__dict__.setdefault("generators", {})
-        if device not in generators:  # creating a CUDA generator per block is slow
-            generators[device] = torch.Generator(device=device)
-        return generators[device]
-
-    def draw_block(self, out: torch.Tensor, seed: int, index: int, block: int) -> None:
-        """The first ``out.numel()`` values of block ``block``: on CPU any multiple of 16 (a
-        prefix of ``normal_`` equals the whole draw's prefix there), the whole block on CUDA
-        (whose kernel maps elements to threads by the tensor's length)."""
-        self._draw(out, _mixed(_MIX_START, (seed, index, block)) >> 1)
-
-    def _draw(self, out: torch.Tensor, block_seed: int) -> None:
-        generator = self._generator(out.device)
-        generator.manual_seed(block_seed)
-        if self.distribution == "gaussian":
-            out.normal_(generator=generator)
-            return
-        bits = torch.empty(out.numel() // 8, dtype=torch.uint8, device=out.device)
-        bits.random_(0, 256, generator=generator)
-        table = _SIGNS if out.device.type == "cpu" else _SIGNS.to(out.device)
-        torch.index_select(table, 0, bits.to(torch.int32), out=out.view(-1, 8))
-
-    def _length(self, needed: int, device: torch.device) -> int:
-        if device.type != "cpu":
-            return TORCH_BLOCK
-        return min(TORCH_BLOCK, -(-needed // 16) * 16)
-
-    def fill(self, out: torch.Tensor, seed: int, index: int, start: int) -> None:
-        stop = start + out.numel()
-        position = start
-        if start % TORCH_BLOCK == 0 and self.distribution == "gaussian":
-            # the hot path (whole blocks): one hash and two calls per block
-            prefix = _mixed(_MIX_START, (seed, index))
-            generator = self._generator(out.device)
-            first = start // TORCH_BLOCK
-            for block in range(out.numel() // TORCH_BLOCK):
-                generator.manual_seed(splitmix64(prefix ^ (first + block)) >> 1)
-                out[block * TORCH_BLOCK : (block + 1) * TORCH_BLOCK].normal_(generator=generator)
-            position = start + out.numel() // TORCH_BLOCK * TORCH_BLOCK
-        while position < stop:
-            block, within = divmod(position, TORCH_BLOCK)
-            take = min(TORCH_BLOCK - within, stop - position)
-            length = self._length(within + take, out.device)
-            piece = out[position - start : position - start + take]
-            if within == 0 and take == length:
-                self.draw_block(piece, seed, index, block)
-            else:
-                buffer = self._block_buffer(out.device)[:length]
-                self.draw_block(buffer, seed, index, block)
-                piece.copy_(buffer[within : within + take])
-            position += take
-
-    def _block_buffer(self, device: torch.device) -> torch.Tensor:
-        buffers = self._local.__dict__.setdefault("buffers", {})
-        if device not in buffers:
-            buffers[device] = torch.empty(TORCH_BLOCK, dtype=torch.float32, device=device)
-        return buffers[device]
-
-    def job_size(self) -> int:
-        return TORCH_BLOCK * 64
-
-    def rows_add(self, out, ids, seed, index, shape, scale) -> None:
-        row = shape[1]
-        flat_ids = ids.reshape(-1).to(torch.int64)
-        if flat_ids.numel() == 0:
-            return
-        if ids.device.type == "cpu":
-            _add_scaled(out, self._rows_cpu(flat_ids, seed, index, row), scale)
-            return
-        # On a GPU, choosing blocks by token would read the ids on the host: every block of
-        # the tensor is drawn instead, 64 at a time, and the rows gathered under masks.
-        offsets = flat_ids.unsqueeze(1) * row + torch.arange(row, device=ids.device)
-        total = -(-shape[0] * row // TORCH_BLOCK)
-        acc = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-        group = 64
-        for first in range(0, total, group):
-            count = min(group, total - first)
-            drawn = torch.empty(count, TORCH_BLOCK, device=out.device)
-            for position in range(count):
-                self.draw_block(drawn[position], seed, index, first + position)
-            local = offsets - first * TORCH_BLOCK
-            hit = (local >= 0) & (local < count * TORCH_BLOCK)
-            picked = drawn.view(-1)[local.clamp(0, count * TORCH_BLOCK - 1)]
-            acc.add_(torch.where(hit, picked, 0.0))
-        _add_scaled(out, acc, scale)
-
-    def _rows_cpu(self, flat_ids, seed, index, row) -> torch.Tensor:
-        """The batch's rows, drawing only the blocks they touch, each once (reading the ids
-        is no device sync on a CPU). Memory: the distinct rows and a block per thread."""
-        tokens = flat_ids.tolist()
-        distinct = sorted(set(tokens))
-        position = {token: p for p, token in enumerate(distinct)}
-        values = torch.empty(len(distinct), row)
-        per_job = -(-len(distinct) // max(1, self.threads))
-        run_jobs(
-            [
-                _rows_job(self, values, distinct, (first, first + per_job), seed, index, row)
-                for first in range(0, len(distinct), per_job)
-            ],
-            self.threads,
-        )
-        return values[torch.tensor([position[token] for token in tokens])]
-
-
-def _rows_job(generator, values, distinct, span, seed, index, row) -> Job:
-    """Rows ``distinct[span]`` (sorted) into ``values``: blocks drawn in order, each once."""
-
-    def job() -> None:
-        blocks: dict[int, torch.Tensor] = {}
-        for slot in range(*span):
-            if slot >= len(distinct):
-                return
-            start = distinct[slot] * row
-            stop = start + row
-            for block in range(start // TORCH_BLOCK, (stop - 1) // TORCH_BLOCK + 1):
-                if block not in blocks:
-                    blocks = {b: t for b, t in blocks.items() if b >= start // TORCH_BLOCK}
-                    blocks[block] = torch.empty(TORCH_BLOCK)
-                    generator.draw_block(blocks[block], seed, index, block)
-                first = max(start, block * TORCH_BLOCK)
-                last = min(stop, (block + 1) * TORCH_BLOCK)
-                values[slot, first - start : last - start] = blocks[block][
-                    first - block * TORCH_BLOCK : last - block * TORCH_BLOCK
-                ]
-
-    return job
-
-
-# ---------------------------------------------------------------------------- registry
-GENERATORS: dict[str, type[DirectionGenerator]] = {
-    "philox": PhiloxGenerator,
-    "torch-blocks": TorchBlockGenerator,
-}
+GENERATOR_NAMES = ("philox", "torch-blocks")
 
 
 def default_generator(device: torch.device | str) -> str:

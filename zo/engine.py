@@ -28,17 +28,19 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from zo.buckets import PerturbedForward, Plan, Swap, swapping
 from zo.directions import (
     DISTRIBUTIONS,
-    GENERATORS,
+    GENERATOR_NAMES,
     DirectionGenerator,
     default_generator,
+    generators,
     mix_seed,
     run_jobs,
     splitmix64,
@@ -63,7 +65,7 @@ bucketed passes, device-side update coefficients. The trajectory header records 
 generator's name; :func:`recorded_generator` maps a header back to its generator."""
 
 LEGACY_GENERATOR = "torch-chunks-v1"
-GENERATOR_CHOICES = ("auto", *GENERATORS, LEGACY_GENERATOR)
+GENERATOR_CHOICES = ("auto", *GENERATOR_NAMES, LEGACY_GENERATOR)
 
 
 @contextlib.contextmanager
@@ -194,9 +196,6 @@ def _check_perturbable(tensors: Sequence[torch.Tensor]) -> dict[int, int]:
     return positions
 
 
-Swap = tuple[nn.Module, str, nn.Parameter]
-
-
 class PerturbationEngine:
     """Draws seed-addressed directions over a fixed list of tensors and applies them.
 
@@ -209,12 +208,12 @@ class PerturbationEngine:
         if self.config.generator == LEGACY_GENERATOR:
             raise ValueError("torch-chunks-v1 is version 1's engine: build it with build_engine")
         self.tensors = list(tensors)
-        self._index = _check_perturbable(self.tensors)
+        self.positions = _check_perturbable(self.tensors)
         self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
         self.generator_name = resolve_generator(self.config, self.device)
         threads = self.config.threads or min(8, torch.get_num_threads())
         self._threads = max(1, threads) if self.device.type == "cpu" else 1
-        self.generator: DirectionGenerator = GENERATORS[self.generator_name](
+        self.generator: DirectionGenerator = generators()[self.generator_name](
             self.config.distribution, self._threads
         )
         if self.generator_name == "philox" and self.device.type == "cuda":
@@ -222,9 +221,9 @@ class PerturbationEngine:
         self.bucket_size = self.config.bucket_size or (
             CPU_BUCKET if self.device.type == "cpu" else ACCELERATOR_BUCKET
         )
-        self._plan = _Plan(self)
+        self.plan = Plan(self)
         self._constants: dict[tuple, torch.Tensor] = {}
-        self._prefetcher: ThreadPoolExecutor | None = None
+        self.prefetcher: ThreadPoolExecutor | None = None
         self._scratch = threading.local()
 
     # ------------------------------------------------------------------ directions
@@ -369,9 +368,9 @@ class PerturbationEngine:
 
     def perturbed_copy(self, seed: int, index: int, scale: float) -> torch.Tensor:
         """A new tensor ``W + scale * z`` (computed in fp32, rounded once); W untouched."""
-        return self._materialize([index], seed, [scale])[index]
+        return self.materialize([index], seed, [scale])[index]
 
-    def _materialize(
+    def materialize(
         self, indices: Sequence[int], seed: int, scales: Sequence[float]
     ) -> dict[int, torch.Tensor]:
         """Perturbed copies of ``indices`` (one device and dtype) in one flat buffer."""
@@ -413,7 +412,7 @@ class PerturbationEngine:
         def swap(module: nn.Module, args) -> list[Swap]:
             restore = []
             for name, param in module._parameters.items():
-                index = self._index.get(id(param)) if param is not None else None
+                index = self.positions.get(id(param)) if param is not None else None
                 if index is None:
                     continue
                 new = replacement(index, param)
@@ -422,7 +421,7 @@ class PerturbationEngine:
                     restore.append((module, name, param))
             return restore
 
-        with _swapping(swap, lambda module, args, output: None):
+        with swapping(swap, lambda module, args, output: None):
             yield
 
     @contextlib.contextmanager
@@ -439,14 +438,14 @@ class PerturbationEngine:
         )
         if len(scales) != len(self.tensors):
             raise ValueError("perturbed() needs one scale per tensor")
-        forward = _PerturbedForward(self, seed, scales)
+        forward = PerturbedForward(self, seed, scales)
         try:
-            with _swapping(forward.pre, forward.post):
+            with swapping(forward.pre, forward.post):
                 yield
         finally:
             forward.close()
 
-    def _output_side(self, module: nn.Module, index: int, args) -> bool:
+    def output_side(self, module: nn.Module, index: int, args) -> bool:
         """Perturb through the output instead of a weight copy? Only where it is cheap.
 
         An embedding gathers a few rows of z; a linear layer pays an extra matmul of its
@@ -466,10 +465,10 @@ class PerturbationEngine:
             return rows <= self.config.offload_max_rows
         return False
 
-    def _output_side_perturbation(self, module, args, output, seed: int, scale: float):
+    def output_side_perturbation(self, module, args, output, seed: int, scale: float):
         """Add the perturbation's effect to a large embedding's or linear layer's output."""
         weight = module._parameters["weight"]
-        index = self._index[id(weight)]
+        index = self.positions[id(weight)]
         output = output.clone() if output.requires_grad else output
         if isinstance(module, nn.Embedding):
             rows = output.view(-1, weight.shape[1])
@@ -494,11 +493,11 @@ class PerturbationEngine:
         return output
 
     def close(self) -> None:
-        if self._prefetcher is not None:
-            self._prefetcher.shutdown(wait=True)
-            self._prefetcher = None
+        if self.prefetcher is not None:
+            self.prefetcher.shutdown(wait=True)
+            self.prefetcher = None
 
-    def _prefetching(self) -> bool:
+    def prefetching(self) -> bool:
         if self.config.prefetch == "auto":
             return self.device.type == "cuda"
         return self.config.prefetch == "on"
@@ -517,197 +516,3 @@ def _require_triton() -> None:
             f"imported ({error}); install the triton that matches torch (CUDA builds of torch "
             "ship it), or set engine.generator=torch-blocks"
         ) from None
-
-
-@contextlib.contextmanager
-def _swapping(pre: Callable[[nn.Module, tuple], list[Swap]], post) -> Iterator[None]:
-    """Global module hooks: ``pre`` swaps a module's parameters for its call, the post hook
-    puts them back (a module may be re-entered before its first call returns) and lets
-    ``post`` rewrite the output. Everything is restored even when a forward raises."""
-    stack: dict[int, list[list[Swap]]] = {}
-
-    def pre_hook(module: nn.Module, args) -> None:
-        stack.setdefault(id(module), []).append(pre(module, args))
-
-    def post_hook(module: nn.Module, args, output):
-        for owner, name, param in stack[id(module)].pop():
-            owner._parameters[name] = param
-        return post(module, args, output)
-
-    handles = [
-        nn.modules.module.register_module_forward_pre_hook(pre_hook),
-        nn.modules.module.register_module_forward_hook(post_hook),
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        for entries in stack.values():  # non-empty only if a forward raised mid-way
-            for restore in entries:
-                for owner, name, param in restore:
-                    owner._parameters[name] = param
-
-
-class _Plan:
-    """Buckets in forward order, learned from the forwards the engine has seen.
-
-    A bucket is a run of tensors used one after another (same device and dtype) of at most
-    ``bucket_size`` elements; its perturbed copies are drawn in one generator call. Which
-    tensors share a bucket changes no value, only how many calls a forward makes.
-    """
-
-    def __init__(self, engine: PerturbationEngine):
-        self.engine = engine
-        self.order: list[int] = []
-        self.buckets: list[list[int]] = []
-        self.bucket_of: dict[int, int] = {}
-
-    def learn(self, order: list[int]) -> None:
-        if order == self.order:
-            return
-        self.order = list(order)
-        self.buckets, self.bucket_of = [], {}
-        size = 0
-        for index in order:
-            tensor = self.engine.tensors[index]
-            if self.buckets:
-                head = self.engine.tensors[self.buckets[-1][0]]
-                fits = size + tensor.numel() <= self.engine.bucket_size
-                same = head.device == tensor.device and head.dtype == tensor.dtype
-            if not self.buckets or not (fits and same):
-                self.buckets.append([])
-                size = 0
-            self.buckets[-1].append(index)
-            self.bucket_of[index] = len(self.buckets) - 1
-            size += tensor.numel()
-
-
-class _PerturbedForward:
-    """One :meth:`PerturbationEngine.perturbed` context: buckets drawn on demand."""
-
-    def __init__(self, engine: PerturbationEngine, seed: int, scales: list[float]):
-        self.engine, self.seed, self.scales = engine, seed, scales
-        self.live: dict[int, dict[int, torch.Tensor]] = {}  # bucket -> perturbed views
-        self.ahead: tuple[int, object] | None = None  # (bucket, future or event+views)
-        self.seen: list[int] = []
-        self.seen_set: set[int] = set()
-        self.output_side: dict[int, list[int | None]] = {}
-
-    # ------------------------------------------------------------------ hooks
-    def pre(self, module: nn.Module, args) -> list[Swap]:
-        engine = self.engine
-        restore, output_side = [], None
-        for name, param in module._parameters.items():
-            index = engine._index.get(id(param)) if param is not None else None
-            if index is None:
-                continue
-            if index not in self.seen_set:
-                self.seen_set.add(index)
-                if not engine._output_side(module, index, args):
-                    self.seen.append(index)
-            if self.scales[index] == 0.0:
-                continue
-            if engine._output_side(module, index, args):
-                output_side = index
-                continue
-            module._parameters[name] = self._perturbed(module, index)
-            restore.append((module, name, param))
-        self.output_side.setdefault(id(module), []).append(output_side)
-        return restore
-
-    def post(self, module: nn.Module, args, output):
-        index = self.output_side[id(module)].pop()
-        if index is None:
-            return None
-        return self.engine._output_side_perturbation(
-            module, args, output, self.seed, self.scales[index]
-        )
-
-    # ------------------------------------------------------------------ buckets
-    def _perturbed(self, module: nn.Module, index: int) -> torch.Tensor:
-        for views in self.live.values():
-            if index in views:
-                return views[index]
-        plan = self.engine._plan
-        bucket = plan.bucket_of.get(index)
-        if bucket is None:  # not seen in earlier forwards: this module's tensors alone
-            members = self._module_members(module)
-            self.live = {-1 - index: self._draw(members)}
-            return self.live[-1 - index][index]
-        views = self._take_ahead(bucket)
-        if views is None:
-            views = self._draw(self._members(bucket))
-        self.live = {bucket: views}  # earlier buckets are done: free them
-        self._start_ahead(bucket + 1)
-        return views[index]
-
-    def _members(self, bucket: int) -> list[int]:
-        return [i for i in self.engine._plan.buckets[bucket] if self.scales[i] != 0.0]
-
-    def _module_members(self, module: nn.Module) -> list[int]:
-        engine, members = self.engine, []
-        for param in module._parameters.values():
-            index = engine._index.get(id(param)) if param is not None else None
-            if index is not None and self.scales[index] != 0.0 and index not in members:
-                members.append(index)
-        first = engine.tensors[members[0]]
-        return [i for i in members if engine.tensors[i].dtype == first.dtype]
-
-    def _draw(self, members: list[int]) -> dict[int, torch.Tensor]:
-        return self.engine._materialize(members, self.seed, [self.scales[i] for i in members])
-
-    def _start_ahead(self, bucket: int) -> None:
-        engine = self.engine
-        if not engine._prefetching() or bucket >= len(engine._plan.buckets):
-            return
-        members = self._members(bucket)
-        if not members:
-            return
-        if engine.device.type == "cuda":
-            main = torch.cuda.current_stream(engine.device)
-            side = _side_stream(engine.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                views = self._draw(members)
-                done = torch.cuda.Event()
-                done.record(side)
-            self.ahead = (bucket, (views, done))
-        else:
-            if engine._prefetcher is None:
-                engine._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="zo-prefetch")
-            self.ahead = (bucket, engine._prefetcher.submit(self._draw, members))
-
-    def _take_ahead(self, bucket: int) -> dict[int, torch.Tensor] | None:
-        if self.ahead is None or self.ahead[0] != bucket:
-            self._drop_ahead()
-            return None
-        _, pending = self.ahead
-        self.ahead = None
-        if isinstance(pending, Future):
-            return pending.result()
-        views, done = pending
-        main = torch.cuda.current_stream(self.engine.device)
-        main.wait_event(done)
-        for view in views.values():  # allocated on the side stream, used on this one
-            view.record_stream(main)
-        return views
-
-    def _drop_ahead(self) -> None:
-        if self.ahead is not None and isinstance(self.ahead[1], Future):
-            self.ahead[1].result()  # let the worker finish before its buffers go
-        self.ahead = None
-
-    def close(self) -> None:
-        self._drop_ahead()
-        self.live = {}
-        self.engine._plan.learn(self.seen)
-
-
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
