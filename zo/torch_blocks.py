@@ -52,10 +52,22 @@ class TorchBlockGenerator(DirectionGenerator):
         if self.distribution == "gaussian":
             out.normal_(generator=generator)
             return
-        bits = torch.empty(out.numel() // 8, dtype=torch.uint8, device=out.device)
-        bits.random_(0, 256, generator=generator)
-        table = _SIGNS if out.device.type == "cpu" else _SIGNS.to(out.device)
-        torch.index_select(table, 0, bits.to(torch.int32), out=out.view(-1, 8))
+        bytes_ = self._bytes(out.numel() // 8, out.device)
+        bytes_.random_(0, 256, generator=generator)  # one generator call per 8 elements
+        torch.index_select(self._signs(out.device), 0, bytes_, out=out.view(-1, 8))
+
+    def _bytes(self, count: int, device: torch.device) -> torch.Tensor:
+        """This thread's buffer of random bytes (int32: index_select's index type)."""
+        buffers = self._local.__dict__.setdefault("bytes", {})
+        if device not in buffers:
+            buffers[device] = torch.empty(TORCH_BLOCK // 8, dtype=torch.int32, device=device)
+        return buffers[device][:count]
+
+    def _signs(self, device: torch.device) -> torch.Tensor:
+        tables = self._local.__dict__.setdefault("signs", {})
+        if device not in tables:
+            tables[device] = _SIGNS.to(device)
+        return tables[device]
 
     def _length(self, needed: int, device: torch.device) -> int:
         if device.type != "cpu":
