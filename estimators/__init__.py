@@ -7,7 +7,13 @@ here, so ``estimators.available_estimators()`` lists them without further wiring
 import importlib
 import pkgutil
 
-from estimators.base import NonFiniteLossError, StepRecord, ZOEstimate, ZOOptimizer
+from estimators.base import (
+    NonFiniteLossError,
+    StepRecord,
+    ZOEstimate,
+    ZOOptimizer,
+    check_hyperparameters,
+)
 from estimators.registry import (
     ESTIMATORS,
     EstimatorSpec,
@@ -35,5 +41,6 @@ __all__ = [
     "ZOSGDConfig",
     "available_estimators",
     "build_estimator",
+    "check_hyperparameters",
     "get_estimator",
 ]

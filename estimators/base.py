@@ -56,6 +56,44 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+_AT_LEAST_0 = (">= 0 and finite", lambda v: 0 <= v < math.inf)
+_ABOVE_0 = ("> 0 and finite", lambda v: 0 < v < math.inf)
+_UNIT = ("in [0, 1)", lambda v: 0 <= v < 1)
+_COUNT = ("an integer >= 1", lambda v: float(v).is_integer() and v >= 1)
+
+HYPERPARAMETER_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "lr": _AT_LEAST_0,
+    "first_order_lr": _AT_LEAST_0,
+    "eps": _ABOVE_0,
+    "weight_decay": _AT_LEAST_0,
+    "first_order_weight_decay": _AT_LEAST_0,
+    "beta1": _UNIT,
+    "beta2": _UNIT,
+    "momentum": _UNIT,
+    "adam_eps": _ABOVE_0,
+    "clip_grad_norm": _ABOVE_0,
+    "clip_grad_value": _ABOVE_0,
+    "initial_loss_scale": _ABOVE_0,
+    "min_loss_scale": _ABOVE_0,
+    "queries": _COUNT,
+    "loss_scale_window": _COUNT,
+}
+"""The range of every numeric estimator setting, by its name in the configs and the
+constructors (NaN and infinity are in none of them). ``None`` stays allowed where a
+setting is optional (the clip thresholds: off)."""
+
+
+def check_hyperparameters(**values: Any) -> None:
+    """Raise ValueError naming the first setting outside its range (unknown names pass)."""
+    for name, value in values.items():
+        if name not in HYPERPARAMETER_RANGES or value is None:
+            continue
+        rule, valid = HYPERPARAMETER_RANGES[name]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or math.isnan(value) or not valid(value):
+            raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
 def mean_over_ranks(value: float, reduce: Callable[[torch.Tensor], None]) -> float:
     """``value`` averaged over data-parallel ranks by an in-place tensor ``reduce`` hook."""
     tensor = torch.tensor([value], dtype=torch.float64)
@@ -155,14 +193,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         engine: EngineConfig | None = None,
     ):
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        if queries < 1:
-            raise ValueError(f"queries must be >= 1, got {queries}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        check_hyperparameters(lr=lr, eps=eps, weight_decay=weight_decay, queries=queries)
         super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
         self.queries = queries
         self.one_point = one_point
@@ -323,9 +354,41 @@ class ZOOptimizer(torch.optim.Optimizer):
         update is this factor times scalar ``q``."""
         raise NotImplementedError
 
+    def skip_step(self, reason: str) -> StepRecord:
+        """Spend this step without an update (the loop's ``train.on_nonfinite=skip``).
+
+        The pending estimates are dropped; weights and optimizer state stay as they are. The
+        record (``extra["skipped"]``, no scalars) replays as the same no-op, so a trajectory
+        with skipped steps still rebuilds the weights bit for bit.
+        """
+        record = StepRecord(
+            step=self.step_count,
+            seeds=self.seeds_for(self.step_count),
+            scalars=[],
+            lrs=[group["lr"] for group in self.param_groups],
+            weight_decays=[group["weight_decay"] for group in self.param_groups],
+            loss=math.nan,
+            extra={"skipped": reason},
+        )
+        self._pending.clear()
+        self.apply_record(record)
+        self.last_record = record
+        return record
+
+    def _skipped(self, record: StepRecord) -> bool:
+        """True, with the step spent, when ``record`` is a skipped step (:meth:`skip_step`)."""
+        if "skipped" not in record.extra:
+            return False
+        if record.step != self.step_count:
+            raise ValueError(f"record for step {record.step} applied at step {self.step_count}")
+        self.step_count += 1
+        return True
+
     @torch.no_grad()
     def apply_record(self, record: StepRecord) -> None:
         """Apply one recorded update; training and replay both go through here."""
+        if self._skipped(record):
+            return
         if record.step != self.step_count:
             raise ValueError(f"record for step {record.step} applied at step {self.step_count}")
         for group_index, indices in enumerate(self._group_indices):

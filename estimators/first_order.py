@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from estimators.base import differentiable_loss, mean_over_ranks
+from estimators.base import check_hyperparameters, differentiable_loss, mean_over_ranks
 from estimators.registry import register_estimator
 from zo.engine import EngineConfig
 
@@ -124,6 +124,7 @@ class SGD(FirstOrderMixin, torch.optim.SGD):
         engine: EngineConfig | None = None,
     ):
         del seed, engine  # deterministic, and nothing is perturbed
+        check_hyperparameters(lr=lr, momentum=momentum, weight_decay=weight_decay)
         torch.optim.SGD.__init__(
             self, params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
         )
@@ -161,6 +162,9 @@ class AdamW(FirstOrderMixin, torch.optim.AdamW):
         engine: EngineConfig | None = None,
     ):
         del seed, engine
+        check_hyperparameters(
+            lr=lr, beta1=beta1, beta2=beta2, adam_eps=adam_eps, weight_decay=weight_decay
+        )
         torch.optim.AdamW.__init__(
             self,
             params,

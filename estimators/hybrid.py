@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from estimators.base import Closure, StepRecord, ZOEstimate
+from estimators.base import Closure, StepRecord, ZOEstimate, check_hyperparameters
 from estimators.first_order import SGD, AdamW
 from estimators.registry import register_estimator
 from estimators.zo_sgd import ZOSGD, ZOSGDConfig
@@ -175,6 +175,9 @@ class Hybrid(torch.optim.Optimizer):
                 "e.g. first_order: ['lm_head.*']; with none it is zo_sgd"
             )
         check_optimizer(first_order_optimizer)
+        check_hyperparameters(
+            first_order_lr=first_order_lr, first_order_weight_decay=first_order_weight_decay
+        )
         super().__init__(params, {})  # normalises tensors / named pairs / dicts into groups
         zeroth_groups, first_groups = split_groups(self.param_groups, patterns)
         self.first_order_patterns = patterns

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import torch
 
-from estimators.base import differentiable_loss, mean_over_ranks
+from estimators.base import check_hyperparameters, differentiable_loss, mean_over_ranks
 from estimators.registry import register_estimator
 from zo.engine import EngineConfig
 
@@ -118,16 +118,15 @@ class LOMO(torch.optim.Optimizer):
         engine: EngineConfig | None = None,
     ):
         del seed, engine  # no randomness and no perturbations
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        for name, value in (
-            ("clip_grad_norm", clip_grad_norm),
-            ("clip_grad_value", clip_grad_value),
-        ):
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be > 0 (or None to turn it off), got {value}")
+        check_hyperparameters(
+            lr=lr,
+            weight_decay=weight_decay,
+            clip_grad_norm=clip_grad_norm,  # None: off
+            clip_grad_value=clip_grad_value,
+            initial_loss_scale=initial_loss_scale,
+            min_loss_scale=min_loss_scale,
+            loss_scale_window=loss_scale_window,
+        )
         if loss_scale not in ("auto", "dynamic", "off"):
             raise ValueError(f"loss_scale must be 'auto', 'dynamic' or 'off', got {loss_scale!r}")
         if not 0 < min_loss_scale <= initial_loss_scale:
@@ -135,8 +134,6 @@ class LOMO(torch.optim.Optimizer):
                 f"need 0 < min_loss_scale <= initial_loss_scale, got {min_loss_scale} and "
                 f"{initial_loss_scale}"
             )
-        if loss_scale_window < 1:
-            raise ValueError(f"loss_scale_window must be >= 1, got {loss_scale_window}")
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         self._check_params_require_grad()
         self.clip_grad_norm = clip_grad_norm

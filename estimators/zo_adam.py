@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from estimators.base import StepRecord
+from estimators.base import StepRecord, check_hyperparameters
 from estimators.registry import register_estimator
 from estimators.zo_variants import ChunkRule, ElementwiseZO, recorded
 
@@ -65,11 +65,7 @@ class ZOAdam(ElementwiseZO):
         adam_eps: float = 1e-8,
         **kwargs: Any,
     ):
-        for name, beta in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {beta}")
-        if adam_eps <= 0:
-            raise ValueError(f"adam_eps must be > 0, got {adam_eps}")
+        check_hyperparameters(beta1=beta1, beta2=beta2, adam_eps=adam_eps)
         super().__init__(params, **kwargs)
         for group in self.param_groups:
             group.setdefault("beta1", beta1)

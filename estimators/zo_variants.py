@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from estimators.base import Closure, StepRecord, _as_float
+from estimators.base import Closure, StepRecord, _as_float, check_hyperparameters
 from estimators.registry import register_estimator
 from estimators.zo_sgd import ZOSGD, ZOOptimizer, ZOSGDConfig
 
@@ -52,6 +52,8 @@ class ElementwiseZO(ZOOptimizer):
     # ------------------------------------------------------------------ updates
     @torch.no_grad()
     def apply_record(self, record: StepRecord) -> None:
+        if self._skipped(record):
+            return
         if record.step != self.step_count:
             raise ValueError(f"record for step {record.step} applied at step {self.step_count}")
         jobs: list[Callable[[], None]] = []
@@ -183,8 +185,7 @@ class ZOSGDMomentum(ElementwiseZO):
     state_keys = ("momentum_buffer",)
 
     def __init__(self, params, *, momentum: float = 0.9, **kwargs: Any):
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        check_hyperparameters(momentum=momentum)
         super().__init__(params, **kwargs)
         for group in self.param_groups:
             group.setdefault("momentum", momentum)
@@ -312,8 +313,14 @@ class ZOSGDConservative(ZOSGD):
     def _group_coefficients(self, record: StepRecord, group_index: int) -> Sequence[float]:
         return self._coefficients(record, group_index, CANDIDATES[record.extra["choice"]])
 
+    def skip_step(self, reason: str) -> StepRecord:
+        self._batches.clear()
+        return super().skip_step(reason)
+
     @torch.no_grad()
     def apply_record(self, record: StepRecord) -> None:
+        if self._skipped(record):
+            return
         choice = record.extra.get("choice")
         if choice not in CANDIDATES:
             raise ValueError(

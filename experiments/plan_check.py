@@ -70,7 +70,7 @@ def build_model(case: Case):
     import torch
 
     from zo.engine import seeded
-    from zo.models import FAMILIES, TinySpec
+    from zo.models import TinySpec, family_model_class, get_family, tiny_config
 
     args = case.shape_args()
     spec = TinySpec(
@@ -84,8 +84,7 @@ def build_model(case: Case):
         intermediate=args["inter"],
         layers=args["layers"],
     )
-    family = FAMILIES[case.family]
-    config = family.tiny_config(spec)
+    config = tiny_config(case.family, spec)
     config._attn_implementation = case.attention
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[case.dtype]
     if case.quant == "nf4":
@@ -101,7 +100,7 @@ def build_model(case: Case):
         )
         return model, config
     with seeded(0):
-        model = family.model_class()(config)
+        model = family_model_class(get_family(case.family))(config)
     return model.to(device=case.device, dtype=dtype).eval(), config
 
 
@@ -112,7 +111,7 @@ def trainable_set(model, case: Case) -> list:
     if case.trainable == "full":
         return list(model.named_parameters())
     if case.trainable.startswith("lora:"):
-        from zo.quant import add_lora
+        from zo.trainable import add_lora
 
         return add_lora(model, r=int(case.trainable.removeprefix("lora:")))
     from zo.masks import compute_mask

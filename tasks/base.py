@@ -166,6 +166,11 @@ class _TemplateFileTask(Task):
     _cache: dict[str, list[Example]]
 
     def _check_template(self) -> None:
+        if not isinstance(self.template, str):  # `template: {text}` is a YAML mapping
+            raise TaskError(
+                f"task {self.name!r}: template must be text, got {self.template!r}; quote it "
+                '(template: "{text}")'
+            )
         self._fields = template_fields(self.template)
         if not self._fields:
             raise TaskError(

@@ -5,8 +5,9 @@ one token per row is appended per step. Position ids count real tokens only (the
 cumulative sum of the attention mask), and pad columns are masked out of attention, so a
 padded row computes what it would alone, up to floating-point summation order. Each
 step feeds only the new tokens and reuses the keys and values of earlier ones (the
-model's `past_key_values`); only the last hidden state of a row goes through the LM
-head, never [rows, length, vocab] logits.
+backbone's KV cache, under the keyword its transformers release names: `tasks.kv_cache`);
+only the last hidden state of a row goes through the LM head, never [rows, length, vocab]
+logits.
 
 A row stops at an EOS token or once its text contains a stop string (a newline by
 default, as MeZO stops SQuAD and DROP answers); the batch stops when every row has, or
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from tasks.base import TaskError
+from tasks.kv_cache import cache_keyword, returned_cache, why_no_kv_cache
 from tasks.scoring import backbone_and_head, bos_prefix, head_logits, model_device, pad_id
 
 
@@ -100,6 +102,10 @@ def greedy_generate(
     if not prompts:
         return []
     backbone, head = backbone_and_head(model)
+    reason = why_no_kv_cache(backbone)
+    if reason is not None:
+        raise TaskError(f"greedy decoding reuses a KV cache, but {reason}")
+    keyword = cache_keyword(backbone)
     device = model_device(model)
     input_ids, mask = left_padded_prompts(
         tokenizer, prompts, config.max_length - config.max_new_tokens
@@ -115,10 +121,16 @@ def greedy_generate(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=past,
             use_cache=True,
+            **{keyword: past},
         )
-        past = output.past_key_values
+        past = returned_cache(backbone, output)
+        if past.get_seq_length() != mask.shape[1]:  # a cache taken into **kwargs, unread
+            raise TaskError(
+                f"{type(backbone).__name__} holds {past.get_seq_length()} positions in its KV "
+                f"cache after reading {mask.shape[1]}: it did not continue the cache passed "
+                f"as `{keyword}`"
+            )
         next_ids = head_logits(model, head, output[0][:, -1]).argmax(dim=-1)
         for row, token in enumerate(next_ids.tolist()):
             if done[row]:

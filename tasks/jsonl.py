@@ -12,6 +12,7 @@ line, which a multi-line quoted cell would otherwise make hard to recover.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ def read_csv(path: str | Path) -> tuple[list[dict[str, Any]], list[int]]:
         raise FileNotFoundError(str(path))
     rows: list[dict[str, Any]] = []
     lines: list[int] = []
-    with path.open(encoding="utf-8", newline="") as handle:
+    with io.StringIO(_utf8_text(path), newline="") as handle:
         reader = csv.DictReader(handle)
         try:
             if not reader.fieldnames:
@@ -96,7 +97,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(str(path))
     rows = []
-    with path.open(encoding="utf-8") as handle:
+    with io.StringIO(_utf8_text(path), newline=None) as handle:  # newlines as open() reads them
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -110,6 +111,20 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not rows:
         raise ValueError(f"data file {path} is empty")
     return rows
+
+
+def _utf8_text(path: Path) -> str:
+    """The whole file as text; a byte that is not UTF-8 is named by its line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        number = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{path}:{number}: not UTF-8 text (byte {data[error.start]:#04x} at column "
+            f"{error.start - line_start + 1}); save the file as UTF-8"
+        ) from None
 
 
 def line_number(path: Path, row_index: int) -> int:

@@ -24,8 +24,13 @@ Which batches take this path (`tasks.scoring.score_rows`, `prefix_cache=`):
 
 - never: the per-sequence layout, always.
 - always / auto: wherever the model can use it (`Scorer.prefix_cache`: a causal LM
-  whose backbone takes `past_key_values` and `position_ids`; never a masked LM) and no
-  row of the batch has a prompt per candidate (partial scoring, WinoGrande). "auto"
+  whose backbone takes a KV cache (`tasks.kv_cache`) and `position_ids`; never a masked
+  LM) and no row of the batch has a prompt per candidate (partial scoring, WinoGrande).
+  A model that cannot is an error under "always" naming its class and the reason; under
+  "auto" it is logged once per model class and process (WARNING for a causal LM, which
+  loses a fast path; INFO for a masked LM, which never has one), as is the path taken
+  and the per-sequence layout of partial-scoring batches (INFO, logger
+  `tasks.prefix_cache`). "auto"
   also requires that the two passes together run at most `MAX_SLOT_RATIO` of the
   token slots (padding included) the per-sequence layout runs: a forward's cost grows
   with its token slots, and the second pass (its own read of every weight) and the
@@ -45,6 +50,7 @@ left-padded batch on COPA's and ReCoRD's fixtures.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from functools import partial
@@ -52,21 +58,35 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers import cache_utils
 
 from tasks.base import TaskError
+from tasks.kv_cache import cache_keyword, returned_cache, why_no_kv_cache
 from tasks.scoring import (
     ScoringRow,
     _tokenized_candidates,
+    _unwrapped,
     backbone_and_head,
     bos_prefix,
     candidate_table,
     cut_context,
     head_logits,
+    model_device,
     pad_id,
     pair_totals,
     prompt_room,
+    scorer_for,
 )
+
+logger = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def _log_once(level: int, message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.log(level, message)
+
 
 MAX_SLOT_RATIO = 0.8
 """"auto": the largest share of the per-sequence layout's token slots the two passes may run."""
@@ -219,14 +239,20 @@ def prefix_pays(batch: PrefixBatch) -> bool:
     return batch.token_slots <= MAX_SLOT_RATIO * batch.per_sequence_slots
 
 
-# Layers whose `update` returns the stored states followed by the new ones: a read-only view
-# of selected rows behaves the same for one forward.
-_VIEWABLE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+# Layers whose `update` returns the stored states followed by the new ones (the same in
+# every supported transformers release): a read-only view of selected rows behaves the same
+# for one forward. Looked up by name, so that a release without one copies instead.
+_VIEWABLE_LAYERS = tuple(
+    getattr(cache_utils, name)
+    for name in ("DynamicLayer", "DynamicSlidingWindowLayer")
+    if hasattr(cache_utils, name)
+)
 
 
 def _selected_update(
     layer: Any, rows: Tensor, keys: Tensor, values: Tensor, *args: Any, **kwargs: Any
 ) -> tuple[Tensor, Tensor]:
+    layer.read = True  # the forward did reach the cache (checked by `_check_continued`)
     return (
         torch.cat([layer.keys[rows], keys], dim=-2),
         torch.cat([layer.values[rows], values], dim=-2),
@@ -241,34 +267,57 @@ def rows_of_cache(cache: Any, rows: Tensor) -> Any:
     keys and values exist for one layer at a time, not for all of them at once as with
     `Cache.batch_select_indices` (for a 7B model, 0.5 MB per token and layer stack: a
     batch of ReCoRD rows x entities x 256 tokens would be tens of GB). Other layer kinds
-    get `batch_select_indices`, a copy.
+    get `batch_select_indices`, a copy (logged once: it costs that memory).
     """
-    if cache is None:
-        raise TaskError(
-            "the prompt pass returned no KV cache: this model cannot use the prefix cache; "
-            "evaluate with prefix_cache='never'"
-        )
-    viewable = all(
-        type(layer) in _VIEWABLE_LAYERS
-        and layer.is_initialized
-        and not getattr(layer, "record_past", False)
-        for layer in cache.layers
+    layers = getattr(cache, "layers", [])
+    others = sorted(
+        {
+            type(layer).__name__
+            for layer in layers
+            if type(layer) not in _VIEWABLE_LAYERS
+            or not layer.is_initialized
+            or getattr(layer, "record_past", False)
+        }
     )
-    if not viewable:
+    if others or not layers:
+        _log_once(
+            logging.INFO,
+            f"prefix cache: {type(cache).__name__} layers {others} have no row view; the "
+            "prompt's keys and values are copied per candidate (batch_select_indices)",
+        )
         cache.batch_select_indices(rows)
         return cache
     view = copy.copy(cache)
     view.layers = []
-    for layer in cache.layers:
+    for layer in layers:
         selected = copy.copy(layer)  # same class and state: masks and lengths read alike
+        selected.read = False
         selected.update = partial(_selected_update, selected, rows)
         view.layers.append(selected)
     return view
 
 
+def _check_continued(backbone: nn.Module, cache: Any, view: Any, cached_before: int) -> None:
+    """The continuation pass read the prompt's cache: a backbone that took it into
+    `**kwargs` instead would score the candidates without their prompt."""
+    if view is cache:  # rows copied in place: the cache grew by the continuation
+        continued = cache.get_seq_length() > cached_before
+    else:
+        continued = any(layer.read for layer in view.layers)
+    if not continued:
+        raise TaskError(
+            f"{type(backbone).__name__} ignored the KV cache passed as "
+            f"`{cache_keyword(backbone)}`: the candidates would be scored without their "
+            "prompt; evaluate with prefix_cache='never'"
+        )
+
+
 def prefix_token_log_probs(model: nn.Module, batch: PrefixBatch) -> Tensor:
     """[K]: the fp32 log-probability of each scored token, the prompt run once per row."""
     backbone, head = backbone_and_head(model)
+    reason = why_no_kv_cache(backbone)
+    if reason is not None:
+        raise TaskError(f"{reason}; evaluate with prefix_cache='never'")
     positions = (batch.prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     output = backbone(
         input_ids=batch.prompt_ids,
@@ -279,16 +328,19 @@ def prefix_token_log_probs(model: nn.Module, batch: PrefixBatch) -> Tensor:
     picked = [output[0][:, -1]]  # left padding: every row's last prompt token is at -1
     if batch.continuation_ids.numel():
         rows = batch.continuation_row
-        cache = rows_of_cache(output.past_key_values, rows)
+        cache = returned_cache(backbone, output)
+        cached_before = cache.get_seq_length()
+        view = rows_of_cache(cache, rows)
         width = batch.continuation_ids.shape[1]
         steps = torch.arange(width, device=positions.device)
         hidden = backbone(
             input_ids=batch.continuation_ids,
             attention_mask=torch.cat([batch.prompt_mask[rows], batch.continuation_mask], dim=1),
             position_ids=batch.prompt_mask.sum(dim=1)[rows, None] + steps,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_keyword(backbone): view},
         )[0]
+        _check_continued(backbone, cache, view, cached_before)
         picked.append(hidden[batch.score_rows, batch.score_positions])
     log_probs = head_logits(model, head, torch.cat(picked)).log_softmax(dim=-1)  # [Q, V]
     return log_probs[batch.target_slot, batch.target_ids]
@@ -303,11 +355,67 @@ def prefix_candidate_log_likelihoods(
     )
 
 
+def use_prefix_cache(model: nn.Module, mode: str) -> bool:
+    """Whether `score_rows` may take this path for `model` in `mode` ("auto", "always",
+    "never"); under "always" a model that cannot is an error, under "auto" a log line."""
+    if mode == "never":
+        return False
+    scorer = scorer_for(model)
+    name = type(_unwrapped(model)).__name__
+    if scorer.prefix_cache is None:
+        reason, level = (
+            "a masked LM reads each prompt with its candidates in one pass",
+            logging.INFO,
+        )
+    else:
+        reason, level = scorer.prefix_cache(model), logging.WARNING
+    if reason is None:
+        _log_once(
+            logging.INFO,
+            f"prefix_cache={mode!r}: {name} runs each shared prompt once and scores the "
+            "candidates after its KV cache"
+            + (" where that pays (tasks.prefix_cache)" if mode == "auto" else ""),
+        )
+        return True
+    if mode == "always":
+        raise TaskError(
+            f"prefix_cache='always': {name} cannot score candidates after a shared "
+            f"prompt's KV cache: {reason}; use prefix_cache='auto' or 'never'"
+        )
+    _log_once(level, f"prefix_cache='auto': {name} scores every batch in one pass: {reason}")
+    return False
+
+
+def prefix_table(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[ScoringRow],
+    max_length: int,
+    normalize: bool,
+    mode: str,
+) -> Tensor | None:
+    """The rows' candidate table through the prompt's KV cache, or None where a row has
+    a prompt per candidate or "auto" finds that the cache does not pay."""
+    if any(row.prompts is not None for row in rows):
+        _log_once(
+            logging.INFO,
+            "prefix cache: batches with a prompt per candidate (partial scoring) have no "
+            "shared prompt and use the per-sequence layout",
+        )
+        return None
+    batch = encode_prefix_rows(tokenizer, rows, max_length)
+    if mode == "auto" and not prefix_pays(batch):
+        return None
+    return prefix_candidate_log_likelihoods(model, batch.to(model_device(model)), normalize)
+
+
 __all__ = [
     "MAX_SLOT_RATIO",
     "PrefixBatch",
     "encode_prefix_rows",
     "prefix_candidate_log_likelihoods",
     "prefix_pays",
+    "prefix_table",
     "prefix_token_log_probs",
+    "use_prefix_cache",
 ]

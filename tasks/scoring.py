@@ -28,7 +28,6 @@ vocabulary the full logits would be most of a forward's memory and time.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tasks.base import MASK, Example, MaskedPrompt, Task, TaskError, check_choice
+from tasks.kv_cache import why_no_kv_cache
 
 
 @dataclass(frozen=True)
@@ -490,38 +490,38 @@ def head_logits(model: nn.Module, head: nn.Module, hidden: Tensor) -> Tensor:
 Encoder = Callable[[Any, Sequence[ScoringRow], int], CandidateBatch]
 
 
-def accepts_prefix_cache(model: nn.Module) -> bool:
-    """Whether the backbone can continue from a KV cache at given positions, so that
-    evaluation may run a shared prompt once (`tasks.prefix_cache`)."""
+def why_no_prefix_cache(model: nn.Module) -> str | None:
+    """Why the backbone cannot continue a shared prompt from its KV cache at given
+    positions (`tasks.prefix_cache`); None where it can."""
     try:
         backbone, _ = backbone_and_head(model)
-        parameters = inspect.signature(backbone.forward).parameters
-    except (TaskError, TypeError, ValueError):
-        return False
-    return {"past_key_values", "position_ids", "use_cache"} <= parameters.keys()
+    except TaskError as error:
+        return str(error)
+    return why_no_kv_cache(backbone)
 
 
-def _never(model: nn.Module) -> bool:
-    return False
+def accepts_prefix_cache(model: nn.Module) -> bool:
+    return why_no_prefix_cache(model) is None
 
 
 @dataclass(frozen=True)
 class Scorer:
     """How one kind of language model reads rows: which models, their batch layout, and
-    whether evaluation may reuse a shared prompt's KV cache (`tasks.prefix_cache`)."""
+    why a model cannot reuse a shared prompt's KV cache (`tasks.prefix_cache`)."""
 
     name: str
     applies_to: Callable[[nn.Module], bool]
     encode: Encoder
     layout: type[CandidateBatch]
-    prefix_cache: Callable[[nn.Module], bool] = _never
+    prefix_cache: Callable[[nn.Module], str | None] | None = None
+    """None: the layout reads each prompt in one pass with its candidates, by design."""
 
 
 # First match wins; the causal layout is the fallback for every other LM. A masked LM
 # reads the whole prompt around <mask> in one bidirectional pass: no prefix to cache.
 SCORERS: list[Scorer] = [
     Scorer("masked_lm", is_masked_lm, encode_masked_rows, MaskedCandidateBatch),
-    Scorer("causal_lm", lambda model: True, encode_rows, CandidateBatch, accepts_prefix_cache),
+    Scorer("causal_lm", lambda model: True, encode_rows, CandidateBatch, why_no_prefix_cache),
 ]
 
 PREFIX_CACHE_MODES = ("auto", "always", "never")
@@ -651,15 +651,18 @@ def score_rows(
         raise TaskError(f"batch_size must be >= 1, got {batch_size}")
     check_choice("prefix_cache", prefix_cache, PREFIX_CACHE_MODES)
     scorer, device = scorer_for(model), model_device(model)
-    cached = prefix_cache != "never" and scorer.prefix_cache(model)
+    # Imported here: tasks.prefix_cache builds on this module.
+    from tasks.prefix_cache import prefix_table, use_prefix_cache
+
+    cached = use_prefix_cache(model, prefix_cache)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].prompt))
     scores: list[Tensor | None] = [None] * len(rows)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         part = [rows[i] for i in chunk]
         table = None
-        if cached and all(row.prompts is None for row in part):
-            table = _prefix_table(model, tokenizer, part, max_length, normalize, prefix_cache)
+        if cached:
+            table = prefix_table(model, tokenizer, part, max_length, normalize, prefix_cache)
         if table is None:
             batch = scorer.encode(tokenizer, part, max_length).to(device)
             table = candidate_log_likelihoods(model, batch, normalize)
@@ -667,25 +670,6 @@ def score_rows(
         for b, i in enumerate(chunk):
             scores[i] = table[b, : len(rows[i].candidates)]
     return scores  # type: ignore[return-value]  (every slot is filled)
-
-
-def _prefix_table(
-    model: nn.Module,
-    tokenizer: Any,
-    rows: Sequence[ScoringRow],
-    max_length: int,
-    normalize: bool,
-    mode: str,
-) -> Tensor | None:
-    """The rows' candidate table through the prompt's KV cache, or None where "auto"
-    finds that it does not pay."""
-    # Imported here: tasks.prefix_cache builds on this module.
-    from tasks.prefix_cache import encode_prefix_rows, prefix_candidate_log_likelihoods, prefix_pays
-
-    batch = encode_prefix_rows(tokenizer, rows, max_length)
-    if mode == "auto" and not prefix_pays(batch):
-        return None
-    return prefix_candidate_log_likelihoods(model, batch.to(model_device(model)), normalize)
 
 
 def predict(

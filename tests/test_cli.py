@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -85,31 +81,6 @@ def test_resume_after_a_crash_mid_step_is_bit_identical(smoke_run, tmp_path):
     assert step_records(out) == records
 
 
-def test_resume_after_kill_9_is_bit_identical(tmp_path):
-    overrides = [
-        "train.steps=60",
-        "train.save_every=5",
-        "train.log_every=5",
-        "train.eval_before=false",
-    ]
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert zo("train", "--config", SMOKE, f"train.out={whole}", *overrides, *QUIET) == 0
-    command = [sys.executable, "-m", "zo.cli", "train", "--config", SMOKE, f"train.out={killed}"]
-    process = subprocess.Popen(command + overrides + QUIET, cwd=ROOT, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (killed / "checkpoint" / "state.json").exists() and process.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)  # a no-op if it already finished: resume must cope
-    process.wait()
-    assert (
-        zo("train", "--config", SMOKE, f"train.out={killed}", *overrides, "resume=true", *QUIET)
-        == 0
-    )
-    assert_same_tensors(trained(killed), trained(whole))
-    assert step_records(killed) == step_records(whole)
-
-
 def test_eval_loads_a_checkpoint(smoke_run, capsys):
     assert zo("eval", "--config", SMOKE, "--checkpoint", str(smoke_run / "checkpoint")) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -173,7 +144,9 @@ def test_every_shipped_config_validates(capsys):
 
 def test_validate_reports_a_bad_config(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("estimator:\n  name: zo_sgd\n  lr: [1]\n")
+    bad.write_text(
+        "model: {name: tiny-llama}\ntask: {name: sentiment}\nestimator:\n  name: zo_sgd\n  lr: [1]\n"
+    )
     assert zo("validate", str(bad)) == 2
     assert "estimator.lr: expected a number" in capsys.readouterr().out
 

@@ -210,6 +210,12 @@ def test_generator_choice_and_the_recorded_one():
     assert recorded_generator({"engine_version": "2", "generator": "philox"}) == "philox"
     with pytest.raises(ValueError, match="engine version '3'.*other directions"):
         recorded_generator({"engine_version": "3"})
+    with pytest.raises(ValueError, match="generator 'mt'.*does not have"):
+        recorded_generator({"engine_version": "2", "generator": "mt"})
+    with pytest.raises(ValueError, match="belongs to engine version '1'"):
+        recorded_generator({"engine_version": "2", "generator": "torch-chunks-v1"})
+    with pytest.raises(ValueError, match="names no direction generator"):
+        recorded_generator({"engine_version": "2"})
     with pytest.raises(ValueError, match="choose one of"):
         EngineConfig(generator="mt")
 

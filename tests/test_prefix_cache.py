@@ -4,6 +4,8 @@ used only where the model and the rows allow it."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -12,7 +14,8 @@ import tasks
 import tasks.prefix_cache as prefix_cache
 from tasks.base import Example, TaskError
 from tasks.evaluation import EvalSettings, calibrated_scores, candidate_scores, evaluate
-from tasks.prefix_cache import encode_prefix_rows, prefix_pays, rows_of_cache
+from tasks.kv_cache import CACHE_KEYWORDS, cache_keyword, returned_cache
+from tasks.prefix_cache import encode_prefix_rows, prefix_pays, rows_of_cache, use_prefix_cache
 from tasks.scoring import (
     ScoringRow,
     accepts_prefix_cache,
@@ -20,7 +23,7 @@ from tasks.scoring import (
     encode_rows,
     rows_of,
     score_rows,
-    scorer_for,
+    why_no_prefix_cache,
 )
 from tests.test_evaluation import TemplateTask
 from tests.tiny import lively
@@ -197,15 +200,19 @@ def test_partial_scoring_rows_keep_the_per_sequence_layout(causal, monkeypatch):
 
 
 def test_masked_lm_never_takes_the_cache(monkeypatch):
+    """ "auto" scores a masked LM in its one-pass layout; "always" is an error naming it."""
     model, _ = tiny_model("roberta", seed=2)
     tokenizer = masked_byte_tokenizer()
-    assert not scorer_for(model).prefix_cache(model)
     monkeypatch.setattr(
         prefix_cache, "encode_prefix_rows", lambda *a, **k: pytest.fail("prefix cache used")
     )
     rows = [ScoringRow("Fine film. It was", ["a", "b", "c"], 1, "m")]
-    cached, plain = scores_both_ways(model, tokenizer, rows)
-    torch.testing.assert_close(cached[0], plain[0], atol=0, rtol=0)
+    with torch.inference_mode():
+        auto = score_rows(model, tokenizer, rows, prefix_cache="auto")
+        plain = score_rows(model, tokenizer, rows, prefix_cache="never")
+        with pytest.raises(TaskError, match=r"'always': RobertaForMaskedLM cannot .* masked LM"):
+            score_rows(model, tokenizer, rows, prefix_cache="always")
+    torch.testing.assert_close(auto[0], plain[0], atol=0, rtol=0)
 
 
 class _NoCacheBackbone(nn.Module):
@@ -235,10 +242,113 @@ class _NoCacheLM(nn.Module):
 
 def test_capability_is_read_from_the_backbone(causal):
     model, _ = causal
-    assert accepts_prefix_cache(model)
-    assert scorer_for(model).prefix_cache(model)
+    backbone = model.base_model
+    assert accepts_prefix_cache(model) and why_no_prefix_cache(model) is None
+    assert cache_keyword(backbone) in CACHE_KEYWORDS
     assert not accepts_prefix_cache(_NoCacheLM())
-    assert not scorer_for(_NoCacheLM()).prefix_cache(_NoCacheLM())
+    assert why_no_prefix_cache(_NoCacheLM()) == (
+        "_NoCacheBackbone.forward takes no `cache` or `past_key_values`, position_ids, "
+        "use_cache argument, so it cannot continue from a KV cache"
+    )
+
+
+class _NewNameBackbone(nn.Module):
+    def forward(self, input_ids, position_ids=None, cache=None, use_cache=None, **kwargs): ...
+
+
+class _OldNameBackbone(nn.Module):
+    def forward(self, input_ids, position_ids=None, past_key_values=None, use_cache=None): ...
+
+
+def test_the_cache_keyword_is_the_one_the_backbone_declares():
+    """transformers >= 5.24 names it `cache`, earlier releases `past_key_values`; a
+    backbone declaring the new name gets it, even where `**kwargs` would swallow either."""
+    assert cache_keyword(_NewNameBackbone()) == "cache"
+    assert cache_keyword(_OldNameBackbone()) == "past_key_values"
+    assert cache_keyword(_NoCacheBackbone()) is None
+
+
+def test_a_returned_cache_must_be_a_transformers_cache(causal):
+    model, _ = causal
+    backbone = model.base_model
+    with torch.inference_mode():
+        output = backbone(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True)
+        assert returned_cache(backbone, output).get_seq_length() == 3
+        without = backbone(input_ids=torch.tensor([[5, 6, 7]]), use_cache=False)
+    for bad in (without, output.to_tuple()):
+        with pytest.raises(TaskError, match=f"{type(backbone).__name__} returned .* Cache"):
+            returned_cache(backbone, bad)
+
+
+def test_always_is_an_error_naming_the_model_that_cannot(causal):
+    _, tokenizer = causal
+    with pytest.raises(
+        TaskError,
+        match=r"prefix_cache='always': _NoCacheLM cannot .*_NoCacheBackbone.forward takes no "
+        r"`cache` or `past_key_values`",
+    ):
+        score_rows(_NoCacheLM(), tokenizer, ROWS, prefix_cache="always")
+
+
+@pytest.fixture
+def fresh_log(monkeypatch, caplog):
+    """The once-per-process log of `tasks.prefix_cache`, emptied for one test."""
+    monkeypatch.setattr(prefix_cache, "_logged", set())
+    caplog.set_level(logging.INFO, logger="tasks.prefix_cache")
+    return caplog
+
+
+def test_auto_logs_the_path_once_per_model_class(causal, fresh_log):
+    model, tokenizer = causal
+    name = type(model).__name__
+    with torch.inference_mode():
+        for _ in range(2):
+            score_rows(model, tokenizer, ROWS, batch_size=2, prefix_cache="auto")
+    assert [(r.levelno, r.getMessage()) for r in fresh_log.records] == [
+        (
+            logging.INFO,
+            f"prefix_cache='auto': {name} runs each shared prompt once and scores the "
+            "candidates after its KV cache where that pays (tasks.prefix_cache)",
+        )
+    ]
+    fresh_log.clear()
+    for _ in range(3):
+        assert not use_prefix_cache(_NoCacheLM(), "auto")
+    assert [(r.levelno, r.getMessage()) for r in fresh_log.records] == [
+        (
+            logging.WARNING,
+            "prefix_cache='auto': _NoCacheLM scores every batch in one pass: "
+            + why_no_prefix_cache(_NoCacheLM()),
+        )
+    ]
+
+
+def test_auto_logs_a_masked_lm_once_and_quietly(fresh_log):
+    model, _ = tiny_model("roberta", seed=2)
+    tokenizer = masked_byte_tokenizer()
+    rows = [ScoringRow("Fine film. It was", ["a", "b", "c"], 1, "m")]
+    with torch.inference_mode():
+        for _ in range(2):
+            score_rows(model, tokenizer, rows, prefix_cache="auto")
+    assert [(r.levelno, r.getMessage()) for r in fresh_log.records] == [
+        (
+            logging.INFO,
+            "prefix_cache='auto': RobertaForMaskedLM scores every batch in one pass: a "
+            "masked LM reads each prompt with its candidates in one pass",
+        )
+    ]
+
+
+def test_a_backbone_that_ignores_the_cache_is_an_error(causal, monkeypatch):
+    """A cache under a name the forward takes into `**kwargs` (as `cache=` before
+    transformers 5.24) would score the candidates without their prompt: refused."""
+    model, tokenizer = causal
+    monkeypatch.setattr(prefix_cache, "cache_keyword", lambda backbone: "unread_cache")
+    with (
+        torch.inference_mode(),
+        pytest.raises(TaskError, match="ignored the KV cache passed as `unread_cache`"),
+    ):
+        score_rows(model, tokenizer, ROWS, prefix_cache="always")
 
 
 def test_evaluation_entry_points_agree_across_modes(causal):
@@ -308,7 +418,7 @@ def test_the_cache_view_selects_rows_and_stores_nothing(causal):
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
     with torch.inference_mode():
         prompt = torch.tensor([[5, 6, 7], [8, 9, 10]])
-        cache = backbone(input_ids=prompt, use_cache=True).past_key_values
+        cache = returned_cache(backbone, backbone(input_ids=prompt, use_cache=True))
         rows = torch.tensor([1, 1, 0])
         view = rows_of_cache(cache, rows)
         source = cache.layers[0]

@@ -178,6 +178,42 @@ def test_non_finite_loss_is_an_error_not_a_corrupted_model():
         assert torch.equal(value, before[key])
 
 
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().view(torch.int16 if tensor.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fused_step_on_a_non_finite_loss_writes_nothing_and_ends_as_a_replayable_skip(dtype):
+    """The sync-free step updates before it reads its scalars: with a NaN loss its update runs
+    with coefficients (decay 1, c 0) on the device, which leaves every weight bit for bit
+    (randn weights hold no -0.0, the one value that ``w + 0`` would turn into +0.0). It then
+    raises; ``skip_step`` records the step, and a replay of the records ends on the same bits."""
+    model, replica = TiedLM().to(dtype), TiedLM().to(dtype)
+    optimizer = ZOSGD(model.parameters(), lr=1e-2, weight_decay=0.1, seed=3)
+    calls = []
+    update_device = optimizer.engine.update_device
+    optimizer.engine.update_device = lambda *a, **k: calls.append(1) or update_device(*a, **k)
+    optimizer.step(lambda: lm_loss(model))
+    records = [optimizer.last_record]
+    before = [_bits(p).clone() for p in model.parameters()]
+    with pytest.raises(estimators.NonFiniteLossError, match="non-finite"):
+        optimizer.step(lambda: lm_loss(model) * math.nan)
+    assert len(calls) == 2  # both steps went through the fused path, the NaN one too
+    assert all(torch.equal(_bits(p), b) for p, b in zip(model.parameters(), before, strict=True))
+    assert optimizer.step_count == 1
+    records.append(optimizer.skip_step("non-finite loss"))
+    optimizer.step(lambda: lm_loss(model))
+    records.append(optimizer.last_record)
+    assert [r.step for r in records] == [0, 1, 2] and records[1].extra == {
+        "skipped": "non-finite loss"
+    }
+    replay = ZOSGD(replica.parameters(), seed=3)
+    for record in records:
+        replay.apply_record(StepRecord.from_dict(record.to_dict()))
+    for p, q in zip(model.parameters(), replica.parameters(), strict=True):
+        assert torch.equal(_bits(p), _bits(q))
+
+
 def test_step_without_estimate_and_bad_hyperparameters():
     optimizer = ZOSGD(TiedLM().parameters())
     with pytest.raises(RuntimeError, match="estimate"):

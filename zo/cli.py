@@ -1,7 +1,8 @@
-"""The ``zo`` command: train | eval | replay | validate | list | bench | mask | plan | merge.
+"""The ``zo`` command: train | eval | export | replay | validate | list | bench | mask | plan | merge.
 
-Usage errors (bad config, unknown names, missing files, a run directory in the way)
-print one ``zo: error: ...`` line naming the problem and exit with code 2.
+Usage errors (bad config, unknown names, missing files, a run directory in the way, owned
+by another live process, or damaged) print one ``zo: error: ...`` line naming the problem
+and exit with code 2.
 """
 
 from __future__ import annotations
@@ -13,6 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 USAGE_EXIT = 2
+DIVERGED_EXIT = 3  # zo.divergence.DIVERGED_EXIT, without importing torch for --help
+EXIT_CODES = """exit codes:
+  0  done
+  1  an unexpected error (a traceback: please report it)
+  2  a usage error: a bad config, key, file or run directory, named in the message;
+     nothing was started or changed
+  3  training diverged (a non-finite loss or weights; see train.on_nonfinite): the
+     message names the step and what to change; no non-finite weights were saved"""
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
@@ -25,17 +34,30 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     import tasks
     from zo import models
     from zo.config import ConfigError
-    from zo.trajectory import NothingToResumeError, ReplayError, RunExistsError
+    from zo.merge import MergeError
+    from zo.run_lock import RunLockedError
+    from zo.staging import OutputDirectoryError
+    from zo.trajectory import NothingToResumeError, ReplayError, RunDamagedError, RunExistsError
 
     return (
         UsageError,
         ConfigError,
+        MergeError,
+        OutputDirectoryError,
         RunExistsError,
+        RunLockedError,
+        RunDamagedError,
         NothingToResumeError,
         ReplayError,
         models.ModelNotFoundError,
         tasks.TaskError,
     )
+
+
+def _diverged() -> type[BaseException]:
+    from zo.divergence import TrainingDivergedError
+
+    return TrainingDivergedError
 
 
 def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -49,12 +71,13 @@ def _config_arguments(parser: argparse.ArgumentParser, required: bool = True) ->
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from zo.config import load_config
+    from zo.config import load_experiment
     from zo.distributed import DataParallel
+    from zo.export import export_command
     from zo.memory import format_bytes
     from zo.train import train
 
-    config = load_config(args.config, args.overrides)
+    config = load_experiment(args.config, args.overrides)
     summary = train(config)
     if not DataParallel.from_environment().is_main:
         return 0  # rank 0 reports for the data-parallel run
@@ -70,33 +93,107 @@ def cmd_train(args: argparse.Namespace) -> int:
         f" ({summary['steps_per_second']:.2f} steps/s)"
         f"\nrun directory:          {summary['run_dir']}"
         f"\nloss plot:              {summary['loss_plot']}"
+        f"\nexport:                 {export_command(summary['run_dir'], config.trainable.kind)}"
     )
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from zo.config import load_config
-    from zo.train import build_setup, evaluate
-    from zo.trajectory import RunDirectory
+def eval_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "eval",
+        help="evaluate a run (zo eval RUN) or a config's model (--config, --checkpoint)",
+        description="Evaluate a run with its own config and checkpoint, or the model of a "
+        "config, optionally with a run's checkpoint loaded.",
+        epilog="examples: zo eval runs/mine --split test | zo eval runs/mine --task sst2 "
+        "task.fixtures=true | zo eval --config CONFIG --checkpoint runs/mine/checkpoint",
+    )
+    parser.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="RUN|key.sub=value",
+        help="a run directory (its config.yaml and checkpoint), then config overrides",
+    )
+    parser.add_argument("--config", help="YAML experiment config (instead of a run directory)")
+    parser.add_argument("--checkpoint", help="RUN/checkpoint to load the trained tensors from")
+    parser.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    parser.add_argument(
+        "--task",
+        help="evaluate on this task instead (task.name=NAME, the run's task options dropped)",
+    )
 
-    config = load_config(args.config, args.overrides)
+
+def _run_and_overrides(inputs: list[str]) -> tuple[str | None, list[str]]:
+    """``[RUN] [key=value ...]``: the one item that is a directory or has no ``=`` is RUN."""
+    runs = [item for item in inputs if "=" not in item or Path(item).is_dir()]
+    if len(runs) > 1:
+        raise UsageError(f"give one run directory, not {runs}; overrides look like key.sub=value")
+    return (runs[0] if runs else None), [item for item in inputs if item not in runs]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from zo.config import config_from_data, read_yaml
+    from zo.run_checkpoint import (
+        checkpoint_source,
+        load_run_checkpoint,
+        open_run,
+        require_checkpoint,
+    )
+    from zo.train import build_setup, evaluate
+
+    run_dir, overrides = _run_and_overrides(args.inputs)
+    if run_dir is not None and args.config:
+        raise UsageError("give a run directory or --config FILE, not both")
+    if run_dir is None and not args.config:
+        raise UsageError("give a run directory (zo eval RUN) or --config FILE")
+    run = open_run(run_dir) if run_dir is not None else None
+    data = read_yaml(run.config if run is not None else args.config)
+    if args.task:
+        loop_keys = ("max_length", "train_limit", "eval_limit", "calibrate")
+        task = data.get("task") if isinstance(data.get("task"), dict) else {}
+        data["task"] = {key: task[key] for key in loop_keys if key in task} | {"name": args.task}
+    config = config_from_data(data, overrides)
+    source, at_most = checkpoint_source(args.checkpoint) if args.checkpoint else (run, None)
+    if source is not None:
+        require_checkpoint(source)  # before a model loads
     setup = build_setup(config)
-    if args.checkpoint:
-        folder = Path(args.checkpoint)
-        run = RunDirectory(folder.parent if folder.name == "checkpoint" else folder)
-        if not run.has_checkpoint():
-            raise UsageError(f"--checkpoint {args.checkpoint}: no checkpoint there")
-        setup.trainable.load_state_dict(run.load_checkpoint(setup.device).tensors)
+    if source is not None:
+        load_run_checkpoint(
+            source, config, setup.trainable, setup.model, setup.device, at_most=at_most
+        )
     examples = setup.task.load(args.split)[: config.task.eval_limit]
     result = {"task": config.task.name, "split": args.split, **evaluate(setup, examples)}
     print(json.dumps(result))
     return 0
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
-    from zo.train import replay
+def export_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "export",
+        help="write a run as a Hugging Face model, a PEFT adapter, or a merged model",
+        description="Export a run: full and name-pattern runs as a Hugging Face model "
+        "directory, LoRA runs as a PEFT adapter (--merge: merged into the base), mask runs "
+        "merged into the base checkpoint.",
+        epilog="example: zo export runs/mine --out runs/mine-export",
+    )
+    parser.add_argument("run", help="run directory (written by zo train)")
+    parser.add_argument("--out", required=True, help="directory to write (created at once)")
+    parser.add_argument(
+        "--merge", action="store_true", help="LoRA runs: merge the adapter into the base model"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
-    result = replay(args.run, args.out)
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from zo.export import export_run
+
+    export_run(args.run, args.out, merge=args.merge, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from zo.replay import replay
+
+    result = replay(args.run, args.out, compare=not args.no_compare)
     return 0 if result.get("bit_identical_to_checkpoint", True) else 1
 
 
@@ -112,7 +209,7 @@ def is_comparison(path: Path) -> bool:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from zo.config import ConfigError, load_config
+    from zo.config import ConfigError, load_experiment
     from zo.train import validate
 
     paths = [Path(p) for p in args.paths] or shipped_configs()
@@ -127,7 +224,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 for _, config in method_configs(str(path)):
                     validate(config)
             else:
-                validate(load_config(path))
+                validate(load_experiment(path))
             print(f"ok    {path}")
         except ConfigError as error:
             failures += 1
@@ -190,6 +287,7 @@ BENCHES = ["step", "memory", "ops", "generators", *BENCH_MODULES]
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train,
     "eval": cmd_eval,
+    "export": cmd_export,
     "replay": cmd_replay,
     "validate": cmd_validate,
     "list": cmd_list,
@@ -202,14 +300,24 @@ def make_parser() -> argparse.ArgumentParser:
         prog="zo", description="Fine-tune LLMs with forward passes only."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    _config_arguments(sub.add_parser("train", help="train from a YAML config"))
-    evaluate = sub.add_parser("eval", help="evaluate a model (or a run's checkpoint)")
-    _config_arguments(evaluate)
-    evaluate.add_argument("--checkpoint", help="RUN/checkpoint to load the trained tensors from")
-    evaluate.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    _config_arguments(
+        sub.add_parser(
+            "train",
+            help="train from a YAML config",
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
+    eval_parser(sub)
+    export_parser(sub)
     replay = sub.add_parser("replay", help="rebuild a run's trained tensors from its trajectory")
     replay.add_argument("run", help="run directory")
     replay.add_argument("--out", required=True, help="where to write trainable.safetensors")
+    replay.add_argument(
+        "--no-compare",
+        action="store_true",
+        help="do not read the run's checkpoint (to compare with it): e.g. when it is damaged",
+    )
     validate = sub.add_parser("validate", help="check configs (default: every shipped one)")
     validate.add_argument("paths", nargs="*")
     listing = sub.add_parser("list", help="registered models, tasks, estimators")
@@ -224,6 +332,18 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parse_args``, except that a verb with ``inputs`` (``zo eval RUN --split test
+    key=value``) also takes positional items after its options."""
+    args, extras = parser.parse_known_args(argv)
+    stray = [item for item in extras if item.startswith("-") or "=" not in item]
+    if extras and (stray or not hasattr(args, "inputs")):
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    if extras:
+        args.inputs = [*args.inputs, *extras]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -232,11 +352,14 @@ def main(argv: list[str] | None = None) -> int:
             # (`zo plan --model x`), and the module's parser owns every argument anyway.
             module_name, _ = MODULE_COMMANDS[argv[0]]
             return run_module_command(module_name, f"zo {argv[0]}", argv[1:])
-        args = make_parser().parse_args(argv)
+        args = parse(make_parser(), argv)
         return COMMANDS[args.command](args)
     except _usage_errors() as error:
         print(f"zo: error: {error}", file=sys.stderr)
         return USAGE_EXIT
+    except _diverged() as error:
+        print(f"zo: error: {error}", file=sys.stderr)
+        return DIVERGED_EXIT
 
 
 if __name__ == "__main__":

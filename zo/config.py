@@ -6,7 +6,9 @@ missing file is a :class:`ConfigError` naming the key and the valid choices.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -88,9 +90,23 @@ class TrainConfig:
     """First-order estimators: recompute activations in backward (HF models)."""
     autocast: Literal["none", "bf16", "fp16"] = "none"
     """Mixed precision for the forward passes (``torch.autocast``); weights keep model.dtype."""
+    check_memory: bool = True
+    """Refuse a batch that ``zo plan`` predicts cannot fit in the device's memory (available
+    RAM on CPU, the GPU's memory on CUDA), before the model loads; false: try anyway."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss: ``stop`` (exit code 3, nothing non-finite saved), or ``skip`` the
+    step without an update (recorded in the trajectory; zeroth-order estimators, one
+    process). Non-finite weights always stop."""
     eval_before: bool = True
     """Evaluate the untrained model first (the zero-shot baseline)."""
     progress: bool = True
+    keep_checkpoints: int = 1
+    """Checkpoints kept: ``checkpoint/`` (the newest) plus k - 1 older ``checkpoint-STEP/``;
+    resume takes the newest that verifies."""
+    repair: bool = False
+    """With ``resume=true``: continue a run whose trajectory, metrics or checkpoints are
+    damaged from its intact part (damaged files are kept as copies, never deleted). Without
+    it, resume refuses a damaged run and changes nothing."""
 
 
 @dataclass
@@ -156,14 +172,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # no setting of ours means anything at nan or inf
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -211,12 +230,24 @@ def to_dict(config: Any) -> Any:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory (pass --config PATH to a YAML file)")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (pass --config PATH to a YAML file)")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise ConfigError(f"config file {path} cannot be read: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {path} is not text: byte {error.start} is not UTF-8; is it a YAML file?"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply to be a config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -285,6 +316,29 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_data(read_yaml(path) if path is not None else {}, overrides)
 
 
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """:func:`load_config` for the commands: the file (or an override) must name the model
+    and the task. The defaults are the tests' fixtures (a random tiny-llama on the bundled
+    sentiment rows): training them because a file is empty or lacks a section is a mistake,
+    never an experiment, so it is refused rather than run."""
+    data = read_yaml(path)
+    config = config_from_data(data, overrides)
+    named = apply_overrides(_normalise_shorthands(data), overrides or [])
+    missing = [
+        f"{section}.name"
+        for section in ("model", "task")
+        if not isinstance(named.get(section), dict) or "name" not in named[section]
+    ]
+    if missing:
+        what = "is empty" if not data else f"names no {' and no '.join(missing)}"
+        raise ConfigError(
+            f"config file {path} {what}: an experiment names its model and task (see "
+            "experiments/tiny/smoke.yaml), in the file or as overrides such as "
+            "model.name=tiny-llama task.name=sentiment"
+        )
+    return config
+
+
 def config_from_data(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
     """A RunConfig from parsed YAML plus ``key.sub=value`` overrides, checked."""
     data = apply_overrides(_normalise_shorthands(data), overrides or [])
@@ -297,7 +351,14 @@ def config_from_data(data: dict[str, Any], overrides: list[str] | None = None) -
 
 def _check_ranges(config: RunConfig) -> None:
     train = config.train
-    for key in ("steps", "batch_size", "grad_accum", "eval_batch_size", "log_every"):
+    for key in (
+        "steps",
+        "batch_size",
+        "grad_accum",
+        "eval_batch_size",
+        "log_every",
+        "keep_checkpoints",
+    ):
         if getattr(train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")
     for key in ("eval_every", "save_every"):
@@ -319,6 +380,8 @@ def _check_ranges(config: RunConfig) -> None:
             "mask (trainable: mask:PATH), LoRA adapters (trainable: lora) or named "
             "unquantized tensors (trainable: names:*norm*) over it"
         )
+    if not config.train.out.strip():
+        raise ConfigError("train.out is empty: name the run directory (train.out=runs/NAME)")
     if config.task.max_length < 8:
         raise ConfigError(f"task.max_length must be >= 8, got {config.task.max_length}")
     if config.model.dtype not in DTYPES:

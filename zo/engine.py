@@ -29,14 +29,12 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from zo.buckets import PerturbedForward, Plan, Swap, swapping
 from zo.directions import (
-    DISTRIBUTIONS,
     GENERATOR_NAMES,
     DirectionGenerator,
     default_generator,
@@ -45,6 +43,16 @@ from zo.directions import (
     run_jobs,
     splitmix64,
 )
+from zo.engine_config import (
+    ACCELERATOR_BUCKET,
+    ACCELERATOR_CHUNK,
+    CPU_BUCKET,
+    CPU_CHUNK,
+    LEGACY_GENERATOR,
+    EngineConfig,
+    FrozenTensorError,
+)
+from zo.engine_config import PERTURBABLE_DTYPES as _PERTURBABLE_DTYPES
 
 __all__ = [
     "ENGINE_VERSION",
@@ -52,6 +60,7 @@ __all__ = [
     "FrozenTensorError",
     "PerturbationEngine",
     "build_engine",
+    "engine_version",
     "mix_seed",
     "recorded_generator",
     "resolve_generator",
@@ -63,9 +72,6 @@ ENGINE_VERSION = "2"
 """1: per-chunk torch generators (``torch-chunks-v1``); 2: generators by global coordinates,
 bucketed passes, device-side update coefficients. The trajectory header records it and the
 generator's name; :func:`recorded_generator` maps a header back to its generator."""
-
-LEGACY_GENERATOR = "torch-chunks-v1"
-GENERATOR_CHOICES = ("auto", *GENERATOR_NAMES, LEGACY_GENERATOR)
 
 
 @contextlib.contextmanager
@@ -84,92 +90,47 @@ def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None
         yield
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """How directions are drawn and applied. ``generator`` and ``distribution`` change every
-    direction; the other fields change only speed and memory (``chunk_size`` also changes
-    ``torch-chunks-v1`` directions)."""
-
-    chunk_size: int = 0
-    """Elements per chunk of per-element updates (sign, momentum, Adam) and of a large head's
-    output-side perturbation (its fp32 temporary); 0 = by device: 2**20 on CPU, 2**22 on
-    accelerators, where a chunk costs kernel launches."""
-    threads: int = 0
-    """Worker threads drawing on CPU; 0 = one per intra-op thread (max 8)."""
-    distribution: str = "gaussian"
-    """Direction law: ``gaussian`` or ``rademacher`` (both have E[z z^T] = I)."""
-    offload_threshold: int = 1 << 22
-    """Embedding / linear weights above this many elements get the output-side
-    perturbation instead of a perturbed copy (saves one weight-sized temporary)."""
-    offload_max_rows: int = 64
-    """A large linear layer is perturbed output-side only when its input has at most this
-    many rows (the LM head at scored positions); beyond, the extra matmul costs more."""
-    generator: str = "auto"
-    """``philox``, ``torch-blocks`` or ``torch-chunks-v1`` (version 1, kept for its runs);
-    ``auto`` = philox on CUDA, torch-blocks elsewhere. A run records the one it used."""
-    bucket_size: int = 0
-    """Elements of trainable tensors a perturbed forward materialises per generator call:
-    one such copy (two with ``prefetch``) is the perturbation's temporary memory. Larger:
-    fewer kernels per pass; smaller: less memory (``zo bench ops`` / ``zo bench memory``).
-    0 = by device: 2**22 on CPU, 2**23 on accelerators."""
-    prefetch: str = "auto"
-    """Draw the next bucket while the current one computes: ``on``, ``off``, or ``auto`` (on
-    for CUDA, on a side stream; off on CPU, where its thread competes with the forward's)."""
-
-    def __post_init__(self) -> None:
-        if self.chunk_size < 0:
-            raise ValueError(f"engine.chunk_size must be >= 0 (0 = auto), got {self.chunk_size}")
-        if self.threads < 0:
-            raise ValueError(f"engine.threads must be >= 0, got {self.threads}")
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(
-                f"engine.distribution {self.distribution!r} is unknown; "
-                f"choose one of {list(DISTRIBUTIONS)}"
-            )
-        if self.generator not in GENERATOR_CHOICES:
-            raise ValueError(
-                f"engine.generator {self.generator!r} is unknown; "
-                f"choose one of {list(GENERATOR_CHOICES)}"
-            )
-        if self.bucket_size < 0:
-            raise ValueError(f"engine.bucket_size must be >= 0 (0 = auto), got {self.bucket_size}")
-        if self.prefetch not in ("auto", "on", "off"):
-            raise ValueError(f"engine.prefetch must be auto, on or off, got {self.prefetch!r}")
-
-
-class FrozenTensorError(RuntimeError):
-    """Raised when something asks the engine to perturb a tensor it must not touch."""
-
-
-CPU_CHUNK = 1 << 20
-ACCELERATOR_CHUNK = 1 << 22
-CPU_BUCKET = 1 << 22
-ACCELERATOR_BUCKET = 1 << 23
-
-_PERTURBABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
 def resolve_generator(config: EngineConfig, device: torch.device | str) -> str:
     """The generator a run with ``config`` on ``device`` draws with (``auto`` resolved)."""
     return default_generator(device) if config.generator == "auto" else config.generator
+
+
+def engine_version(generator: str) -> str:
+    """The engine version whose directions ``generator`` draws (what a header records)."""
+    return "1" if generator == LEGACY_GENERATOR else ENGINE_VERSION
 
 
 def recorded_generator(header: dict) -> str:
     """The generator a trajectory was written with, from its header.
 
     Version-1 headers name none: they drew with ``torch-chunks-v1``. A header from an engine
-    version this code does not know is refused rather than replayed with other directions.
+    version or generator this code does not know, or naming a generator of another engine
+    version, is refused rather than replayed with other directions.
     """
     version = str(header.get("engine_version", ""))
-    if "generator" in header:
-        return str(header["generator"])
-    if version == "1":
-        return LEGACY_GENERATOR
-    raise ValueError(
-        f"the trajectory was written by engine version {version!r} and names no direction "
-        f"generator; this zo knows engine versions 1 and {ENGINE_VERSION}: replaying it would "
-        "draw other directions (use the zo version that wrote it)"
-    )
+    known = {"1", ENGINE_VERSION}
+    advice = "resuming or replaying it here would draw other directions (use the zo that wrote it)"
+    if version not in known:
+        raise ValueError(
+            f"the run was written by engine version {version!r}; this zo knows engine "
+            f"versions {sorted(known)}: {advice}"
+        )
+    if "generator" not in header:
+        if version == "1":
+            return LEGACY_GENERATOR
+        raise ValueError(f"engine version {version!r} names no direction generator: {advice}")
+    generator = str(header["generator"])
+    if generator not in (*GENERATOR_NAMES, LEGACY_GENERATOR):
+        raise ValueError(
+            f"the run drew its directions with generator {generator!r}, which this zo does "
+            f"not have (it has {[*GENERATOR_NAMES, LEGACY_GENERATOR]}): {advice}"
+        )
+    if engine_version(generator) != version:
+        raise ValueError(
+            f"generator {generator!r} belongs to engine version {engine_version(generator)!r}, "
+            f"the header says {version!r}: {advice}"
+        )
+    return generator
 
 
 def build_engine(tensors: Sequence[torch.Tensor], config: EngineConfig | None = None):

@@ -22,15 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from zo.directions import mix_seed
-from zo.engine import (
-    _PERTURBABLE_DTYPES,
+from zo.engine_config import (
     ACCELERATOR_CHUNK,
     CPU_CHUNK,
+    LEGACY_GENERATOR,
     EngineConfig,
     FrozenTensorError,
 )
-
-LEGACY_GENERATOR = "torch-chunks-v1"
+from zo.engine_config import PERTURBABLE_DTYPES as _PERTURBABLE_DTYPES
 
 
 def _fill_gaussian(out: torch.Tensor, generator: torch.Generator) -> None:

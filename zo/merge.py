@@ -1,10 +1,13 @@
 """``zo merge``: base checkpoint + mask + trained values -> a dense checkpoint, ``W[idx] += v``.
 
 Works shard by shard on the safetensors files, so memory is one shard, never the model,
-and the result is the base checkpoint's directory with the touched weights changed (config,
-tokenizer and shard index copied): ``from_pretrained(OUT)`` loads it like the base. It is
-written to a temporary directory next to ``--out`` and renamed into place, so a crash never
-leaves a half-written checkpoint. Everything is checked before a byte is written.
+and the result is the base checkpoint's directory with the touched weights changed: config,
+tokenizer, generation config and shard index are copied, while weight files the index does not
+name (old shards, other formats) and the bundled model's conversion marker are not, so
+``from_pretrained(OUT)`` loads it like the base. It is built in a staging directory next to
+``--out`` and renamed into place (:mod:`zo.staging`), so a crash never leaves a half-written
+checkpoint. Everything is checked before a byte is written. ``zo export`` of a mask run
+calls :func:`merge_values` with the run's checkpoint.
 
 The sum is formed in fp32 and rounded once to the stored dtype. A bf16 base rounds away
 deltas below ~1/256 of a weight: ``--dtype float32`` keeps them (every float tensor upcast).
@@ -17,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from zo.sparse_delta import SparseDeltaError, check_indices, read_mask_indices, read_values
+from zo.staging import OutputDirectoryError, staged_directory
 
 DTYPES = {
     "keep": None,
@@ -72,21 +77,65 @@ def run(options: argparse.Namespace) -> int:
             dtype=DTYPES[options.dtype],
             overwrite=options.overwrite,
         )
-    except (MergeError, SparseDeltaError) as error:
+    except (MergeError, SparseDeltaError, OutputDirectoryError) as error:
         print(f"zo merge: {error}", file=sys.stderr)
         return 2
     print(f"merged checkpoint written to {out}")
     return 0
 
 
-def plan_merge(model_dir: Path, mask_path: str | Path, values_path: str | Path) -> MergePlan:
+STALE_FILES = frozenset({"zo-bundled.json"})
+"""Files of a base directory that describe that directory, not the model (the bundled
+model's conversion marker): a merged or exported model must not carry them."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def weight_shards(model_dir: Path) -> list[Path]:
+    """The safetensors files ``from_pretrained(model_dir)`` reads, in its order of preference:
+    ``model.safetensors``, else the shards its index names. Other weight files there (old
+    shards, another sharding's index, other formats) are not part of the model."""
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = model_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise MergeError(f"{index} is not a safetensors shard index: {error}") from None
+        shards = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [shard.name for shard in shards if not shard.is_file()]
+        if missing:
+            raise MergeError(f"{index} names shards that are not there: {missing[:3]}")
+        return shards
+    raise MergeError(
+        f"--model {model_dir} holds no model.safetensors (or {SAFETENSORS_INDEX}): "
+        "save it with save_pretrained(safe_serialization=True)"
+    )
+
+
+def model_files(model_dir: Path) -> list[Path]:
+    """What to copy beside the weights: config, tokenizer, generation config, chat template,
+    licence; no weight files of any format, no index but the safetensors one, no marker."""
+    kept = []
+    for item in sorted(model_dir.iterdir()):
+        name = item.name
+        if not item.is_file() or name.startswith(".") or name in STALE_FILES:
+            continue
+        if name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+            continue
+        kept.append(item)
+    return kept
+
+
+def plan_merge(
+    model_dir: Path, indices: dict[str, torch.Tensor], values: dict[str, torch.Tensor]
+) -> MergePlan:
     """Check that model, mask and values fit; say which shard holds which masked weight."""
     if not (model_dir / "config.json").is_file():
         raise MergeError(f"--model {model_dir} is not a Hugging Face checkpoint (no config.json)")
-    shard_paths = sorted(model_dir.glob("*.safetensors"))
-    if not shard_paths:
-        raise MergeError(f"--model {model_dir} holds no *.safetensors weights (save_pretrained)")
-    indices, values = read_mask_indices(mask_path), read_values(values_path)
+    shard_paths = weight_shards(model_dir)
     if set(indices) != set(values):
         raise MergeError(
             f"mask and values name different weights (was --values trained with this --mask?): "
@@ -127,32 +176,34 @@ def merge(
     overwrite: bool = False,
 ) -> Path:
     """Write ``model_dir`` with ``W.view(-1)[indices] += values`` to ``out``; returns ``out``."""
+    indices, values = read_mask_indices(mask_path), read_values(values_path)
+    return merge_values(model_dir, indices, values, out, dtype=dtype, overwrite=overwrite)
+
+
+def merge_values(
+    model_dir: str | os.PathLike[str],
+    indices: dict[str, torch.Tensor],
+    values: dict[str, torch.Tensor],
+    out: str | os.PathLike[str],
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    protected: Sequence[Path] = (),
+) -> Path:
+    """:func:`merge` from tensors (weight name -> flat indices / values); ``protected``:
+    more paths ``out`` must not replace. Everything is checked before a byte is written."""
     model_dir, out = Path(model_dir).expanduser(), Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise MergeError(f"--out {out} already exists (pass --overwrite to replace it)")
     if out.resolve() == model_dir.resolve():
         raise MergeError("--out must differ from --model (the base stays as it is)")
-    plan = plan_merge(model_dir, mask_path, values_path)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        for item in model_dir.iterdir():
-            if item.suffix != ".safetensors" and item.is_file():
-                shutil.copy2(item, tmp / item.name)
+    plan = plan_merge(model_dir, indices, values)
+    with staged_directory(out, overwrite, protected=[model_dir, *protected]) as staging:
+        for item in model_files(model_dir):
+            shutil.copy2(item, staging / item.name)
         for shard, names in plan.shards.items():
-            _merge_shard(shard, names, plan, tmp / shard.name, dtype)
+            _merge_shard(shard, names, plan, staging / shard.name, dtype)
+        if len(plan.shards) > 1 or next(iter(plan.shards)).name != "model.safetensors":
+            shutil.copy2(model_dir / SAFETENSORS_INDEX, staging / SAFETENSORS_INDEX)
         if dtype is not None:
-            _set_config_dtype(tmp / "config.json", dtype)
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            _set_config_dtype(staging / "config.json", dtype)
     return out
 
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from zo.directions import MASK32, DirectionGenerator, add_scaled, eager_axpz
+from zo.direction_base import MASK32, DirectionGenerator, add_scaled, eager_axpz
 
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85

@@ -1,6 +1,6 @@
 """The ``philox`` generator's CUDA kernels (Triton): one launch draws and applies a bucket.
 
-Each kernel computes the same counters and words as :func:`zo.directions.philox4x32` (the
+Each kernel computes the same counters and words as :func:`zo.philox.philox4x32` (the
 integer stage is bit-identical) and the same float transform, with the device math library
 (libdevice ``log``/``cos``/``sin``, ``sqrt_rn``) and without FMA contraction, so its values
 match the eager torch implementation on the same device up to the math library's rounding.

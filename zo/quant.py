@@ -1,4 +1,4 @@
-"""The 4-bit frozen base (bitsandbytes NF4/FP4) and the trainable sets that sit on it.
+"""The 4-bit frozen base (bitsandbytes NF4/FP4).
 
 Two ways to a quantized model, neither of which holds the model in full precision:
 
@@ -13,23 +13,20 @@ Two ways to a quantized model, neither of which holds the model in full precisio
 
 On CPU use ``compute_dtype=torch.float32``: bitsandbytes dequantizes to it and bf16 matmuls
 are slow without AVX512-BF16/AMX. The trainable sets over a 4-bit base are a sparse fp32
-delta (:func:`select_mask_trainable`) or LoRA (:func:`add_lora`); the 4-bit weights
-themselves are frozen and the perturbation engine refuses them.
+delta or LoRA (:mod:`zo.trainable`); the 4-bit weights themselves are frozen and the
+perturbation engine refuses them.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from zo.config import DEFAULT_LORA_TARGETS
 from zo.engine import seeded
-from zo.sparse_delta import apply_sparse_deltas, read_mask_indices
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -246,40 +243,3 @@ def _materialise(model: nn.Module, module: nn.Module, device: torch.device) -> N
         module._buffers[name] = torch.empty_like(buffer, device=device)
     with torch.no_grad():
         model._init_weights(module)
-
-
-# ---------------------------------------------------------------------- trainable sets
-
-
-def select_mask_trainable(
-    model: nn.Module, mask_path: str | os.PathLike[str]
-) -> list[tuple[str, nn.Parameter]]:
-    """Sparse fp32 deltas at a mask file's indices; everything else frozen."""
-    return apply_sparse_deltas(model, read_mask_indices(mask_path))
-
-
-def add_lora(
-    model: nn.Module,
-    r: int = 8,
-    alpha: float = 16.0,
-    target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
-    dropout: float = 0.0,
-) -> list[tuple[str, nn.Parameter]]:
-    """LoRA adapters (peft) injected in place over the (possibly 4-bit) base; only they train.
-
-    Injected, not wrapped in a ``PeftModel``: the model object and its forward stay the same.
-    """
-    from peft import LoraConfig, inject_adapter_in_model
-
-    if r < 1:
-        raise QuantizationError(f"LoRA rank must be >= 1, got {r}")
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules)
-    )
-    try:
-        inject_adapter_in_model(config, model)
-    except ValueError as error:
-        raise QuantizationError(f"LoRA target_modules {list(target_modules)}: {error}") from None
-    for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name)
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]

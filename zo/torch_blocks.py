@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-from zo.directions import DirectionGenerator, Job, add_scaled, mix_state, run_jobs, splitmix64
+from zo.direction_base import DirectionGenerator, Job, add_scaled, mix_state, run_jobs, splitmix64
 
 TORCH_BLOCK = 1 << 14
 """Elements per seeded block of ``torch-blocks``: part of its definition (changing it changes

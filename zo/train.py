@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import sys
 import time
@@ -18,23 +19,38 @@ import tasks
 from estimators.base import Closure
 from tasks.evaluation import evaluate as evaluate_task
 from tasks.objectives import objective_closure, objective_is_differentiable
+from zo import checkpoint as checkpoints
 from zo import models
 from zo.blocks import checkpoint_blocks
 from zo.config import ConfigError, RunConfig, build, dump_yaml, load_config, to_dict
 from zo.distributed import DataParallel
-from zo.engine import ENGINE_VERSION, mix_seed, recorded_generator, resolve_generator, seeded
+from zo.divergence import DivergenceGuard
+from zo.engine import (
+    engine_version,
+    mix_seed,
+    recorded_generator,
+    resolve_generator,
+    seeded,
+)
 from zo.memory import peak_memory_bytes, reset_peak_memory, return_large_frees_to_os
+from zo.preflight import (
+    check_batch_fits_data,
+    check_batch_fits_memory,
+    check_device_available,
+    check_run_directory,
+    parse_device,
+)
+from zo.run_directory import ReplicaRunDirectory, ResumePlan, RunDirectory
+from zo.run_lock import run_lock
+from zo.schedule import LRSchedule
 from zo.trainable import TrainableSet, check_group_settings, param_groups, select_trainable
 from zo.trajectory import (
     TRAJECTORY_FORMAT,
     Checkpoint,
     NothingToResumeError,
-    ReplayError,
-    ReplicaRunDirectory,
-    RunDirectory,
+    RunDamagedError,
     atomic_write_text,
     read_jsonl,
-    save_tensors_atomic,
 )
 
 _DATA_STREAM = 0xDA7A  # tags the data-order seed stream apart from direction seeds
@@ -57,7 +73,26 @@ def resolve_estimator(config: RunConfig) -> tuple[estimators.EstimatorSpec, Any]
         spec = estimators.get_estimator(str(name))
     except estimators.UnknownEstimatorError as error:
         raise ConfigError(f"estimator.name: {error}") from None
-    return spec, build(spec.config_class, section, "estimator")
+    estimator_config = build(spec.config_class, section, "estimator")
+    _check_settings(to_dict(estimator_config), "estimator.")
+    for position, group in enumerate(config.estimator.get("param_groups") or []):
+        if isinstance(group, dict):  # the shape is checked where the groups are built
+            _check_settings(group, f"estimator.param_groups[{position}].")
+    return spec, estimator_config
+
+
+def _check_settings(settings: dict[str, Any], prefix: str) -> None:
+    """The estimator's own range checks (finite, positive, ...), at config time."""
+    numbers = {}
+    for key, value in settings.items():
+        try:
+            numbers[key] = float(value) if isinstance(value, str) else value
+        except ValueError:
+            numbers[key] = value  # not a number: the check below names it
+    try:
+        estimators.check_hyperparameters(**numbers)
+    except ValueError as error:
+        raise ConfigError(f"{prefix}{error}") from None
 
 
 def validate(config: RunConfig) -> tasks.Task:
@@ -65,6 +100,7 @@ def validate(config: RunConfig) -> tasks.Task:
 
     Returns the task, built and checked (its data is read only when a split is loaded)."""
     spec, _ = resolve_estimator(config)
+    parse_device(config.model.device)
     if spec.eager_attention and config.model.attn not in (None, "eager"):
         raise ConfigError(
             f"estimator {spec.name} runs torch.func.jvp, which needs eager attention; "
@@ -75,6 +111,11 @@ def validate(config: RunConfig) -> tasks.Task:
             f"estimator {spec.name} updates inside backward and cannot accumulate gradients; "
             f"train.grad_accum is {config.train.grad_accum}: set it to 1 and raise "
             "train.batch_size instead"
+        )
+    if config.train.on_nonfinite == "skip" and not spec.zeroth_order:
+        raise ConfigError(
+            f"train.on_nonfinite=skip records a skipped step in the trajectory, which only "
+            f"zeroth-order estimators write; {spec.name} is not one: use stop"
         )
     try:
         models.check_model_name(config.model.name)
@@ -105,10 +146,13 @@ def build_task(config: RunConfig) -> tasks.Task:
 def resolve_device(name: str) -> torch.device:
     """``model.device`` (``auto``: CUDA when there is one); under a data-parallel launcher,
     this rank's own GPU."""
+    parse_device(name)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     )
-    return DataParallel.from_environment().device(device)
+    device = DataParallel.from_environment().device(device)
+    check_device_available(device)
+    return device
 
 
 @dataclass
@@ -218,12 +262,6 @@ def training_closure(setup: Setup, examples: list, precision: torch.dtype | None
     return autocast_closure
 
 
-def learning_rate(config: RunConfig, base_lr: float, step: int) -> float:
-    if config.train.lr_schedule == "linear":
-        return base_lr * (1.0 - step / config.train.steps)
-    return base_lr
-
-
 def evaluate(setup: Setup, examples: list) -> dict[str, Any]:
     """The task's metric (``metric``, ``score``, plus accuracy for candidate tasks)."""
     return evaluate_task(
@@ -239,6 +277,7 @@ def evaluate(setup: Setup, examples: list) -> dict[str, Any]:
 
 def trajectory_header(setup: Setup) -> dict[str, Any]:
     spec, estimator_config = resolve_estimator(setup.config)
+    generator = resolve_generator(setup.config.engine, setup.device)
     return {
         "format": TRAJECTORY_FORMAT,
         "model": setup.config.model.name,
@@ -246,28 +285,44 @@ def trajectory_header(setup: Setup) -> dict[str, Any]:
         "trainable": setup.trainable.manifest(),
         "estimator": {"name": spec.name, **to_dict(estimator_config)},
         "run_seed": setup.config.train.seed,
-        "engine_version": ENGINE_VERSION,
-        "generator": resolve_generator(setup.config.engine, setup.device),
+        "engine_version": engine_version(generator),
+        "generator": generator,
         "device_type": setup.device.type,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
     }
 
 
-def _with_recorded_generator(config: RunConfig, header: dict, error: type[Exception]) -> RunConfig:
+def with_recorded_generator(
+    config: RunConfig, header: dict[str, Any], error: type[Exception], where: Path
+) -> RunConfig:
     """``config`` drawing with the generator the run's trajectory was written with (version-1
-    runs: ``torch-chunks-v1``), so a resume or replay never draws other directions."""
+    runs: ``torch-chunks-v1``), so a resume or replay never draws other directions; a header
+    from an engine or generator this zo does not know raises ``error``."""
     try:
         generator = recorded_generator(header)
     except ValueError as problem:
-        raise error(f"trajectory header: {problem}") from None
+        raise error(f"{where} line 1: {problem}") from None
     return dataclasses.replace(
         config, engine=dataclasses.replace(config.engine, generator=generator)
     )
 
 
+def load_run_config(run: RunDirectory) -> RunConfig:
+    """A run's own config.yaml; a damaged one is an error naming it."""
+    try:
+        return load_config(run.config)
+    except UnicodeDecodeError:
+        raise RunDamagedError(f"{run.config} is not a text file (damaged?)") from None
+    except ConfigError as error:
+        message = str(error)
+        raise ConfigError(
+            message if str(run.config) in message else f"{run.config}: {message}"
+        ) from None
+
+
 def _check_resumable(run: RunDirectory, config: RunConfig) -> None:
-    saved = load_config(run.config)
+    saved = load_run_config(run)
     for section in _RESUME_INVARIANT:
         if to_dict(getattr(saved, section)) != to_dict(getattr(config, section)):
             raise ConfigError(
@@ -277,6 +332,42 @@ def _check_resumable(run: RunDirectory, config: RunConfig) -> None:
     for key in _RESUME_INVARIANT_TRAIN:
         if getattr(saved.train, key) != getattr(config.train, key):
             raise ConfigError(f"resume: train.{key} differs from the run's config.yaml")
+    if config.train.lr_schedule != "constant" and saved.train.steps != config.train.steps:
+        raise ConfigError(
+            f"resume: train.steps is {config.train.steps}, the run's config.yaml has "
+            f"{saved.train.steps}; the {config.train.lr_schedule} lr schedule decays over "
+            f"train.steps, so changing it would change the lr of every step left: keep "
+            f"train.steps={saved.train.steps}"
+        )
+
+
+def _open_run(
+    run: RunDirectory, setup: Setup, plan: ResumePlan | None, log
+) -> tuple[int, dict[str, Any] | None]:
+    """Create the run directory, or resume it as ``plan`` says: the checkpoint loaded into
+    ``setup`` first, the directory changed only once everything fits. Returns the step to
+    start from and the zero-shot result saved with the checkpoint."""
+    header = trajectory_header(setup)
+    if plan is None:
+        run.create(dump_yaml(setup.config), header)
+        return 0, None
+    run.check_header(plan, header, log)
+    start_step, zero_shot = 0, None
+    if plan.state is not None:
+        folder = plan.state.folder
+        _, checkpoint = checkpoints.load(folder, setup.device, log=log, verified=True)
+        try:
+            setup.trainable.load_state_dict(checkpoint.tensors)
+            setup.optimizer.load_state_dict(checkpoint.optimizer_state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as error:
+            raise RunDamagedError(f"{folder} does not fit this run: {error}") from None
+        start_step, zero_shot = checkpoint.step, checkpoint.extra.get("zero_shot")
+    run.commit_resume(plan, header, dump_yaml(setup.config), log)
+    if start_step:
+        log(f"resuming {run.path} at step {start_step}")
+    elif plan.trajectory is not None:  # killed before its first checkpoint: same seeds again
+        log(f"{run.path} has no usable checkpoint; starting it over from step 0")
+    return start_step, zero_shot
 
 
 # ---------------------------------------------------------------------- the loop
@@ -290,24 +381,63 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
     """
     parallel = DataParallel.from_environment()
     parallel.check_batch(config.train.batch_size)
+    if parallel.world_size > 1 and config.train.on_nonfinite == "skip":
+        raise ConfigError(
+            "train.on_nonfinite=skip is for one process: under a launcher a rank whose shard "
+            "gives a non-finite loss cannot skip alone; use stop"
+        )
+    log = log if parallel.is_main else _silent
+    train_examples = preflight(config, parallel, log)
     try:
-        return _train(config, log if parallel.is_main else _silent, parallel)
+        with run_lock(config.train.out, enabled=parallel.is_main):  # rank 0 alone writes
+            return _train(config, log, parallel, train_examples)
     finally:
         parallel.stop()
+
+
+def preflight(config: RunConfig, parallel: DataParallel, log) -> list[tasks.Example]:
+    """Every check of a training run that needs no model, before anything loads or is
+    written: the run directory, the config, the device, the batch against the data and
+    against memory. Returns the training examples (read here to count them)."""
+    check_run_directory(config.train.out, config.resume)
+    task = validate(config)
+    device = resolve_device(config.model.device)
+    examples = task.load("train")[: config.task.train_limit]
+    check_batch_fits_data(config, len(examples))
+    per_rank = config.train.batch_size // parallel.world_size
+    check_batch_fits_memory(config, device, per_rank * _sequences_per_example(task, examples), log)
+    return examples
+
+
+def _sequences_per_example(task: tasks.Task, examples: list[tasks.Example]) -> int:
+    """Sequences a forward reads per example: one per candidate, one for generation."""
+    if task.kind == "generation" or not examples:
+        return 1
+    return max(len(task.candidates(example)) for example in examples[:16])
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
     pass
 
 
-def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
+def _train(
+    config: RunConfig, log, parallel: DataParallel, train_examples: list[tasks.Example]
+) -> dict[str, Any]:
     return_large_frees_to_os()  # keeps a ZO step's peak RSS at the forward pass's
-    run = (RunDirectory if parallel.is_main else ReplicaRunDirectory)(config.train.out)
+    run = (RunDirectory if parallel.is_main else ReplicaRunDirectory)(
+        config.train.out, keep_checkpoints=config.train.keep_checkpoints
+    )
+    plan = None
     if config.resume:
         if not run.holds_run():
             raise NothingToResumeError(f"resume=true but {run.path} holds no run to continue")
         _check_resumable(run, config)
-        config = _with_recorded_generator(config, run.header(), ConfigError)
+        spec, _ = resolve_estimator(config)
+        plan = run.plan_resume(spec.zeroth_order, config.train.repair, log)  # reads only
+        if plan.trajectory is not None and plan.trajectory.header is not None:
+            config = with_recorded_generator(
+                config, plan.trajectory.header, ConfigError, run.trajectory
+            )
     else:
         run.ensure_new()  # before any model loads: never overwrite a run
     # every rank has checked the directory before the rendezvous, so none sees rank 0's
@@ -316,22 +446,10 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
     parallel.attach(setup.optimizer)
     reset_peak_memory(setup.device)  # report training's peak, not loading's (or a conversion's)
     optimizer, train_cfg = setup.optimizer, config.train
-    train_examples = setup.task.load("train")[: config.task.train_limit]
     dev_examples = setup.task.load("dev")[: config.task.eval_limit]
 
-    start_step, zero_shot = 0, None
-    if config.resume and run.has_checkpoint():
-        checkpoint = run.load_checkpoint(setup.device)
-        setup.trainable.load_state_dict(checkpoint.tensors)
-        optimizer.load_state_dict(checkpoint.optimizer_state)
-        start_step, zero_shot = checkpoint.step, checkpoint.extra.get("zero_shot")
-        run.rewind(start_step)
-        log(f"resuming {run.path} at step {start_step}")
-    elif config.resume:
-        run.rewind(0)  # killed before its first checkpoint: start over, same seeds
-        log(f"{run.path} has no checkpoint yet; starting it over from step 0")
-    else:
-        run.create(dump_yaml(config), trajectory_header(setup))
+    schedule = LRSchedule.before_resume(config, optimizer)  # base lrs of a fresh optimizer
+    start_step, zero_shot = _open_run(run, setup, plan, log)
 
     if start_step == 0 and train_cfg.eval_before:
         zero_shot = evaluate(setup, dev_examples)
@@ -342,18 +460,38 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
 
     precision = _AUTOCAST_DTYPES[train_cfg.autocast]
     sampler = BatchSampler(len(train_examples), train_cfg.batch_size, train_cfg.seed)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    guard = DivergenceGuard.for_run(config, log)
+    guard.saved(start_step)
     started = time.perf_counter()
     progress = _progress(start_step, train_cfg.steps, train_cfg.progress and parallel.is_main)
     for step in range(start_step, train_cfg.steps):
-        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
-            group["lr"] = learning_rate(config, base_lr, step)
-        for micro in range(train_cfg.grad_accum):
-            picked = parallel.shard(sampler.indices(step * train_cfg.grad_accum + micro))
-            examples = [train_examples[i] for i in picked]
-            optimizer.estimate(training_closure(setup, examples, precision))
-        loss = optimizer.step()
+        schedule.apply(optimizer, step)
+        try:
+            closures = []
+            for micro in range(train_cfg.grad_accum):
+                picked = parallel.shard(sampler.indices(step * train_cfg.grad_accum + micro))
+                examples = [train_examples[i] for i in picked]
+                closures.append(training_closure(setup, examples, precision))
+            if len(closures) == 1:  # ZO-SGD's sync-free step: its scalars read after the update
+                loss = optimizer.step(closures[0])
+            else:
+                for closure in closures:
+                    optimizer.estimate(closure)
+                loss = optimizer.step()
+        except FloatingPointError as error:  # a non-finite loss or gradient, before any update
+            reason = guard.step_failed(
+                step,
+                error,
+                setup.trainable.state_dict(),
+                loss=isinstance(error, estimators.NonFiniteLossError),
+                can_skip=isinstance(optimizer, estimators.ZOOptimizer),
+            )
+            optimizer.skip_step(reason)  # type: ignore[attr-defined]
+            loss = math.nan
+            log(f"step {step} skipped: {reason}")
         record = getattr(optimizer, "last_record", None)
+        if record is None or "skipped" not in record.extra:
+            guard.after_step(step, loss, record.scalars if record is not None else None)
         if record is not None:
             run.append(run.trajectory, {"type": "step", **record.to_dict()})
         done = step + 1
@@ -373,14 +511,12 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
                 metrics["dev_score"] = evaluate(setup, dev_examples)["score"]
             run.append(run.metrics, metrics)
         if (train_cfg.save_every and done % train_cfg.save_every == 0) or done == train_cfg.steps:
+            tensors = setup.trainable.state_dict()
+            guard.check_before_save(done, tensors)
             run.save_checkpoint(
-                Checkpoint(
-                    done,
-                    setup.trainable.state_dict(),
-                    optimizer.state_dict(),
-                    {"zero_shot": zero_shot},
-                )
+                Checkpoint(done, tensors, optimizer.state_dict(), {"zero_shot": zero_shot})
             )
+            guard.saved(done)
     progress.close()
     wall = time.perf_counter() - started
     steps_run = train_cfg.steps - start_step
@@ -402,6 +538,7 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
         "processes": parallel.world_size,
         "wall_seconds": wall,
         "steps_per_second": steps_run / wall if wall > 0 else None,
+        "skipped_steps": sum("skipped" in r.get("extra", {}) for r in run.step_records()),
         "loss_plot": str(run.plot),
     }
     if parallel.is_main:
@@ -452,50 +589,3 @@ def plot_loss(run: RunDirectory) -> Path:
     plt.close(figure)
     tmp.replace(run.plot)
     return run.plot
-
-
-# ---------------------------------------------------------------------- replay
-
-
-def replay(run_dir: str | Path, out_dir: str | Path, log=print) -> dict[str, Any]:
-    """Rebuild the trained tensors from the base model and trajectory.jsonl alone."""
-    run = RunDirectory(run_dir)
-    if not run.trajectory.exists() or not run.config.exists():
-        raise NothingToResumeError(
-            f"{run.path} is not a zo run (no config.yaml / trajectory.jsonl)"
-        )
-    header = run.header()
-    config = _with_recorded_generator(load_config(run.config), header, ReplayError)
-    spec, _ = resolve_estimator(config)
-    if not spec.zeroth_order:
-        raise ReplayError(
-            f"{run.path} was trained with {spec.name}, which is not seed-replayable (its "
-            "updates use gradients); load the run's checkpoint/ instead (zo eval --checkpoint)"
-        )
-    setup = build_setup(config)
-    fingerprint = models.model_fingerprint(setup.model)
-    if fingerprint != header["model_hash"]:
-        raise ReplayError(
-            f"base model {config.model.name} hashes to {fingerprint}, the run started from "
-            f"{header['model_hash']}: replay needs the same base weights"
-        )
-    if setup.trainable.manifest() != header["trainable"]:
-        raise ReplayError("the trainable set differs from the run's manifest")
-    records = run.step_records()
-    for data in records:
-        setup.optimizer.apply_record(
-            estimators.StepRecord.from_dict({k: v for k, v in data.items() if k != "type"})
-        )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_tensors_atomic(setup.trainable.state_dict(), out / "trainable.safetensors")
-    result: dict[str, Any] = {"steps": len(records), "out": str(out / "trainable.safetensors")}
-    if run.has_checkpoint():
-        saved = run.load_checkpoint(setup.device)
-        if saved.step == len(records):
-            replayed = setup.trainable.state_dict()
-            result["bit_identical_to_checkpoint"] = all(
-                torch.equal(replayed[name], saved.tensors[name]) for name in replayed
-            )
-    log(json.dumps(result))
-    return result

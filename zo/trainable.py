@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from zo.config import ConfigError, TrainableConfig
+from zo.config import DEFAULT_LORA_TARGETS, ConfigError, TrainableConfig
+from zo.sparse_delta import apply_sparse_deltas, read_mask_indices
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 
 @dataclass(frozen=True)
@@ -113,8 +118,6 @@ def _names(model: nn.Module, spec: TrainableConfig) -> list[tuple[str, nn.Parame
 @register_selector("mask")
 def _mask(model: nn.Module, spec: TrainableConfig) -> list[tuple[str, nn.Parameter]]:
     """``mask:PATH``: sparse fp32 deltas at the mask file's indices (``zo mask`` writes it)."""
-    from zo.quant import select_mask_trainable
-
     if not spec.path:
         raise ConfigError(
             "trainable kind mask needs the mask file: trainable=mask:PATH "
@@ -126,14 +129,68 @@ def _mask(model: nn.Module, spec: TrainableConfig) -> list[tuple[str, nn.Paramet
 @register_selector("lora")
 def _lora(model: nn.Module, spec: TrainableConfig) -> list[tuple[str, nn.Parameter]]:
     """``lora`` or ``lora:q_proj,v_proj``: peft LoRA adapters on ``lora_targets``."""
-    from zo.quant import QuantizationError, add_lora
-
     try:
         return add_lora(
             model, r=spec.lora_r, alpha=spec.lora_alpha, target_modules=spec.lora_targets
         )
-    except QuantizationError as error:
+    except LoraError as error:
         raise ConfigError(f"trainable lora: {error}") from None
+
+
+class LoraError(ValueError):
+    """LoRA options that peft cannot apply to the model (rank < 1, absent target modules)."""
+
+
+def select_mask_trainable(
+    model: nn.Module, mask_path: str | os.PathLike[str]
+) -> list[tuple[str, nn.Parameter]]:
+    """Sparse fp32 deltas at a mask file's indices; everything else frozen."""
+    return apply_sparse_deltas(model, read_mask_indices(mask_path))
+
+
+def lora_config(
+    r: int = 8,
+    alpha: float = 16.0,
+    target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+    dropout: float = 0.0,
+    task_type: str | None = None,
+) -> LoraConfig:
+    """The peft ``LoraConfig`` of a run's adapters: what :func:`add_lora` injects and what
+    ``zo export`` writes as ``adapter_config.json``."""
+    from peft import LoraConfig
+
+    if r < 1:
+        raise LoraError(f"LoRA rank must be >= 1, got {r}")
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        task_type=task_type,
+    )
+
+
+def add_lora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: float = 16.0,
+    target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+    dropout: float = 0.0,
+) -> list[tuple[str, nn.Parameter]]:
+    """LoRA adapters (peft) injected in place over the (possibly 4-bit) base; only they train.
+
+    Injected, not wrapped in a ``PeftModel``: the model object and its forward stay the same.
+    """
+    from peft import inject_adapter_in_model
+
+    config = lora_config(r, alpha, target_modules, dropout)
+    try:
+        inject_adapter_in_model(config, model)
+    except ValueError as error:
+        raise LoraError(f"LoRA target_modules {list(target_modules)}: {error}") from None
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
 
 # ---------------------------------------------------------------------- param groups

@@ -1,63 +1,58 @@
-"""The run directory: resolved config, logs, the seeds-and-scalars trajectory, checkpoints.
+"""trajectory.jsonl: the seeds-and-scalars log of a run, and how it is verified.
 
-Every write is atomic (temp file + rename) or an append of whole JSON lines, so a run
-killed at any instant (``kill -9`` included) leaves a directory that ``resume`` can
-continue: incomplete lines and steps past the last checkpoint are dropped on resume.
+A header (model hash, trainable manifest, estimator, engine and torch versions), then one
+record per step. Format 2 chains a checksum through the header and every record, so a
+changed byte, a dropped, repeated or moved line, or a line from another run breaks the
+chain at that line; format 1 (no checksums) is still read, with the checks it allows
+(header, step sequence, count). An incomplete last line is what a kill leaves, not damage.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
+from zo.checkpoint import Checkpoint, CheckpointState
+from zo.run_files import (
+    JsonLine,
+    RunDamagedError,
+    atomic_write_text,
+    chained_check,
+    read_jsonl,
+    save_tensors_atomic,
+    scan_jsonl,
+)
 
-TRAJECTORY_FORMAT = 1
+__all__ = [  # the file helpers and Checkpoint are re-exported for older imports
+    "TRAJECTORY_FORMAT",
+    "Checkpoint",
+    "NothingToResumeError",
+    "ReplayError",
+    "RunDamagedError",
+    "RunExistsError",
+    "Trajectory",
+    "atomic_write_text",
+    "checkpoint_fits",
+    "header_mismatch",
+    "read_jsonl",
+    "read_trajectory",
+    "save_tensors_atomic",
+]
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_tensors_atomic(
-    tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None
-) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    save_file(contiguous, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Complete JSON lines only: a line cut by a crash is skipped, not an error."""
-    if not path.exists():
-        return
-    with open(path) as handle:
-        for line in handle:
-            if not line.endswith("\n"):
-                break
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                break
+TRAJECTORY_FORMAT = 2
+"""1: header and step records; 2: each line carries a ``check`` chained to the one before."""
+CHECKED_HEADER_FIELDS = (
+    "model",
+    "model_hash",
+    "trainable",
+    "estimator",
+    "run_seed",
+    "engine_version",
+    "generator",
+)
+"""A resumed or replayed run must agree with its header on these; device and torch version
+may differ (the result may then not be bit-identical: said once in the log)."""
 
 
 class RunExistsError(ValueError):
@@ -72,134 +67,140 @@ class NothingToResumeError(ValueError):
     pass
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    step: int
-    """Number of completed steps."""
-    tensors: dict[str, torch.Tensor]
-    optimizer_state: dict[str, Any]
-    extra: dict[str, Any]
+# ---------------------------------------------------------------------- trajectory
 
 
-class RunDirectory:
-    """Paths and safe writes of one run; knows nothing of models or estimators."""
+@dataclass
+class Trajectory:
+    """trajectory.jsonl read and verified up to its first damaged line."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.config = self.path / "config.yaml"
-        self.metrics = self.path / "metrics.jsonl"
-        self.trajectory = self.path / "trajectory.jsonl"
-        self.checkpoint_dir = self.path / "checkpoint"
-        self.summary = self.path / "summary.json"
-        self.plot = self.path / "loss.png"
+    path: Path
+    header: dict[str, Any] | None
+    header_line: str | None
+    steps: list[JsonLine] = field(default_factory=list)
+    """The intact step records, in order: ``steps[i]`` is step ``i``."""
+    checks: list[str | None] = field(default_factory=list)
+    """``checks[n]``: the chained checksum after the header and ``n`` records."""
+    damage: str | None = None
+    """``FILE line N: problem`` at the first damaged line; None when the file is intact."""
+    cut_tail: bool = False
 
-    # ------------------------------------------------------------------ life cycle
-    def holds_run(self) -> bool:
-        return self.trajectory.exists() or self.config.exists()
+    @property
+    def format(self) -> int:
+        return self.header.get("format", 1) if self.header else TRAJECTORY_FORMAT
 
-    def ensure_new(self) -> None:
-        if self.holds_run():
-            raise RunExistsError(
-                f"run directory {self.path} already holds a run; pass resume=true to "
-                "continue it, or choose another train.out"
-            )
+    def records(self) -> list[dict[str, Any]]:
+        """The step records without their bookkeeping (``type``, ``check``)."""
+        return [
+            {k: v for k, v in line.record.items() if k not in ("type", "check")}
+            for line in self.steps
+        ]
 
-    def create(self, config_yaml: str, header: dict[str, Any]) -> None:
-        self.ensure_new()
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.config, config_yaml)
-        atomic_write_text(self.trajectory, json.dumps({"type": "header", **header}) + "\n")
-        atomic_write_text(self.metrics, "")
 
-    def header(self) -> dict[str, Any]:
-        for record in read_jsonl(self.trajectory):
-            if record.get("type") == "header":
-                return record
+def read_trajectory(path: Path) -> Trajectory:
+    scan = scan_jsonl(path)
+    lines = scan.lines
+    if not lines:
+        problem = scan.damage or f"{path} line 1: there is no header (the file is empty)"
+        return Trajectory(path, None, None, damage=problem, cut_tail=scan.cut_tail)
+    first = lines[0]
+    if first.record.get("type") != "header":
+        return Trajectory(path, None, None, damage=f"{path} line 1: the header is missing")
+    header = first.record
+    version = header.get("format", 1)
+    if not isinstance(version, int) or version > TRAJECTORY_FORMAT:
+        raise RunDamagedError(
+            f"{path} is of trajectory format {version!r}; this zo reads formats up to "
+            f"{TRAJECTORY_FORMAT}: update zo to resume or replay it"
+        )
+    trajectory = Trajectory(path, header, first.text, cut_tail=scan.cut_tail)
+    check = _verify_check(trajectory, first, "") if version >= 2 else None
+    if trajectory.damage:
+        trajectory.header, trajectory.header_line = None, None
+        return trajectory
+    trajectory.checks.append(check)
+    for line in lines[1:]:
+        record = line.record
+        expected = len(trajectory.steps)
+        if record.get("type") != "step" or not isinstance(record.get("step"), int):
+            trajectory.damage = f"{path} line {line.number}: not a step record (garbled)"
             break
-        raise NothingToResumeError(f"{self.trajectory} has no header; is {self.path} a zo run?")
+        if record["step"] != expected:
+            trajectory.damage = f"{path} line {line.number}: " + (
+                f"step {record['step']} again (a duplicate record)"
+                if record["step"] < expected
+                else f"step {record['step']} where step {expected} belongs (steps "
+                f"{expected}..{record['step'] - 1} are missing)"
+            )
+            break
+        if version >= 2:
+            check = _verify_check(trajectory, line, check)
+            if trajectory.damage:
+                break
+        trajectory.steps.append(line)
+        trajectory.checks.append(check)
+    if not trajectory.damage and scan.damage:
+        trajectory.damage = scan.damage
+    return trajectory
 
-    def step_records(self) -> list[dict[str, Any]]:
-        return [r for r in read_jsonl(self.trajectory) if r.get("type") == "step"]
 
-    def append(self, path: Path, record: dict[str, Any]) -> None:
-        with open(path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-
-    def rewind(self, step: int) -> None:
-        """Drop every logged step at or past ``step`` (and any cut line): resume point."""
-        for path in (self.trajectory, self.metrics):
-            kept = [
-                r for r in read_jsonl(path) if r.get("type") == "header" or r.get("step", -1) < step
-            ]
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
-        """Write to a fresh folder, then swap it in: a kill leaves old or new, never half."""
-        staging = self.path / "checkpoint.tmp"
-        previous = self.path / "checkpoint.old"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        save_tensors_atomic(checkpoint.tensors, staging / "trainable.safetensors")
-        torch.save(checkpoint.optimizer_state, staging / "optimizer.pt")
-        atomic_write_text(
-            staging / "state.json", json.dumps({"step": checkpoint.step, **checkpoint.extra})
+def _verify_check(trajectory: Trajectory, line: JsonLine, previous: str) -> str | None:
+    body = {k: v for k, v in line.record.items() if k != "check"}
+    expected = chained_check(previous, body)
+    if line.record.get("check") != expected:
+        trajectory.damage = (
+            f"{trajectory.path} line {line.number}: checksum mismatch (the line was changed, "
+            "or does not follow the line before it)"
         )
-        _fsync_dir(staging)
-        if self.checkpoint_dir.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            os.replace(self.checkpoint_dir, previous)
-        os.replace(staging, self.checkpoint_dir)
-        _fsync_dir(self.path)
-        shutil.rmtree(previous, ignore_errors=True)
+    return expected
 
-    def _usable_checkpoint_dir(self) -> Path | None:
-        shutil.rmtree(self.path / "checkpoint.tmp", ignore_errors=True)  # never completed
-        for candidate in (self.checkpoint_dir, self.path / "checkpoint.old"):
-            if (candidate / "state.json").exists():
-                return candidate
-        return None
 
-    def has_checkpoint(self) -> bool:
-        return self._usable_checkpoint_dir() is not None
+def header_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """The first checked field on which a run's header and this setup disagree."""
+    for key in CHECKED_HEADER_FIELDS:
+        if key not in saved or key not in current:
+            continue
+        ours, theirs = saved[key], current[key]
+        if key == "estimator":  # settings added since the run started are not a change
+            common = set(ours) & set(theirs)
+            ours = {k: v for k, v in ours.items() if k in common}
+            theirs = {k: v for k, v in theirs.items() if k in common}
+        if ours != theirs:
+            return f"{key} is {_short(ours)} in the run's header, {_short(theirs)} here"
+    return None
 
-    def load_checkpoint(self, device: torch.device | str = "cpu") -> Checkpoint:
-        folder = self._usable_checkpoint_dir()
-        if folder is None:
-            raise NothingToResumeError(f"{self.path} has no checkpoint")
-        state = json.loads((folder / "state.json").read_text())
-        step = state.pop("step")
-        tensors = load_file(str(folder / "trainable.safetensors"), device=str(device))
-        optimizer_state = torch.load(
-            folder / "optimizer.pt", map_location=device, weights_only=True
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def checkpoint_fits(
+    state: CheckpointState, trajectory: Trajectory, records_per_step: bool
+) -> str | None:
+    """Why a checkpoint does not belong to the trajectory's intact records (None: it does).
+
+    ``records_per_step``: the estimator logs a record per step (every zeroth-order one), so
+    a checkpoint of an older zo (no trajectory mark) at step S needs S records."""
+    if trajectory.header is None:
+        return f"{trajectory.path} has no usable header"
+    needed = records_covered(state, records_per_step)
+    if needed > len(trajectory.steps):
+        return (
+            f"it is at step {state.step} but {trajectory.path} holds only "
+            f"{len(trajectory.steps)} intact step records"
         )
-        return Checkpoint(step, tensors, optimizer_state, state)
+    mark = state.mark.check if state.mark else None
+    if mark is not None and trajectory.format >= 2 and trajectory.checks[needed] != mark:
+        return (
+            f"its trajectory checksum does not match {trajectory.path} at record {needed} "
+            "(the checkpoint belongs to another history of this run)"
+        )
+    return None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class ReplicaRunDirectory(RunDirectory):
-    """A run directory as the other ranks of a data-parallel run see it: they read it (to
-    resume) and rank 0 alone writes, so every write here does nothing."""
-
-    def create(self, config_yaml: str, header: dict[str, Any]) -> None:
-        pass  # rank 0 creates it: checking here would race with that
-
-    def append(self, path: Path, record: dict[str, Any]) -> None:
-        pass
-
-    def rewind(self, step: int) -> None:
-        pass
-
-    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
-        pass
+def records_covered(state: CheckpointState, records_per_step: bool) -> int:
+    """The trajectory records a checkpoint's weights include."""
+    if state.mark is not None:
+        return state.mark.records
+    return state.step if records_per_step else 0

@@ -3,9 +3,19 @@ and tokenizer in the HF cache, and errors that say what to do when the hub canno
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from zo.models import ModelNotFoundError, architecture_for, available_models
+from zo.models.registry import ModelNotFoundError, architecture_for, available_models
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+"""``org/name`` as the hub spells repo ids: one slash, no path-like leading dots."""
+
+
+def is_hub_id(name: str) -> bool:
+    """Shaped like a hub id and not an existing path (a local directory always wins)."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name and not Path(name).exists()
+
 
 HUB_FILES = (
     "config.json",
