@@ -56,6 +56,27 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+class ClosureError(RuntimeError):
+    """A closure that a zeroth-order estimator cannot use (it calls backward())."""
+
+
+def call_closure(closure: Closure) -> torch.Tensor | float:
+    """``closure()``, with the error of a closure that calls ``backward()`` made clear (ZO
+    estimators run it under ``torch.no_grad()``, where torch's own error names no cause)."""
+    try:
+        return closure()
+    except RuntimeError as error:
+        if torch.is_grad_enabled() or "does not require grad" not in str(error):
+            raise
+        raise ClosureError(
+            "the closure called backward() (or autograd.grad): a zeroth-order estimator "
+            "needs no gradients and runs the closure under torch.no_grad(). Return the loss "
+            "without calling loss.backward() or optimizer.zero_grad() "
+            "(loss = opt.step(lambda: model(**batch).loss)); for gradients use a first-order "
+            "estimator (sgd, adamw, lomo)"
+        ) from error
+
+
 _AT_LEAST_0 = (">= 0 and finite", lambda v: 0 <= v < math.inf)
 _ABOVE_0 = ("> 0 and finite", lambda v: 0 < v < math.inf)
 _UNIT = ("in [0, 1)", lambda v: 0 <= v < 1)
@@ -235,10 +256,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         """The closure's loss with W perturbed by ``sign * eps * z(seed)`` (None: plain W),
         left where the closure computed it: reading it would wait for the device."""
         if seed is None:
-            value = closure()
+            value = call_closure(closure)
         else:
             with self.engine.perturbed(seed, self._scales(sign)):
-                value = closure()
+                value = call_closure(closure)
         return value.detach() if isinstance(value, torch.Tensor) else float(value)
 
     def _measure(self, closure: Closure) -> _Measured:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from estimators.base import Closure, StepRecord, _as_float, check_hyperparameters
+from estimators.base import Closure, StepRecord, _as_float, call_closure, check_hyperparameters
 from estimators.registry import register_estimator
 from estimators.zo_sgd import ZOSGD, ZOOptimizer, ZOSGDConfig
 
@@ -281,7 +281,7 @@ class ZOSGDConservative(ZOSGD):
 
     def _candidate_loss(self, closure: Closure, record: StepRecord, direction: float) -> float:
         with self._candidate_weights(record, direction):
-            loss = _as_float(closure())
+            loss = _as_float(call_closure(closure))
         return loss if math.isfinite(loss) else math.inf  # a diverging candidate loses
 
     def _candidate_weights(self, record: StepRecord, direction: float):

@@ -51,6 +51,7 @@ from zo.engine_config import (
     LEGACY_GENERATOR,
     EngineConfig,
     FrozenTensorError,
+    UnperturbedForwardError,
 )
 from zo.engine_config import PERTURBABLE_DTYPES as _PERTURBABLE_DTYPES
 
@@ -59,6 +60,7 @@ __all__ = [
     "EngineConfig",
     "FrozenTensorError",
     "PerturbationEngine",
+    "UnperturbedForwardError",
     "build_engine",
     "engine_version",
     "mix_seed",
@@ -405,6 +407,15 @@ class PerturbationEngine:
                 yield
         finally:
             forward.close()
+        if not forward.seen_set and any(scales):
+            raise UnperturbedForwardError(
+                "no module that owns a trainable tensor ran inside the perturbed pass (a ZO "
+                "estimator's closure), so the loss cannot see the perturbation and its "
+                "projected gradient would be 0. The engine perturbs a weight only inside the "
+                "forward of the module that owns it: compute the loss by calling the model "
+                "(e.g. model(**batch).loss), not from parameters read directly (p.sum(), "
+                "p.data, a state_dict or a copy of the model)"
+            )
 
     def output_side(self, module: nn.Module, index: int, args) -> bool:
         """Perturb through the output instead of a weight copy? Only where it is cheap.

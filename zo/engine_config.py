@@ -70,6 +70,10 @@ class FrozenTensorError(RuntimeError):
     """Raised when something asks the engine to perturb a tensor it must not touch."""
 
 
+class UnperturbedForwardError(RuntimeError):
+    """A perturbed pass ran no module owning a trainable tensor: its loss cannot change."""
+
+
 CPU_CHUNK = 1 << 20
 ACCELERATOR_CHUNK = 1 << 22
 CPU_BUCKET = 1 << 22
