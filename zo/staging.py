@@ -30,10 +30,8 @@ def _old_prefix(out: Path) -> str:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether ``pid`` runs on this host (the calling process counts as not running: what it
-    finds under its own pid was left by an earlier process that had the same pid)."""
-    if pid == os.getpid():
-        return False
+    """Whether ``pid`` runs on this host (this process included: its threads may be
+    writing)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
