@@ -8,6 +8,7 @@ import importlib
 import pkgutil
 
 from estimators.base import (
+    ClosureError,
     NonFiniteLossError,
     StepRecord,
     ZOEstimate,
@@ -31,6 +32,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "ESTIMATORS",
+    "ClosureError",
     "EstimatorSpec",
     "NonFiniteLossError",
     "StepRecord",

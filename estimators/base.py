@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from zo.engine import EngineConfig, PerturbationEngine, mix_seed
+from zo.engine import EngineConfig, build_engine, mix_seed
 
 Closure = Callable[[], "torch.Tensor | float"]
 
@@ -54,6 +54,27 @@ class StepRecord:
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+class ClosureError(RuntimeError):
+    """A closure that a zeroth-order estimator cannot use (it calls backward())."""
+
+
+def call_closure(closure: Closure) -> torch.Tensor | float:
+    """``closure()``, with the error of a closure that calls ``backward()`` made clear (ZO
+    estimators run it under ``torch.no_grad()``, where torch's own error names no cause)."""
+    try:
+        return closure()
+    except RuntimeError as error:
+        if torch.is_grad_enabled() or "does not require grad" not in str(error):
+            raise
+        raise ClosureError(
+            "the closure called backward() (or autograd.grad): a zeroth-order estimator "
+            "needs no gradients and runs the closure under torch.no_grad(). Return the loss "
+            "without calling loss.backward() or optimizer.zero_grad() "
+            "(loss = opt.step(lambda: model(**batch).loss)); for gradients use a first-order "
+            "estimator (sgd, adamw, lomo)"
+        ) from error
 
 
 _AT_LEAST_0 = (">= 0 and finite", lambda v: 0 <= v < math.inf)
@@ -128,6 +149,53 @@ def differentiable_loss(
     return loss, value
 
 
+@dataclass
+class _Measured:
+    """An estimate's scalars and losses as device fp64 tensors, not yet read."""
+
+    step: int
+    seeds: list[int]
+    scalars: torch.Tensor
+    losses: torch.Tensor
+
+    def read(self) -> ZOEstimate:
+        """Read once (one device-to-host copy); a non-finite value raises."""
+        values = torch.cat([self.scalars, self.losses]).tolist()
+        scalars, losses = values[: len(self.seeds)], values[len(self.seeds) :]
+        if not all(math.isfinite(v) for v in values):
+            bad = next(v for v in losses + scalars if not math.isfinite(v))
+            raise NonFiniteLossError(
+                f"the closure returned a non-finite loss or estimate ({bad}) at step "
+                f"{self.step}; lower eps or lr, or check the batch"
+            )
+        return ZOEstimate(self.step, self.seeds, scalars, sum(losses) / len(losses))
+
+
+def _as_fp64(values: list[torch.Tensor | float]) -> torch.Tensor:
+    """Losses stacked in fp64 where the closure left them (a float closure: on the CPU)."""
+    if all(isinstance(v, torch.Tensor) for v in values):
+        return torch.stack([v.reshape(()) for v in values]).to(torch.float64)  # type: ignore[union-attr]
+    return torch.tensor([_as_float(v) for v in values], dtype=torch.float64)
+
+
+def _scalar_like(value: float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-d device tensor: dividing by it is exact IEEE division (a CUDA
+    kernel given a host scalar divisor multiplies by its reciprocal instead)."""
+    return torch.full((), value, dtype=like.dtype, device=like.device)
+
+
+_IDENTITY: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _identity_coefficients(queries: int, device: torch.device) -> torch.Tensor:
+    """``[1, 0, .., 0]``: the update that leaves the weights as they are."""
+    key = (queries, device)
+    if key not in _IDENTITY:
+        values = [1.0] + [0.0] * queries
+        _IDENTITY[key] = torch.tensor(values, dtype=torch.float64, device=device)
+    return _IDENTITY[key]
+
+
 class ZOOptimizer(torch.optim.Optimizer):
     """Base class: two-point (or one-point) seed-replay estimates over param groups.
 
@@ -152,7 +220,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.one_point = one_point
         self.run_seed = seed
         tensors = [p for group in self.param_groups for p in group["params"]]
-        self.engine = PerturbationEngine(tensors, engine)
+        self.engine = build_engine(tensors, engine)
         self._group_indices: list[list[int]] = []
         start = 0
         for group in self.param_groups:
@@ -176,17 +244,45 @@ class ZOOptimizer(torch.optim.Optimizer):
         ]
 
     def _evaluate(self, closure: Closure, seed: int | None, sign: float) -> float:
-        if seed is None:
-            loss = _as_float(closure())
-        else:
-            with self.engine.perturbed(seed, self._scales(sign)):
-                loss = _as_float(closure())
+        loss = _as_float(self._loss(closure, seed, sign))
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"the closure returned a non-finite loss ({loss}) at step {self.step_count}; "
                 "lower eps or lr, or check the batch"
             )
         return loss
+
+    def _loss(self, closure: Closure, seed: int | None, sign: float) -> torch.Tensor | float:
+        """The closure's loss with W perturbed by ``sign * eps * z(seed)`` (None: plain W),
+        left where the closure computed it: reading it would wait for the device."""
+        if seed is None:
+            value = call_closure(closure)
+        else:
+            with self.engine.perturbed(seed, self._scales(sign)):
+                value = call_closure(closure)
+        return value.detach() if isinstance(value, torch.Tensor) else float(value)
+
+    def _measure(self, closure: Closure) -> _Measured:
+        """Run the estimate's forwards; scalars and losses stay device tensors (fp64, with
+        Python's float arithmetic, so a read gives what host arithmetic would)."""
+        seeds = self.seeds_for(self.step_count)
+        eps = self.param_groups[0]["eps"]  # groups scale z by their own eps ratio below
+        if self.one_point:
+            base = self._loss(closure, None, 0.0)
+            values = [self._loss(closure, seed, 1.0) for seed in seeds]
+            stacked = _as_fp64([base, *values])
+            base, values = stacked[:1], stacked[1:]
+            scalars = (values - base) / _scalar_like(eps, values)
+            losses = base
+        else:
+            values = []
+            for seed in seeds:
+                values += [self._loss(closure, seed, 1.0), self._loss(closure, seed, -1.0)]
+            pairs = _as_fp64(values).view(-1, 2)
+            plus, minus = pairs[:, 0], pairs[:, 1]
+            scalars = (plus - minus) / _scalar_like(2 * eps, plus)
+            losses = (plus + minus) / _scalar_like(2.0, plus)
+        return _Measured(self.step_count, seeds, scalars, losses)
 
     @torch.no_grad()
     def estimate(self, closure: Closure) -> ZOEstimate:
@@ -195,21 +291,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         Call it once per micro-batch, then :meth:`step` once: every micro-batch of a step
         uses the same seeds, and ``step`` averages their scalars.
         """
-        seeds = self.seeds_for(self.step_count)
-        scalars, losses = [], []
-        eps = self.param_groups[0]["eps"]  # groups scale z by their own eps ratio below
-        if self.one_point:
-            base = self._evaluate(closure, None, 0.0)
-            losses.append(base)
-            for seed in seeds:
-                scalars.append((self._evaluate(closure, seed, 1.0) - base) / eps)
-        else:
-            for seed in seeds:
-                plus = self._evaluate(closure, seed, 1.0)
-                minus = self._evaluate(closure, seed, -1.0)
-                scalars.append((plus - minus) / (2 * eps))
-                losses.append((plus + minus) / 2)
-        estimate = ZOEstimate(self.step_count, seeds, scalars, sum(losses) / len(losses))
+        estimate = self._measure(closure).read()
         self._pending.append(estimate)
         return estimate
 
@@ -227,6 +309,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
         """``step(closure)`` = ``estimate(closure)`` then apply; ``step()`` applies the pending ones."""
+        fused = self._fused_step and not self._pending and self.reduce_scalars is None
+        if closure is not None and fused:
+            return self._step_without_sync(closure)
         if closure is not None:
             self.estimate(closure)
         scalars, loss = self._combine_pending()
@@ -243,6 +328,52 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.apply_record(record)
         self.last_record = record
         return loss
+
+    _fused_step = False
+    """Whether ``step(closure)`` may update before reading its scalars: the update must be
+    :meth:`_linear_factor` times the scalars, with nothing else decided from them."""
+
+    def _step_without_sync(self, closure: Closure) -> float:
+        """Estimate and update with the scalars on the device; read them once, after.
+
+        A non-finite loss or scalar zeroes the update on the device (decay 1, coefficients
+        0: the weights are left bit for bit) and raises once read, as :meth:`estimate` does.
+        The coefficients are the ones :meth:`apply_record` computes from the recorded
+        scalars, so replay is bit-exact.
+        """
+        measured = self._measure(closure)
+        lrs = [group["lr"] for group in self.param_groups]
+        weight_decays = [group["weight_decay"] for group in self.param_groups]
+        scalars = measured.scalars
+        finite = torch.isfinite(torch.cat([scalars, measured.losses])).all()
+        keep = None
+        for group_index, indices in enumerate(self._group_indices):
+            factor = self._linear_factor(lrs, group_index, len(measured.seeds))
+            decay = 1.0 - lrs[group_index] * weight_decays[group_index]
+            if factor == 0.0 and decay == 1.0:
+                continue  # lr = 0: nothing to write, so the weights stay bit-identical
+            if keep is None:
+                keep = _identity_coefficients(len(measured.seeds), scalars.device)
+            coefficients = torch.cat([_scalar_like(decay, scalars).view(1), scalars * factor])
+            coefficients = torch.where(finite, coefficients, keep).to(torch.float32)
+            self.engine.update_device(measured.seeds, coefficients, indices)
+        estimate = measured.read()  # the step's one read of device values
+        record = StepRecord(
+            step=self.step_count,
+            seeds=measured.seeds,
+            scalars=estimate.scalars,
+            lrs=lrs,
+            weight_decays=weight_decays,
+            loss=estimate.loss,
+        )
+        self.last_record = record
+        self.step_count += 1
+        return estimate.loss
+
+    def _linear_factor(self, lrs: Sequence[float], group_index: int, queries: int) -> float:
+        """For linear estimators: query ``q``'s coefficient in group ``group_index``'s
+        update is this factor times scalar ``q``."""
+        raise NotImplementedError
 
     def skip_step(self, reason: str) -> StepRecord:
         """Spend this step without an update (the loop's ``train.on_nonfinite=skip``).

@@ -83,6 +83,8 @@ class ForwardGrad(ZOSGD):
             params, lr=lr, weight_decay=weight_decay, queries=queries, seed=seed, engine=engine
         )
 
+    _fused_step = False  # its estimate reads each directional derivative
+
     def direction_scale(self, group_index: int) -> float:
         return 1.0  # tangents are the raw directions in every group
 

@@ -26,6 +26,11 @@ class ZOSGDConfig:
 
 @register_estimator("zo_sgd", ZOSGDConfig, zeroth_order=True, memory=EstimatorMemory())
 class ZOSGD(ZOOptimizer):
+    _fused_step = True
+
+    def _linear_factor(self, lrs: Sequence[float], group_index: int, queries: int) -> float:
+        return -lrs[group_index] * self.direction_scale(group_index) / queries
+
     def _group_coefficients(self, record: StepRecord, group_index: int) -> Sequence[float]:
-        factor = -record.lrs[group_index] * self.direction_scale(group_index) / len(record.scalars)
+        factor = self._linear_factor(record.lrs, group_index, len(record.scalars))
         return [factor * scalar for scalar in record.scalars]

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from estimators.base import Closure, StepRecord, _as_float, check_hyperparameters
+from estimators.base import Closure, StepRecord, _as_float, call_closure, check_hyperparameters
 from estimators.registry import register_estimator
 from estimators.zo_sgd import ZOSGD, ZOOptimizer, ZOSGDConfig
 from zo.memory import EstimatorMemory
@@ -261,6 +261,8 @@ class ZOSGDConservative(ZOSGD):
     micro-batch's closure until :meth:`step` so the candidates see the same batches.
     """
 
+    _fused_step = False  # the choice is made on the host from the candidates' losses
+
     def __init__(self, params, **kwargs: Any):
         super().__init__(params, **kwargs)
         self._batches: list[tuple[Closure, float | None]] = []
@@ -292,7 +294,7 @@ class ZOSGDConservative(ZOSGD):
 
     def _candidate_loss(self, closure: Closure, record: StepRecord, direction: float) -> float:
         with self._candidate_weights(record, direction):
-            loss = _as_float(closure())
+            loss = _as_float(call_closure(closure))
         return loss if math.isfinite(loss) else math.inf  # a diverging candidate loses
 
     def _candidate_weights(self, record: StepRecord, direction: float):
@@ -316,29 +318,7 @@ class ZOSGDConservative(ZOSGD):
         self, index: int, seeds: Sequence[int], coefficients: Sequence[float], decay: float
     ) -> torch.Tensor | None:
         """``decay * W + sum_q c_q z_q`` as a new tensor, rounded exactly as the update rounds."""
-        terms = [(s, c) for s, c in zip(seeds, coefficients, strict=True) if c != 0.0]
-        if not terms and decay == 1.0:
-            return None
-        tensor = self.engine.tensors[index].detach()
-        out = torch.empty_like(tensor)
-        source, target = tensor.reshape(-1), out.view(-1)
-
-        def make_job(chunk: int, start: int, stop: int) -> Callable[[], None]:
-            def job() -> None:
-                acc = source[start:stop].to(torch.float32, copy=True)
-                if decay != 1.0:
-                    acc.mul_(decay)
-                for seed, coefficient in terms:
-                    acc.add_(
-                        self.engine.draw(seed, index, chunk, stop - start, acc.device),
-                        alpha=coefficient,
-                    )
-                target[start:stop].copy_(acc)
-
-            return job
-
-        self.engine.run_jobs([make_job(*c) for c in self.engine.chunks(index)], [index])
-        return out
+        return self.engine.updated_copy(seeds, coefficients, decay, index)
 
     def _coefficients(self, record: StepRecord, group_index: int, direction: float) -> list[float]:
         return [direction * c for c in super()._group_coefficients(record, group_index)]

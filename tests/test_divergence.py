@@ -136,7 +136,7 @@ def poisoned(monkeypatch):
             if weights:
                 with torch.no_grad():
                     next(iter(setup.trainable.params)).fill_(math.inf)
-            return lambda: torch.tensor(math.nan)
+            return lambda: closure() * math.nan  # the model runs, its loss is NaN
 
         monkeypatch.setattr(loop, "training_closure", closure_for)
 

@@ -8,7 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from zo.engine import EngineConfig, FrozenTensorError, PerturbationEngine, mix_seed
+from zo.engine import (
+    EngineConfig,
+    FrozenTensorError,
+    PerturbationEngine,
+    build_engine,
+    mix_seed,
+    recorded_generator,
+    resolve_generator,
+)
+from zo.engine_v1 import EngineV1
+
+GENERATORS = ["philox", "torch-blocks"]
 
 
 class TiedLM(nn.Module):
@@ -89,22 +100,124 @@ def test_rademacher_directions_are_signs():
     assert set(z.unique().tolist()) == {-1.0, 1.0}
 
 
+@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize(
     ("offload_threshold", "offload_max_rows"), [(1 << 22, 64), (0, 64), (0, 0)]
 )
-def test_perturbed_forward_equals_dense_perturbed_weights(offload_threshold, offload_max_rows):
+def test_perturbed_forward_equals_dense_perturbed_weights(
+    generator, offload_threshold, offload_max_rows
+):
     # threshold 0 sends the embedding and the linear layers through the output-side path;
     # max_rows 0 then keeps the linear layers on weight copies
     model = TiedLM()
     engine = engine_for(
-        model, chunk_size=48, offload_threshold=offload_threshold, offload_max_rows=offload_max_rows
+        model,
+        chunk_size=48,
+        offload_threshold=offload_threshold,
+        offload_max_rows=offload_max_rows,
+        generator=generator,
     )
     with torch.no_grad():
         with engine.perturbed(11, 0.01):
             perturbed = model(IDS)
         expected = dense_reference(model, engine, 11, 0.01)(IDS)
-    torch.testing.assert_close(perturbed, expected, rtol=1e-5, atol=1e-5)
+    if offload_threshold:  # weight copies: the reference's arithmetic exactly
+        assert torch.equal(perturbed, expected)
+    else:  # the output side adds x z^T (or gathered rows) to x W^T: the same sum, rounded
+        torch.testing.assert_close(perturbed, expected, rtol=1e-5, atol=1e-5)
     assert not torch.equal(perturbed, model(IDS))
+
+
+@pytest.mark.parametrize("generator", GENERATORS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bucketed_copies_are_bit_identical_to_the_dense_reference(generator, dtype):
+    """A bucket's copies are ``W + scale * z`` computed in fp32 and rounded once: the weights
+    each module sees equal the dense reference's in every dtype."""
+    model = TiedLM().to(dtype)
+    engine = engine_for(model, generator=generator)
+    seen = {}
+
+    def record(module, args):  # runs after the engine's hook: sees what the module sees
+        for name, param in module._parameters.items():
+            if param is not None:
+                seen[(id(module), name)] = param.detach().clone()
+
+    with torch.no_grad():
+        with engine.perturbed(4, 0.02):
+            hook = nn.modules.module.register_module_forward_pre_hook(record)
+            try:
+                model(IDS)
+            finally:
+                hook.remove()
+        reference = dense_reference(model, engine, 4, 0.02)
+    assert len(seen) == 6  # the tied embedding is seen by two modules
+    for (module_id, name), weight in seen.items():
+        module = next(m for m in model.modules() if id(m) == module_id)
+        path = next(n for n, m in model.named_modules() if m is module)
+        expected = reference.get_submodule(path)._parameters[name]
+        assert weight.dtype == dtype and torch.equal(weight, expected), (path, name)
+
+
+@pytest.mark.parametrize("generator", GENERATORS)
+def test_buckets_prefetch_and_plan_change_no_value(generator):
+    """Global coordinates: per-tensor draws, small or one big bucket, drawing ahead, and the
+    first forward (no plan yet) all see the same perturbed model."""
+    model = TiedLM(vocab=300, dim=32)
+    outputs = []
+    settings = [(1, "off"), (700, "on"), (1 << 30, "off"), (700, "off"), (1, "on")]
+    for bucket_size, prefetch in settings:
+        engine = engine_for(
+            model, generator=generator, bucket_size=bucket_size, prefetch=prefetch, threads=2
+        )
+        for _ in range(2):  # the first forward learns the bucket plan the second one uses
+            with torch.no_grad(), engine.perturbed(5, 0.01):
+                outputs.append(model(IDS))
+        engine.close()
+    assert all(torch.equal(output, outputs[0]) for output in outputs)
+
+
+@pytest.mark.parametrize("generator", GENERATORS)
+def test_update_with_device_coefficients_equals_host_coefficients(generator):
+    host, device = TiedLM(), TiedLM()
+    engine_for(host, generator=generator).update([1, 2], [0.5, -0.25], decay=0.9)
+    engine_for(device, generator=generator).update_device([1, 2], torch.tensor([0.9, 0.5, -0.25]))
+    for a, b in zip(host.parameters(), device.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("generator", [*GENERATORS, "torch-chunks-v1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_updated_copy_is_what_update_writes(generator, dtype):
+    """ZO-SGD-Conservative scores the weights an update would write: the same bits."""
+    model = TiedLM().to(dtype)
+    config = EngineConfig(generator=generator, chunk_size=50)
+    engine = build_engine(list(model.parameters()), config)
+    copies = [engine.updated_copy([1, 2], [0.5, -0.25], 0.9, i) for i in range(5)]
+    engine.update([1, 2], [0.5, -0.25], decay=0.9)
+    for param, copy_ in zip(model.parameters(), copies, strict=True):
+        assert torch.equal(param, copy_)
+    assert engine.updated_copy([1], [0.0], 1.0, 0) is None
+
+
+def test_generator_choice_and_the_recorded_one():
+    assert resolve_generator(EngineConfig(), "cpu") == "torch-blocks"
+    assert resolve_generator(EngineConfig(), "cuda") == "philox"
+    assert resolve_generator(EngineConfig(generator="philox"), "cpu") == "philox"
+    assert engine_for(TiedLM(), generator="philox").generator_name == "philox"
+    legacy = build_engine(list(TiedLM().parameters()), EngineConfig(generator="torch-chunks-v1"))
+    assert isinstance(legacy, EngineV1)
+    assert recorded_generator({"engine_version": "1"}) == "torch-chunks-v1"
+    assert recorded_generator({"engine_version": "2", "generator": "philox"}) == "philox"
+    with pytest.raises(ValueError, match="engine version '3'.*other directions"):
+        recorded_generator({"engine_version": "3"})
+    with pytest.raises(ValueError, match="generator 'mt'.*does not have"):
+        recorded_generator({"engine_version": "2", "generator": "mt"})
+    with pytest.raises(ValueError, match="belongs to engine version '1'"):
+        recorded_generator({"engine_version": "2", "generator": "torch-chunks-v1"})
+    with pytest.raises(ValueError, match="names no direction generator"):
+        recorded_generator({"engine_version": "2"})
+    with pytest.raises(ValueError, match="choose one of"):
+        EngineConfig(generator="mt")
 
 
 def test_per_tensor_scales():
@@ -121,11 +234,12 @@ def test_per_tensor_scales():
     torch.testing.assert_close(perturbed, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("generator", GENERATORS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_weights_are_bit_identical_after_perturbed_forwards(dtype):
+def test_weights_are_bit_identical_after_perturbed_forwards(dtype, generator):
     model = TiedLM().to(dtype)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    engine = engine_for(model, chunk_size=50)
+    engine = engine_for(model, chunk_size=50, generator=generator, offload_threshold=0)
     with torch.no_grad():
         for sign in (1.0, -1.0):
             with engine.perturbed(3, sign * 1e-3):
@@ -135,9 +249,10 @@ def test_weights_are_bit_identical_after_perturbed_forwards(dtype):
         assert torch.equal(value, before[key]), key
 
 
-def test_update_matches_manual_formula():
+@pytest.mark.parametrize("generator", GENERATORS)
+def test_update_matches_manual_formula(generator):
     model = TiedLM()
-    engine = engine_for(model, chunk_size=50)
+    engine = engine_for(model, chunk_size=50, generator=generator)
     expected = [
         p.detach() * 0.9 + 0.5 * engine.direction(1, i) - 0.25 * engine.direction(2, i)
         for i, p in enumerate(model.parameters())
@@ -177,6 +292,10 @@ def test_integer_tensors_are_refused():
 def test_bad_engine_config():
     with pytest.raises(ValueError, match="choose one of"):
         EngineConfig(distribution="uniform")
+    with pytest.raises(ValueError, match="bucket_size"):
+        EngineConfig(bucket_size=-1)
+    with pytest.raises(ValueError, match="prefetch"):
+        EngineConfig(prefetch="yes")
 
 
 def test_substituted_shows_replacements_only_during_the_forward():

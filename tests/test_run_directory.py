@@ -177,7 +177,7 @@ def test_resume_and_replay_refuse_a_header_this_setup_does_not_match(
     smoke_run, tmp_path, capsys, monkeypatch
 ):
     run = copy_run(smoke_run, tmp_path / "run")
-    monkeypatch.setattr("zo.train.ENGINE_VERSION", "another-engine")
+    monkeypatch.setattr("zo.train.engine_version", lambda generator: "another-engine")
     assert resume(run) == 2
     assert "line 1: engine_version is" in capsys.readouterr().err
     assert zo("replay", str(run), "--out", str(tmp_path / "replayed")) == 2

@@ -46,15 +46,22 @@ def test_matches_naive_mezo_step():
     optimizer.step(lambda: lm_loss(model))
     record = optimizer.last_record
     grad = naive_mezo_step(reference, optimizer.engine, record.seeds[0], 1e-2, 1e-3, 0.1)
+    # A tolerance, not bits: the naive step perturbs in place (W + eps z - 2 eps z + eps z
+    # rounds differently from W, and its forwards see those rounded weights) and updates in
+    # two roundings per term; the engine sees W + eps z rounded once and restores exactly.
+    # Same directions, same formula: the bit-level equalities are in test_engine.py.
     assert record.scalars[0] == pytest.approx(grad, rel=1e-3, abs=1e-3)
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
-def test_step_with_closure_equals_estimate_then_step():
-    a, b = TiedLM(), TiedLM()
-    opt_a = ZOSGD(a.parameters(), lr=1e-2, queries=2, seed=1)
-    opt_b = ZOSGD(b.parameters(), lr=1e-2, queries=2, seed=1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_with_closure_equals_estimate_then_step(dtype):
+    """The fused, sync-free ``step(closure)`` (coefficients computed on the device) against
+    the reference path (scalars read, then ``apply_record``): the same bits."""
+    a, b = TiedLM().to(dtype), TiedLM().to(dtype)
+    opt_a = ZOSGD(a.parameters(), lr=1e-2, queries=2, seed=1, weight_decay=0.1)
+    opt_b = ZOSGD(b.parameters(), lr=1e-2, queries=2, seed=1, weight_decay=0.1)
     for _ in range(3):
         loss_a = opt_a.step(lambda: lm_loss(a))
         estimate = opt_b.estimate(lambda: lm_loss(b))
@@ -173,9 +180,45 @@ def test_non_finite_loss_is_an_error_not_a_corrupted_model():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = ZOSGD(model.parameters())
     with pytest.raises(estimators.NonFiniteLossError, match="non-finite"):
-        optimizer.step(lambda: torch.tensor(math.nan))
+        optimizer.step(lambda: lm_loss(model) * math.nan)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().view(torch.int16 if tensor.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fused_step_on_a_non_finite_loss_writes_nothing_and_ends_as_a_replayable_skip(dtype):
+    """The sync-free step updates before it reads its scalars: with a NaN loss its update runs
+    with coefficients (decay 1, c 0) on the device, which leaves every weight bit for bit
+    (randn weights hold no -0.0, the one value that ``w + 0`` would turn into +0.0). It then
+    raises; ``skip_step`` records the step, and a replay of the records ends on the same bits."""
+    model, replica = TiedLM().to(dtype), TiedLM().to(dtype)
+    optimizer = ZOSGD(model.parameters(), lr=1e-2, weight_decay=0.1, seed=3)
+    calls = []
+    update_device = optimizer.engine.update_device
+    optimizer.engine.update_device = lambda *a, **k: calls.append(1) or update_device(*a, **k)
+    optimizer.step(lambda: lm_loss(model))
+    records = [optimizer.last_record]
+    before = [_bits(p).clone() for p in model.parameters()]
+    with pytest.raises(estimators.NonFiniteLossError, match="non-finite"):
+        optimizer.step(lambda: lm_loss(model) * math.nan)
+    assert len(calls) == 2  # both steps went through the fused path, the NaN one too
+    assert all(torch.equal(_bits(p), b) for p, b in zip(model.parameters(), before, strict=True))
+    assert optimizer.step_count == 1
+    records.append(optimizer.skip_step("non-finite loss"))
+    optimizer.step(lambda: lm_loss(model))
+    records.append(optimizer.last_record)
+    assert [r.step for r in records] == [0, 1, 2] and records[1].extra == {
+        "skipped": "non-finite loss"
+    }
+    replay = ZOSGD(replica.parameters(), seed=3)
+    for record in records:
+        replay.apply_record(StepRecord.from_dict(record.to_dict()))
+    for p, q in zip(model.parameters(), replica.parameters(), strict=True):
+        assert torch.equal(_bits(p), _bits(q))
 
 
 def test_step_without_estimate_and_bad_hyperparameters():

@@ -1,22 +1,26 @@
 """Seed-replay perturbation engine: the only owner of randomness for directions.
 
-Every zeroth-order estimator is a sequence of passes over the trainable tensors that
-add ``scale * z`` to them, where ``z`` is regenerated from a seed and never stored.
+Every zeroth-order estimator is a sequence of passes over the trainable tensors that add
+``scale * z`` to them, where ``z`` is regenerated from a seed and never stored.
 
-* Seeds. A step seed is ``mix_seed(run_seed, step, query)``. Chunk ``c`` of tensor ``i``
-  draws from its own ``torch.Generator`` seeded with ``mix_seed(step_seed, i, c)``, so a
-  chunk's values depend on nothing but those numbers: serial and threaded generation
-  are bit-identical, and no global RNG is touched.
-* Memory. Directions are drawn one fixed-size chunk at a time, so the temporary is a
-  chunk, not the largest tensor.
+* Directions come from a generator (:mod:`zo.directions`) addressed by global coordinates
+  ``(step seed, tensor index, element offset)``: how a pass cuts tensors into buckets or
+  chunks, the thread count and the device placement never change a value. A step seed is
+  ``mix_seed(run_seed, step, query)``; no global RNG is touched.
 * Exact restore. Perturbations are *functional*: while a forward runs inside
   :meth:`PerturbationEngine.perturbed`, each module that owns a trainable tensor sees
-  ``W + scale * z`` computed on the fly, and the stored ``W`` is never written. Restoring
-  is therefore free and bit-exact in every dtype, and a two-point step costs three
-  passes over the weights (two perturbed forwards and one update), not four.
+  ``W + scale * z`` and the stored ``W`` is never written, so restoring is free and exact in
+  every dtype, and a two-point step costs three passes over the weights, not four.
+* Few kernels per pass. A perturbed forward materialises the trainable tensors a *bucket*
+  at a time -- consecutive tensors in the order the previous forward used them, up to
+  ``bucket_size`` elements -- in one generator call (one kernel on CUDA), and hands each
+  module views of it; the next bucket can be drawn while the current one computes
+  (``prefetch``). The update is one call over all tensors, with coefficients that may live on
+  the device, so a step needs no host read until its scalars are recorded.
 * Large embeddings and output heads are not copied: their perturbation is added to the
-  module's output (``z`` rows gathered for an embedding, ``x @ z.T`` for a linear layer),
-  chunk by chunk, so a perturbed forward needs no more memory than a plain one.
+  module's output (the batch's rows of ``z`` for an embedding, ``x @ z.T`` chunk by chunk
+  for a linear layer at few rows), so a perturbed forward needs no more memory than a plain
+  one.
 """
 
 from __future__ import annotations
@@ -25,31 +29,51 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-ENGINE_VERSION = "1"
+from zo.buckets import PerturbedForward, Plan, Swap, swapping
+from zo.directions import (
+    GENERATOR_NAMES,
+    DirectionGenerator,
+    default_generator,
+    generators,
+    mix_seed,
+    run_jobs,
+    splitmix64,
+)
+from zo.engine_config import (
+    ACCELERATOR_BUCKET,
+    ACCELERATOR_CHUNK,
+    CPU_BUCKET,
+    CPU_CHUNK,
+    LEGACY_GENERATOR,
+    EngineConfig,
+    FrozenTensorError,
+    UnperturbedForwardError,
+)
+from zo.engine_config import PERTURBABLE_DTYPES as _PERTURBABLE_DTYPES
 
-_MASK64 = (1 << 64) - 1
+__all__ = [
+    "ENGINE_VERSION",
+    "EngineConfig",
+    "FrozenTensorError",
+    "PerturbationEngine",
+    "UnperturbedForwardError",
+    "build_engine",
+    "engine_version",
+    "mix_seed",
+    "recorded_generator",
+    "resolve_generator",
+    "seeded",
+    "splitmix64",
+]
 
-
-def splitmix64(value: int) -> int:
-    """One round of the splitmix64 finaliser: a cheap, well-mixed 64-bit hash."""
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-def mix_seed(*parts: int) -> int:
-    """Fold integers into one 63-bit seed; order matters, collisions are negligible."""
-    state = 0x5A4F2D454E47494E  # "ZO-ENGIN": keeps mix_seed(0) away from splitmix64(0)
-    for part in parts:
-        state = splitmix64(state ^ (int(part) & _MASK64))
-    return state >> 1  # torch.Generator.manual_seed takes any non-negative int < 2**64
+ENGINE_VERSION = "2"
+"""1: per-chunk torch generators (``torch-chunks-v1``); 2: generators by global coordinates,
+bucketed passes, device-side update coefficients. The trajectory header records it and the
+generator's name; :func:`recorded_generator` maps a header back to its generator."""
 
 
 @contextlib.contextmanager
@@ -68,58 +92,71 @@ def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None
         yield
 
 
-def _fill_gaussian(out: torch.Tensor, generator: torch.Generator) -> None:
-    out.normal_(generator=generator)
+def resolve_generator(config: EngineConfig, device: torch.device | str) -> str:
+    """The generator a run with ``config`` on ``device`` draws with (``auto`` resolved)."""
+    return default_generator(device) if config.generator == "auto" else config.generator
 
 
-def _fill_rademacher(out: torch.Tensor, generator: torch.Generator) -> None:
-    out.random_(0, 2, generator=generator).mul_(2).sub_(1)
+def engine_version(generator: str) -> str:
+    """The engine version whose directions ``generator`` draws (what a header records)."""
+    return "1" if generator == LEGACY_GENERATOR else ENGINE_VERSION
 
 
-DISTRIBUTIONS: dict[str, Callable[[torch.Tensor, torch.Generator], None]] = {
-    "gaussian": _fill_gaussian,
-    "rademacher": _fill_rademacher,
-}
+def recorded_generator(header: dict) -> str:
+    """The generator a trajectory was written with, from its header.
+
+    Version-1 headers name none: they drew with ``torch-chunks-v1``. A header from an engine
+    version or generator this code does not know, or naming a generator of another engine
+    version, is refused rather than replayed with other directions.
+    """
+    version = str(header.get("engine_version", ""))
+    known = {"1", ENGINE_VERSION}
+    advice = "resuming or replaying it here would draw other directions (use the zo that wrote it)"
+    if version not in known:
+        raise ValueError(
+            f"the run was written by engine version {version!r}; this zo knows engine "
+            f"versions {sorted(known)}: {advice}"
+        )
+    if "generator" not in header:
+        if version == "1":
+            return LEGACY_GENERATOR
+        raise ValueError(f"engine version {version!r} names no direction generator: {advice}")
+    generator = str(header["generator"])
+    if generator not in (*GENERATOR_NAMES, LEGACY_GENERATOR):
+        raise ValueError(
+            f"the run drew its directions with generator {generator!r}, which this zo does "
+            f"not have (it has {[*GENERATOR_NAMES, LEGACY_GENERATOR]}): {advice}"
+        )
+    if engine_version(generator) != version:
+        raise ValueError(
+            f"generator {generator!r} belongs to engine version {engine_version(generator)!r}, "
+            f"the header says {version!r}: {advice}"
+        )
+    return generator
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """How directions are drawn. Changing any field changes every direction."""
+def build_engine(tensors: Sequence[torch.Tensor], config: EngineConfig | None = None):
+    """The engine for ``config.generator``: version 2's, or version 1's for its old runs."""
+    config = config or EngineConfig()
+    if config.generator == LEGACY_GENERATOR:
+        from zo.engine_v1 import EngineV1
 
-    chunk_size: int = 0
-    """Elements per chunk; the per-draw temporary is one chunk of fp32. 0 = by device:
-    2**20 on CPU (4 MiB), 2**22 on accelerators (16 MiB), where chunks cost launches."""
-    threads: int = 0
-    """Worker threads drawing chunks on CPU; 0 = one per intra-op thread (max 8)."""
-    distribution: str = "gaussian"
-    """Direction law: ``gaussian`` or ``rademacher`` (both have E[z z^T] = I)."""
-    offload_threshold: int = 1 << 22
-    """Embedding / linear weights above this many elements get the output-side
-    perturbation instead of a perturbed copy (saves one weight-sized temporary)."""
-    offload_max_rows: int = 64
-    """A large linear layer is perturbed output-side only when its input has at most this
-    many rows (the LM head at scored positions); beyond, the extra matmul costs more."""
+        return EngineV1(tensors, config)
+    return PerturbationEngine(tensors, config)
 
-    def __post_init__(self) -> None:
-        if self.chunk_size < 0:
-            raise ValueError(f"engine.chunk_size must be >= 0 (0 = auto), got {self.chunk_size}")
-        if self.threads < 0:
-            raise ValueError(f"engine.threads must be >= 0, got {self.threads}")
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(
-                f"engine.distribution {self.distribution!r} is unknown; "
-                f"choose one of {sorted(DISTRIBUTIONS)}"
+
+def _check_perturbable(tensors: Sequence[torch.Tensor]) -> dict[int, int]:
+    for index, tensor in enumerate(tensors):
+        if tensor.dtype not in _PERTURBABLE_DTYPES:
+            raise FrozenTensorError(
+                f"trainable tensor {index} has dtype {tensor.dtype}; the engine perturbs "
+                "only floating-point tensors (a quantized base stays frozen: train a "
+                "sparse delta or LoRA over it instead)"
             )
-
-
-class FrozenTensorError(RuntimeError):
-    """Raised when something asks the engine to perturb a tensor it must not touch."""
-
-
-CPU_CHUNK = 1 << 20
-ACCELERATOR_CHUNK = 1 << 22
-
-_PERTURBABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    positions = {id(t): i for i, t in enumerate(tensors)}
+    if len(positions) != len(tensors):
+        raise ValueError("the same tensor appears twice in the trainable set")
+    return positions
 
 
 class PerturbationEngine:
@@ -131,92 +168,99 @@ class PerturbationEngine:
 
     def __init__(self, tensors: Sequence[torch.Tensor], config: EngineConfig | None = None):
         self.config = config or EngineConfig()
+        if self.config.generator == LEGACY_GENERATOR:
+            raise ValueError("torch-chunks-v1 is version 1's engine: build it with build_engine")
         self.tensors = list(tensors)
-        for index, tensor in enumerate(self.tensors):
-            if tensor.dtype not in _PERTURBABLE_DTYPES:
-                raise FrozenTensorError(
-                    f"trainable tensor {index} has dtype {tensor.dtype}; the engine perturbs "
-                    "only floating-point tensors (a quantized base stays frozen: train a "
-                    "sparse delta or LoRA over it instead)"
-                )
-        self._index = {id(t): i for i, t in enumerate(self.tensors)}
-        if len(self._index) != len(self.tensors):
-            raise ValueError("the same tensor appears twice in the trainable set")
-        self._fill = DISTRIBUTIONS[self.config.distribution]
+        self.positions = _check_perturbable(self.tensors)
+        self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
+        self.generator_name = resolve_generator(self.config, self.device)
         threads = self.config.threads or min(8, torch.get_num_threads())
-        self._threads = max(1, threads)
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
+        self._threads = max(1, threads) if self.device.type == "cpu" else 1
+        self.generator: DirectionGenerator = generators()[self.generator_name](
+            self.config.distribution, self._threads
+        )
+        if self.generator_name == "philox" and self.device.type == "cuda":
+            _require_triton()
+        self.bucket_size = self.config.bucket_size or (
+            CPU_BUCKET if self.device.type == "cpu" else ACCELERATOR_BUCKET
+        )
+        self.plan = Plan(self)
+        self._constants: dict[tuple, torch.Tensor] = {}
+        self.prefetcher: ThreadPoolExecutor | None = None
         self._scratch = threading.local()
 
     # ------------------------------------------------------------------ directions
-    def num_chunks(self, index: int) -> int:
-        numel = self.tensors[index].numel()
-        return max(1, -(-numel // self._chunk_len(index)))
-
     def _chunk_len(self, index: int) -> int:
-        # Row-aligned chunks for matrices, so an embedding can gather rows chunk by chunk.
-        tensor = self.tensors[index]
-        if tensor.dim() >= 2:
-            row = tensor[0].numel()
-            return max(1, self._chunk_size(index) // row) * row
-        return self._chunk_size(index)
+        size = self.config.chunk_size or (
+            CPU_CHUNK if self.tensors[index].device.type == "cpu" else ACCELERATOR_CHUNK
+        )
+        block = self.generator.block
+        return size // block * block if size >= block else size  # small: exact, some waste
 
-    def _chunk_size(self, index: int) -> int:
-        if self.config.chunk_size:
-            return self.config.chunk_size
-        return CPU_CHUNK if self.tensors[index].device.type == "cpu" else ACCELERATOR_CHUNK
+    def num_chunks(self, index: int) -> int:
+        return max(1, -(-self.tensors[index].numel() // self._chunk_len(index)))
+
+    def chunks(self, index: int) -> Iterator[tuple[int, int, int]]:
+        """Yield ``(chunk, start, stop)`` over the flat view of tensor ``index``; chunks of a
+        block or more fall on the generator's blocks, so they cost only their own draws."""
+        numel = self.tensors[index].numel()
+        step = self._chunk_len(index)
+        for chunk, start in enumerate(range(0, max(numel, 1), step)):
+            yield chunk, start, min(start + step, numel)
 
     def draw(self, seed: int, index: int, chunk: int, length: int, device) -> torch.Tensor:
         """Chunk ``chunk`` of z for tensor ``index``, in a per-thread scratch buffer.
 
         Estimators with per-element state (momentum, Adam) walk :meth:`chunks` and call this
         to rebuild z piece by piece. The result is valid until this thread's next draw:
-        copy it (or fold it into an accumulator) before drawing again. Reusing one buffer per thread
-        keeps the allocator from growing a fresh chunk-sized block in every thread arena.
+        copy it (or fold it into an accumulator) before drawing again.
         """
         device = torch.device(device)
-        local = self._scratch.__dict__.setdefault(device, {})
-        if "generator" not in local:  # creating a CUDA generator per chunk is slow
-            local["generator"] = torch.Generator(device=device)
-        generator = local["generator"]
-        generator.manual_seed(mix_seed(seed, index, chunk))
-        scratch = local.get("buffer")
-        if scratch is None or scratch.numel() < length:
-            scratch = local["buffer"] = torch.empty(length, dtype=torch.float32, device=device)
-        out = scratch[:length]
-        self._fill(out, generator)
+        buffers = self._scratch.__dict__
+        buffer = buffers.get(device)
+        if buffer is None or buffer.numel() < length:
+            buffer = buffers[device] = torch.empty(length, dtype=torch.float32, device=device)
+        out = buffer[:length]
+        self.generator.fill(out, seed, index, chunk * self._chunk_len(index))
         return out
-
-    def chunks(self, index: int) -> Iterator[tuple[int, int, int]]:
-        """Yield ``(chunk, start, stop)`` over the flat view of tensor ``index``."""
-        numel = self.tensors[index].numel()
-        step = self._chunk_len(index)
-        for chunk, start in enumerate(range(0, max(numel, 1), step)):
-            yield chunk, start, min(start + step, numel)
 
     def direction(self, seed: int, index: int) -> torch.Tensor:
         """The full fp32 direction of tensor ``index`` (for tests, jvp tangents, analysis)."""
         tensor = self.tensors[index]
         flat = torch.empty(tensor.numel(), dtype=torch.float32, device=tensor.device)
-        for chunk, start, stop in self.chunks(index):
-            flat[start:stop] = self.draw(seed, index, chunk, stop - start, tensor.device)
+        self._fill(flat, seed, index, 0)
         return flat.view(tensor.shape)
 
-    def _run(self, jobs: list[Callable[[], None]]) -> None:
-        """Run chunk jobs; on CPU spread them over a thread pool (results are order-free)."""
-        if len(jobs) <= 1 or self._threads == 1:
-            for job in jobs:
-                job()
+    def _fill(self, out: torch.Tensor, seed: int, index: int, start: int) -> None:
+        """:meth:`DirectionGenerator.fill` over the engine's threads (top level only)."""
+        if out.device.type != "cpu" or self._threads == 1:
+            self.generator.fill(out, seed, index, start)
             return
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="zo-engine")
-        for future in [self._pool.submit(job) for job in jobs]:
-            future.result()
+        size = self.generator.job_size()
+        run_jobs(
+            [
+                _fill_job(self.generator, out[a : a + size], seed, index, start + a)
+                for a in range(0, out.numel(), size)
+            ],
+            self._threads,
+        )
 
-    def _on_gpu(self, index: int) -> bool:
-        return self.tensors[index].device.type != "cpu"
+    def run_jobs(self, jobs: list[Callable[[], None]], indices: Sequence[int] | None) -> None:
+        """Run per-chunk jobs for tensors ``indices`` (None = all): threaded on CPU, serial
+        on an accelerator. Jobs must touch disjoint memory and draw only through :meth:`draw`."""
+        targets = range(len(self.tensors)) if indices is None else indices
+        if any(self.tensors[i].device.type != "cpu" for i in targets):
+            for job in jobs:  # kernels are already parallel on a GPU
+                job()
+        else:
+            run_jobs(jobs, self._threads)
+
+    def _constant(self, values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+        """A small fp32 tensor of fixed values on ``device``, created once."""
+        key = (values, device)
+        if key not in self._constants:
+            self._constants[key] = torch.tensor(values, dtype=torch.float32, device=device)
+        return self._constants[key]
 
     # ------------------------------------------------------------------ updates
     def update(
@@ -228,64 +272,92 @@ class PerturbationEngine:
     ) -> None:
         """In place: ``W <- decay * W + sum_q coefficients[q] * z(seeds[q])``.
 
-        Accumulates in fp32 per chunk and rounds once, so low-precision weights lose as
-        little as possible; a zero update (all coefficients 0, decay 1) writes nothing.
+        Accumulates in fp32 and rounds once, so low-precision weights lose as little as
+        possible; a zero update (all coefficients 0, decay 1) writes nothing.
         """
         if len(seeds) != len(coefficients):
             raise ValueError("update needs one coefficient per seed")
-        terms = [(s, float(c)) for s, c in zip(seeds, coefficients, strict=True) if c != 0.0]
-        if not terms and decay == 1.0:
+        if all(float(c) == 0.0 for c in coefficients) and decay == 1.0:
             return
-        jobs: list[Callable[[], None]] = []
+        for device, members in self._by_device(indices).items():
+            values = self._coefficients(float(decay), coefficients, device)
+            self._axpz_in_place(seeds, values, decay != 1.0, members)
+
+    def update_device(
+        self, seeds: Sequence[int], coefficients: torch.Tensor, indices: Sequence[int] | None = None
+    ) -> None:
+        """:meth:`update` with ``[decay, c_1 .. c_Q]`` as an fp32 tensor on the tensors'
+        device, never read on the host (the sync-free step). Bit-identical to :meth:`update`
+        given the same values."""
+        for members in self._by_device(indices).values():
+            self._axpz_in_place(seeds, coefficients, True, members)
+
+    def updated_copy(
+        self, seeds: Sequence[int], coefficients: Sequence[float], decay: float, index: int
+    ) -> torch.Tensor | None:
+        """What :meth:`update` would leave in tensor ``index``, bit for bit, as a new tensor
+        (None when it would write nothing); the tensor itself is untouched."""
+        if all(float(c) == 0.0 for c in coefficients) and decay == 1.0:
+            return None
+        tensor = self.tensors[index].detach()
+        out = torch.empty_like(tensor)
+        values = self._coefficients(float(decay), coefficients, tensor.device)
+        with torch.no_grad():
+            self.generator.axpz(
+                [tensor.reshape(-1)], [out.view(-1)], [index], seeds, values, 1.0, decay != 1.0
+            )
+        return out
+
+    @staticmethod
+    def _coefficients(
+        decay: float, coefficients: Sequence[float], device: torch.device
+    ) -> torch.Tensor:
+        """``[decay, c_1 .. c_Q]`` in fp32 on ``device``, sent without waiting on a stream."""
+        host = torch.tensor((decay, *(float(c) for c in coefficients)), dtype=torch.float32)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(device, non_blocking=True)
+
+    def _by_device(self, indices: Sequence[int] | None) -> dict[torch.device, list[int]]:
+        groups: dict[torch.device, list[int]] = {}
         for index in range(len(self.tensors)) if indices is None else indices:
-            flat = self.tensors[index].detach().view(-1)
-            for chunk, start, stop in self.chunks(index):
-                jobs.append(self._update_job(flat, index, chunk, start, stop, terms, decay))
-        self.run_jobs(jobs, indices)
+            groups.setdefault(self.tensors[index].device, []).append(index)
+        return groups
 
-    def run_jobs(self, jobs: list[Callable[[], None]], indices: Sequence[int] | None) -> None:
-        """Run per-chunk jobs for tensors ``indices`` (None = all): threaded on CPU, serial
-        on an accelerator. Jobs must touch disjoint memory and draw only through :meth:`draw`."""
-        targets = range(len(self.tensors)) if indices is None else indices
-        if any(self._on_gpu(i) for i in targets):
-            for job in jobs:  # kernels are already parallel on a GPU
-                job()
-        else:
-            self._run(jobs)
-
-    def _update_job(self, flat, index, chunk, start, stop, terms, decay) -> Callable[[], None]:
-        def job() -> None:
-            piece = flat[start:stop]
-            acc = piece if piece.dtype == torch.float32 else piece.float()
-            if decay != 1.0:
-                acc.mul_(decay)
-            for seed, coefficient in terms:
-                z = self.draw(seed, index, chunk, stop - start, flat.device)
-                acc.add_(z, alpha=coefficient)
-            if acc is not piece:
-                piece.copy_(acc)
-
-        return job
+    def _axpz_in_place(self, seeds, coefficients, decay: bool, indices: list[int]) -> None:
+        flat = [self.tensors[i].detach().view(-1) for i in indices]
+        with torch.no_grad():
+            self.generator.axpz(flat, flat, indices, seeds, coefficients, 1.0, decay)
 
     def perturbed_copy(self, seed: int, index: int, scale: float) -> torch.Tensor:
         """A new tensor ``W + scale * z`` (computed in fp32, rounded once); W untouched."""
-        tensor = self.tensors[index].detach()
-        out = torch.empty_like(tensor)
-        source, target = tensor.reshape(-1), out.view(-1)
+        return self.materialize([index], seed, [scale])[index]
 
-        def make_job(chunk: int, start: int, stop: int) -> Callable[[], None]:
-            def job() -> None:
-                z = self.draw(seed, index, chunk, stop - start, tensor.device)
-                piece = source[start:stop]
-                if piece.dtype == torch.float32:
-                    torch.add(piece, z, alpha=scale, out=target[start:stop])
-                else:
-                    target[start:stop].copy_(piece.float().add_(z, alpha=scale))
-
-            return job
-
-        self.run_jobs([make_job(*c) for c in self.chunks(index)], [index])
-        return out
+    def materialize(
+        self, indices: Sequence[int], seed: int, scales: Sequence[float]
+    ) -> dict[int, torch.Tensor]:
+        """Perturbed copies of ``indices`` (one device and dtype) in one flat buffer."""
+        tensors = [self.tensors[i] for i in indices]
+        buffer = torch.empty(
+            sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device
+        )
+        views = list(buffer.split([t.numel() for t in tensors]))
+        one = self._constant((1.0, 1.0), buffer.device)
+        by_scale: dict[float, list[int]] = {}
+        for position, scale in enumerate(scales):
+            by_scale.setdefault(float(scale), []).append(position)
+        with torch.no_grad():
+            for scale, positions in by_scale.items():
+                self.generator.axpz(
+                    [tensors[p].detach().reshape(-1) for p in positions],
+                    [views[p] for p in positions],
+                    [indices[p] for p in positions],
+                    [seed],
+                    one,
+                    scale,
+                    False,
+                )
+        return {i: v.view(t.shape) for i, v, t in zip(indices, views, tensors, strict=True)}
 
     # ------------------------------------------------------------------ perturbed forwards
     @contextlib.contextmanager
@@ -299,35 +371,21 @@ class PerturbationEngine:
         The stored parameters are never modified; each module's forward gets the
         replacement only for the duration of its own call.
         """
-        stack: dict[int, list[list[tuple[nn.Module, str, nn.Parameter]]]] = {}
 
-        def pre_hook(module: nn.Module, args) -> None:
+        def swap(module: nn.Module, args) -> list[Swap]:
             restore = []
             for name, param in module._parameters.items():
-                index = self._index.get(id(param)) if param is not None else None
+                index = self.positions.get(id(param)) if param is not None else None
                 if index is None:
                     continue
                 new = replacement(index, param)
                 if new is not None:
                     module._parameters[name] = new
                     restore.append((module, name, param))
-            stack.setdefault(id(module), []).append(restore)
+            return restore
 
-        def post_hook(module: nn.Module, args, output) -> None:
-            for owner, name, param in stack[id(module)].pop():
-                owner._parameters[name] = param
-
-        pre = nn.modules.module.register_module_forward_pre_hook(pre_hook)
-        post = nn.modules.module.register_module_forward_hook(post_hook)
-        try:
+        with swapping(swap, lambda module, args, output: None):
             yield
-        finally:
-            pre.remove()
-            post.remove()
-            for entries in stack.values():  # non-empty only if a forward raised mid-way
-                for restore in entries:
-                    for owner, name, param in restore:
-                        owner._parameters[name] = param
 
     @contextlib.contextmanager
     def perturbed(self, seed: int, scale: float | Sequence[float]) -> Iterator[None]:
@@ -343,44 +401,23 @@ class PerturbationEngine:
         )
         if len(scales) != len(self.tensors):
             raise ValueError("perturbed() needs one scale per tensor")
-        # Per module, a stack of (swapped parameters, output-side tensor index) entries:
-        # a module may be re-entered before its first call returns.
-        swapped: dict[int, list[tuple[list[tuple[nn.Module, str, nn.Parameter]], int | None]]] = {}
-
-        def pre_hook(module: nn.Module, args) -> None:
-            restore, output_side = [], None
-            for name, param in module._parameters.items():
-                index = self._index.get(id(param)) if param is not None else None
-                if index is None or scales[index] == 0.0:
-                    continue
-                if self._output_side(module, index, args):
-                    output_side = index
-                    continue
-                module._parameters[name] = self.perturbed_copy(seed, index, scales[index])
-                restore.append((module, name, param))
-            swapped.setdefault(id(module), []).append((restore, output_side))
-
-        def post_hook(module: nn.Module, args, output):
-            restore, output_side = swapped[id(module)].pop()
-            for owner, name, param in restore:
-                owner._parameters[name] = param
-            if output_side is None:
-                return None
-            return self._output_side_perturbation(module, args, output, seed, scales[output_side])
-
-        pre = nn.modules.module.register_module_forward_pre_hook(pre_hook)
-        post = nn.modules.module.register_module_forward_hook(post_hook)
+        forward = PerturbedForward(self, seed, scales)
         try:
-            yield
+            with swapping(forward.pre, forward.post):
+                yield
         finally:
-            pre.remove()
-            post.remove()
-            for stack in swapped.values():  # non-empty only if a forward raised mid-way
-                for restore, _ in stack:
-                    for owner, name, param in restore:
-                        owner._parameters[name] = param
+            forward.close()
+        if not forward.seen_set and any(scales):
+            raise UnperturbedForwardError(
+                "no module that owns a trainable tensor ran inside the perturbed pass (a ZO "
+                "estimator's closure), so the loss cannot see the perturbation and its "
+                "projected gradient would be 0. The engine perturbs a weight only inside the "
+                "forward of the module that owns it: compute the loss by calling the model "
+                "(e.g. model(**batch).loss), not from parameters read directly (p.sum(), "
+                "p.data, a state_dict or a copy of the model)"
+            )
 
-    def _output_side(self, module: nn.Module, index: int, args) -> bool:
+    def output_side(self, module: nn.Module, index: int, args) -> bool:
         """Perturb through the output instead of a weight copy? Only where it is cheap.
 
         An embedding gathers a few rows of z; a linear layer pays an extra matmul of its
@@ -400,79 +437,54 @@ class PerturbationEngine:
             return rows <= self.config.offload_max_rows
         return False
 
-    def _output_side_perturbation(self, module, args, output, seed, scale: float):
-        """Add the perturbation's effect to a large embedding's or linear layer's output.
-
-        Chunks are row blocks of the weight; each job writes disjoint output rows
-        (embedding) or columns (linear), so jobs run on the thread pool safely.
-        """
+    def output_side_perturbation(self, module, args, output, seed: int, scale: float):
+        """Add the perturbation's effect to a large embedding's or linear layer's output."""
         weight = module._parameters["weight"]
-        index, row = self._index[id(weight)], weight.shape[1]
+        index = self.positions[id(weight)]
         output = output.clone() if output.requires_grad else output
-        jobs: list[Callable[[], None]] = []
         if isinstance(module, nn.Embedding):
-            out_rows = output.view(-1, row)
-            flat_ids = args[0].reshape(-1)
-            for chunk, start, stop in self.chunks(index):
-                first, last = start // row, stop // row
-                hit = (flat_ids >= first) & (flat_ids < last)
-                # On CPU skip untouched chunks; on a GPU that test would sync every chunk.
-                positions = hit.nonzero().view(-1) if out_rows.device.type == "cpu" else None
-                if positions is None or positions.numel():
-                    jobs.append(
-                        self._embedding_job(
-                            out_rows,
-                            flat_ids,
-                            positions,
-                            (seed, index, chunk, stop - start),
-                            first,
-                            scale,
-                        )
-                    )
-        else:
-            out_cols = output.view(-1, output.shape[-1])
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            for chunk, start, stop in self.chunks(index):
-                jobs.append(
-                    self._linear_job(
-                        out_cols,
-                        x,
-                        (seed, index, chunk, stop - start),
-                        start // row,
-                        stop // row,
-                        scale,
-                    )
-                )
-        self.run_jobs(jobs, [index])
+            rows = output.view(-1, weight.shape[1])
+            self.generator.rows_add(rows, args[0], seed, index, tuple(weight.shape), scale)
+            return output
+        out_cols = output.view(-1, output.shape[-1])
+        x = args[0].reshape(-1, args[0].shape[-1])
+        x = x if x.dtype == torch.float32 else x.float()
+        row = weight.shape[1]
+        rows_per_chunk = max(1, self._chunk_len(index) // row)
+        z = torch.empty(min(rows_per_chunk, weight.shape[0]) * row, device=weight.device)
+        for first in range(0, weight.shape[0], rows_per_chunk):
+            last = min(first + rows_per_chunk, weight.shape[0])
+            block = z[: (last - first) * row]
+            self._fill(block, seed, index, first * row)
+            block = block.view(-1, row)
+            if out_cols.dtype == torch.float32:
+                out_cols[:, first:last].addmm_(x, block.t(), alpha=scale)
+            else:
+                cols = out_cols[:, first:last]
+                cols.copy_(torch.addmm(cols.float(), x, block.t(), alpha=scale))
         return output
 
-    def _embedding_job(self, out_rows, flat_ids, positions, address, first, scale):
-        def job() -> None:
-            block = self._chunk_rows(*address, out_rows.device)
-            if positions is not None:
-                rows = block[flat_ids[positions] - first]
-                out_rows.index_add_(0, positions, rows.to(out_rows.dtype), alpha=scale)
-                return
-            local = flat_ids - first
-            hit = (local >= 0) & (local < block.shape[0])
-            rows = block[local.clamp(0, block.shape[0] - 1)] * hit.unsqueeze(1)
-            out_rows.add_(rows.to(out_rows.dtype), alpha=scale)
-
-        return job
-
-    def _linear_job(self, out_cols, x, address, first, last, scale):
-        def job() -> None:
-            block = self._chunk_rows(*address, out_cols.device)
-            out_cols[:, first:last] += (scale * F.linear(x, block)).to(out_cols.dtype)
-
-        return job
-
-    def _chunk_rows(self, seed: int, index: int, chunk: int, length: int, device) -> torch.Tensor:
-        """Chunk ``chunk`` of tensor ``index``'s direction as a block of weight rows."""
-        row = self.tensors[index][0].numel()
-        return self.draw(seed, index, chunk, length, device).view(-1, row)
-
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        if self.prefetcher is not None:
+            self.prefetcher.shutdown(wait=True)
+            self.prefetcher = None
+
+    def prefetching(self) -> bool:
+        if self.config.prefetch == "auto":
+            return self.device.type == "cuda"
+        return self.config.prefetch == "on"
+
+
+def _fill_job(generator, out, seed, index, start) -> Callable[[], None]:
+    return lambda: generator.fill(out, seed, index, start)
+
+
+def _require_triton() -> None:
+    try:
+        import zo.philox_triton  # noqa: F401
+    except ImportError as error:
+        raise RuntimeError(
+            "engine.generator=philox on CUDA draws with a Triton kernel, and triton cannot be "
+            f"imported ({error}); install the triton that matches torch (CUDA builds of torch "
+            "ship it), or set engine.generator=torch-blocks"
+        ) from None

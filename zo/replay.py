@@ -16,6 +16,7 @@ from zo.train import (
     resolve_device,
     resolve_estimator,
     trajectory_header,
+    with_recorded_generator,
 )
 from zo.trajectory import (
     NothingToResumeError,
@@ -53,6 +54,7 @@ def replay(
             "updates use gradients); load the run's checkpoint/ instead (zo eval --checkpoint)"
         )
     trajectory, saved = run.replay_sources(resolve_device(config.model.device), compare, log)
+    config = with_recorded_generator(config, trajectory.header or {}, ReplayError, run.trajectory)
     setup = build_setup(config)
     header, current = trajectory.header or {}, trajectory_header(setup)
     if header.get("model_hash") != current["model_hash"]:

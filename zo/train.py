@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -32,7 +33,13 @@ from zo.config import (
 )
 from zo.distributed import DataParallel
 from zo.divergence import DivergenceGuard
-from zo.engine import ENGINE_VERSION, mix_seed, seeded
+from zo.engine import (
+    engine_version,
+    mix_seed,
+    recorded_generator,
+    resolve_generator,
+    seeded,
+)
 from zo.memory import peak_memory_bytes, reset_peak_memory, return_large_frees_to_os
 from zo.preflight import (
     check_batch_fits_data,
@@ -280,6 +287,7 @@ def evaluate(setup: Setup, examples: list) -> dict[str, Any]:
 
 def trajectory_header(setup: Setup) -> dict[str, Any]:
     spec, estimator_config = resolve_estimator(setup.config)
+    generator = resolve_generator(setup.config.engine, setup.device)
     return {
         "format": TRAJECTORY_FORMAT,
         "model": setup.config.model.name,
@@ -287,11 +295,27 @@ def trajectory_header(setup: Setup) -> dict[str, Any]:
         "trainable": setup.trainable.manifest(),
         "estimator": {"name": spec.name, **to_dict(estimator_config)},
         "run_seed": setup.config.train.seed,
-        "engine_version": ENGINE_VERSION,
+        "engine_version": engine_version(generator),
+        "generator": generator,
         "device_type": setup.device.type,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
     }
+
+
+def with_recorded_generator(
+    config: RunConfig, header: dict[str, Any], error: type[Exception], where: Path
+) -> RunConfig:
+    """``config`` drawing with the generator the run's trajectory was written with (version-1
+    runs: ``torch-chunks-v1``), so a resume or replay never draws other directions; a header
+    from an engine or generator this zo does not know raises ``error``."""
+    try:
+        generator = recorded_generator(header)
+    except ValueError as problem:
+        raise error(f"{where} line 1: {problem}") from None
+    return dataclasses.replace(
+        config, engine=dataclasses.replace(config.engine, generator=generator)
+    )
 
 
 def load_run_config(run: RunDirectory) -> RunConfig:
@@ -428,6 +452,10 @@ def _train(
                 f"step {plan.start_step} already: a resume continues a run, it cannot shorten "
                 f"it; pass train.steps={plan.start_step} or more (nothing was changed)"
             )
+        if plan.trajectory is not None and plan.trajectory.header is not None:
+            config = with_recorded_generator(
+                config, plan.trajectory.header, ConfigError, run.trajectory
+            )
     else:
         run.ensure_new()  # before any model loads: never overwrite a run
     # every rank has checked the directory before the rendezvous, so none sees rank 0's
@@ -461,11 +489,17 @@ def _train(
     for step in range(start_step, train_cfg.steps):
         schedule.apply(optimizer, step)
         try:
+            closures = []
             for micro in range(train_cfg.grad_accum):
                 picked = parallel.shard(sampler.indices(step * train_cfg.grad_accum + micro))
                 examples = [train_examples[i] for i in picked]
-                optimizer.estimate(training_closure(setup, examples, precision))
-            loss = optimizer.step()
+                closures.append(training_closure(setup, examples, precision))
+            if len(closures) == 1:  # ZO-SGD's sync-free step: its scalars read after the update
+                loss = optimizer.step(closures[0])
+            else:
+                for closure in closures:
+                    optimizer.estimate(closure)
+                loss = optimizer.step()
         except FloatingPointError as error:  # a non-finite loss or gradient, before any update
             reason = guard.step_failed(
                 step,

@@ -49,6 +49,7 @@ CHECKED_HEADER_FIELDS = (
     "estimator",
     "run_seed",
     "engine_version",
+    "generator",
 )
 """A resumed or replayed run must agree with its header on these; device and torch version
 may differ (the result may then not be bit-identical: said once in the log)."""

@@ -1,7 +1,12 @@
-"""``zo bench step | memory``: ratios measured in one run, printed as JSON + a table.
+"""``zo bench step | memory | ops | generators``: ratios measured in one run, as JSON + a table.
 
 step:   ZO-SGD step time over the time of two forward passes, and over a naive MeZO
         step (global ``torch.manual_seed``, four dense ``torch.normal`` passes).
+ops:    compute operators dispatched by one ZO-SGD step over those of two forwards (each one
+        kernel launch or more on a GPU), and the operators that make the host wait for the
+        device (:mod:`zo.opcount`); default batch 2 x 16, where launches dominate.
+generators: direction values per second of each generator and law on the device, one
+        thread and all of them, against torch's own ``normal_``.
 memory: peak memory of an estimator's step (ZO-SGD by default, ``--estimators all`` for
         the family) over that of a forward pass, each in a fresh process, measured after
         the model is built (peak RSS reset via clear_refs).
@@ -20,6 +25,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,7 +50,11 @@ OPT_SHAPES = {  # OPTConfig's defaults are OPT-125m's shape
 
 
 def build_opt(
-    layers: int, device: str, shape: str = "125m", attn: str | None = None
+    layers: int,
+    device: str,
+    shape: str = "125m",
+    attn: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.nn.Module:
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -53,7 +63,7 @@ def build_opt(
         config._attn_implementation = attn
     with seeded(0):
         model = OPTForCausalLM(config)
-    return model.to(device).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def make_batch(batch: int, seq: int, vocab: int, device: str) -> torch.Tensor:
@@ -105,17 +115,10 @@ def bench_step(args: argparse.Namespace) -> dict:
     from estimators import ZOSGD
     from zo.engine import EngineConfig
 
-    model = build_opt(args.layers, args.device, args.shape)
+    model = build_opt(args.layers, args.device, args.shape, dtype=args.torch_dtype)
     ids = make_batch(args.batch, args.seq, model.config.vocab_size, args.device)
-    optimizer = ZOSGD(
-        model.parameters(), lr=1e-7, eps=1e-3, seed=0, engine=EngineConfig(threads=args.threads)
-    )
-    timings: dict[str, list[float]] = {
-        "forward": [],
-        "zo_sgd_step": [],
-        "naive_mezo_same_loss": [],
-        "naive_mezo_full_logits": [],
-    }
+    engine = EngineConfig(threads=args.threads, generator=args.generator)
+    optimizer = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, engine=engine)
 
     def forward() -> None:
         with torch.no_grad():
@@ -124,30 +127,149 @@ def bench_step(args: argparse.Namespace) -> dict:
     runs = {
         "forward": forward,
         "zo_sgd_step": lambda: optimizer.step(lambda: scored_loss(model, ids)),
+        **_baseline_steps(args, model, ids),
         "naive_mezo_same_loss": lambda: naive_mezo_step(model, scored_loss, ids, 1, 1e-7, 1e-3),
         "naive_mezo_full_logits": lambda: naive_mezo_step(
             model, full_logits_loss, ids, 1, 1e-7, 1e-3
         ),
     }
-    for fn in runs.values():  # warm-up: allocator, kernels, thread pools
+    timings: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():  # warm-up: allocator, kernels, thread pools, bucket plans
         fn()
     for _ in range(args.repeats):  # interleaved, so machine noise hits every method alike
         for name, fn in runs.items():
             timings[name].append(time_call(fn, args.device))
     median = {name: statistics.median(values) for name, values in timings.items()}
+    fastest = {name: min(values) for name, values in timings.items()}
+    extra = {
+        f"{name}_over_two_forwards": median[name] / (2 * median["forward"])
+        for name in median
+        if name.startswith("zo_sgd_step_")
+    }
     return {
         "benchmark": "step",
-        "model": f"opt-{args.shape}-shape ({args.layers} layers) random fp32",
+        "model": f"opt-{args.shape}-shape ({args.layers} layers) random {args.dtype}",
         "batch": f"{args.batch}x{args.seq}",
         "device": args.device,
+        "generator": optimizer.engine.generator_name,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "seconds_median": median,
+        "seconds_min": fastest,
         "zo_step_over_two_forwards": median["zo_sgd_step"] / (2 * median["forward"]),
+        # on a shared machine the fastest of the interleaved repeats is the least disturbed
+        "zo_step_over_two_forwards_min": fastest["zo_sgd_step"] / (2 * fastest["forward"]),
+        "speedup_vs_naive_mezo_same_loss_min": fastest["naive_mezo_same_loss"]
+        / fastest["zo_sgd_step"],
         "speedup_vs_naive_mezo_same_loss": median["naive_mezo_same_loss"] / median["zo_sgd_step"],
         "speedup_vs_naive_mezo_full_logits": median["naive_mezo_full_logits"]
         / median["zo_sgd_step"],
+        **extra,
+        "seconds_all": {name: [round(v, 4) for v in values] for name, values in timings.items()},
     }
+
+
+def _baseline_steps(args: argparse.Namespace, model, ids) -> dict[str, Callable[[], float]]:
+    """ZO-SGD steps with other engine settings, timed in the same run (``--also``)."""
+    from estimators import ZOSGD
+    from zo.engine import EngineConfig
+
+    runs = {}
+    for setting in filter(None, args.also.split(",")):
+        fields = {
+            key: int(value) if value.isdigit() else value
+            for key, value in (part.split("=", 1) for part in setting.split(":"))
+        }
+        engine = EngineConfig(**{"threads": args.threads, **fields})
+        optimizer = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, engine=engine)
+        name = "_".join(f"{k}_{v}".replace("-", "_") for k, v in fields.items())
+        runs[f"zo_sgd_step_{name}"] = partial(optimizer.step, partial(scored_loss, model, ids))
+    return runs
+
+
+def bench_ops(args: argparse.Namespace) -> dict:
+    from estimators import ZOSGD
+    from zo.engine import ACCELERATOR_BUCKET, ACCELERATOR_CHUNK, EngineConfig, resolve_generator
+    from zo.opcount import OpCounter
+
+    model = build_opt(args.layers, args.device, args.shape, dtype=args.torch_dtype)
+    ids = make_batch(args.batch, args.seq, model.config.vocab_size, args.device)
+    # One drawing thread: a dispatch mode sees only the thread it runs in. The accelerator's
+    # chunk and bucket sizes, so the count is the one a GPU would launch.
+    config = EngineConfig(
+        threads=1,
+        generator=args.generator,
+        chunk_size=ACCELERATOR_CHUNK,
+        bucket_size=ACCELERATOR_BUCKET,
+    )
+    optimizer = ZOSGD(model.parameters(), lr=1e-7, eps=1e-3, seed=0, engine=config)
+    optimizer.step(lambda: scored_loss(model, ids))  # warm-up: the bucket plan is learned
+    with torch.no_grad(), OpCounter() as forward:
+        scored_loss(model, ids)
+    with OpCounter() as step:
+        optimizer.step(lambda: scored_loss(model, ids))
+    forward_ops, step_ops = forward.result.total, step.result.total
+    return {
+        "benchmark": "ops",
+        "model": f"opt-{args.shape}-shape ({args.layers} layers) random {args.dtype}",
+        "batch": f"{args.batch}x{args.seq}",
+        "device": args.device,
+        "generator": resolve_generator(config, args.device),
+        "trainable_tensors": len(optimizer.engine.tensors),
+        "forward_compute_ops": forward_ops,
+        "zo_sgd_step_compute_ops": step_ops,
+        "step_ops_over_two_forwards": step_ops / (2 * forward_ops),
+        "step_sync_ops": len(step.result.syncs),
+        "step_sync_op_names": ",".join(name for _, name in step.result.syncs) or "none",
+        "step_top_ops": step.result.top(),
+    }
+
+
+def bench_generators(args: argparse.Namespace) -> dict:
+    """Values per second of every generator and law, and of ``normal_`` (the platform's)."""
+    from zo.directions import generators, run_jobs
+
+    numel = 1 << 22
+    out = torch.empty(numel, device=args.device)
+    threads = torch.get_num_threads()
+    reference = torch.Generator(device=args.device).manual_seed(0)
+    runs: dict[str, Callable[[], None]] = {
+        "torch_normal_": lambda: out.normal_(generator=reference),
+    }
+    for name, cls in generators().items():
+        for law in ("gaussian", "rademacher"):
+            for workers in sorted({1, threads}):
+                generator = cls(law, workers)
+                step = generator.job_size()
+                runs[f"{name}_{law}_{workers}t"] = _filler(generator, out, step, workers, run_jobs)
+    timings: dict[str, list[float]] = {name: [] for name in runs}
+    for fn in runs.values():
+        fn()
+    for _ in range(args.repeats):  # interleaved, so machine noise hits every one alike
+        for name, fn in runs.items():
+            timings[name].append(time_call(fn, args.device))
+    rates = {name: numel / statistics.median(t) / 1e6 for name, t in timings.items()}
+    return {
+        "benchmark": "generators",
+        "device": args.device,
+        "elements": numel,
+        "repeats": args.repeats,
+        "million_values_per_second": rates,
+        "over_torch_normal_": {n: r / rates["torch_normal_"] for n, r in rates.items()},
+    }
+
+
+def _filler(generator, out, step, workers, run_jobs) -> Callable[[], None]:
+    numel = out.numel()
+
+    def fill() -> None:
+        if out.device.type != "cpu" or workers == 1:
+            generator.fill(out, 1, 0, 0)
+            return
+        jobs = [partial(generator.fill, out[a : a + step], 1, 0, a) for a in range(0, numel, step)]
+        run_jobs(jobs, workers)
+
+    return fill
 
 
 def memory_worker(args: argparse.Namespace) -> dict:
@@ -172,7 +294,13 @@ def memory_worker(args: argparse.Namespace) -> dict:
 
     spec = None if args.mode == "forward" else estimators.get_estimator(args.mode)
     eager = spec is not None and spec.eager_attention
-    model = build_opt(args.layers, args.device, args.shape, attn="eager" if eager else None)
+    model = build_opt(
+        args.layers,
+        args.device,
+        args.shape,
+        attn="eager" if eager else None,
+        dtype=args.torch_dtype,
+    )
     ids = make_batch(args.batch, args.seq, model.config.vocab_size, args.device)
     optimizer = None
     if spec is not None:
@@ -181,7 +309,7 @@ def memory_worker(args: argparse.Namespace) -> dict:
             list(model.named_parameters()),
             model=model,
             seed=0,
-            engine=EngineConfig(threads=args.threads),
+            engine=EngineConfig(threads=args.threads, generator=args.generator),
             **({"lr": 1e-7} if "lr" in _config_fields(spec) else {}),
             **MEMORY_SETTINGS.get(spec.name, lambda _: {})(args),
         )
@@ -235,6 +363,7 @@ def bench_memory(args: argparse.Namespace) -> dict:
         command += ["--shape", args.shape, "--layers", str(args.layers)]
         command += ["--batch", str(args.batch), "--seq", str(args.seq)]
         command += ["--device", args.device, "--threads", str(args.threads)]
+        command += ["--generator", args.generator, "--dtype", args.dtype]
         command += ["--default-malloc"] if args.default_malloc else []
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[mode] = json.loads(output.strip().splitlines()[-1])
@@ -242,7 +371,7 @@ def bench_memory(args: argparse.Namespace) -> dict:
     forward_extra = max(1, forward["peak_bytes"] - forward["baseline_bytes"])
     result: dict = {
         "benchmark": "memory",
-        "model": f"opt-{args.shape}-shape ({args.layers} layers) random fp32",
+        "model": f"opt-{args.shape}-shape ({args.layers} layers) random {args.dtype}",
         "batch": f"{args.batch}x{args.seq}",
         "device": args.device,
         "malloc": "glibc default" if args.default_malloc else "fixed mmap threshold (1 MiB)",
@@ -311,7 +440,16 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="where the model runs",
     )
     parser.add_argument("--threads", type=int, default=0, help="engine threads (0 = auto)")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (step)")
+    parser.add_argument(
+        "--generator",
+        default="auto",
+        choices=["auto", "philox", "torch-blocks", "torch-chunks-v1"],
+        help="engine.generator for step, ops and memory (auto: by device)",
+    )
     # the memory worker's: forward or an estimator (bench_memory starts one process per mode)
     parser.add_argument("--mode", default="forward", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -319,13 +457,25 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
         default="zo_sgd",
         help="memory: comma-separated estimator names, or `all` (default: zo_sgd)",
     )
+    parser.add_argument(
+        "--also",
+        default="",
+        help="step: more engine settings timed in the same run, comma-separated, fields joined "
+        "by ':' (e.g. generator=torch-chunks-v1,distribution=rademacher)",
+    )
     record_arguments(parser)
     parser.add_argument(
         "--default-malloc", action="store_true", help="keep glibc's adaptive mmap threshold"
     )
 
 
-BENCHMARKS = {"step": bench_step, "memory": bench_memory, "memory-worker": memory_worker}
+BENCHMARKS = {
+    "step": bench_step,
+    "memory": bench_memory,
+    "ops": bench_ops,
+    "generators": bench_generators,
+    "memory-worker": memory_worker,
+}
 OTHER_BENCHMARKS = {"compare": "zo.commands.compare", "eval": "zo.commands.bench_eval"}
 """Benchmarks with their own module: name -> module (``add_arguments``, ``run``)."""
 
@@ -369,6 +519,9 @@ def run(args: argparse.Namespace) -> int:
 def run_benchmark(args: argparse.Namespace) -> int:
     if args.layers is None:
         args.layers = 24 if args.shape == "1.3b" else 12
+    args.torch_dtype = getattr(torch, args.dtype)
+    if args.what == "ops" and "--batch" not in args.argv and "--seq" not in args.argv:
+        args.batch, args.seq = 2, 16  # the issue's count: a small batch, where launches dominate
     result = BENCHMARKS[args.what](args)
     print(json.dumps(result))
     if args.what != "memory-worker":

@@ -1,0 +1,82 @@
+"""The engine's settings and the limits both engine versions share (:mod:`zo.engine` for
+new runs, :mod:`zo.engine_v1` for version 1's runs import it; it imports neither)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zo.directions import DISTRIBUTIONS, GENERATOR_NAMES
+
+LEGACY_GENERATOR = "torch-chunks-v1"
+GENERATOR_CHOICES = ("auto", *GENERATOR_NAMES, LEGACY_GENERATOR)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How directions are drawn and applied. ``generator`` and ``distribution`` change every
+    direction; the other fields change only speed and memory (``chunk_size`` also changes
+    ``torch-chunks-v1`` directions)."""
+
+    chunk_size: int = 0
+    """Elements per chunk of per-element updates (sign, momentum, Adam) and of a large head's
+    output-side perturbation (its fp32 temporary); 0 = by device: 2**20 on CPU, 2**22 on
+    accelerators, where a chunk costs kernel launches."""
+    threads: int = 0
+    """Worker threads drawing on CPU; 0 = one per intra-op thread (max 8)."""
+    distribution: str = "gaussian"
+    """Direction law: ``gaussian`` or ``rademacher`` (both have E[z z^T] = I)."""
+    offload_threshold: int = 1 << 22
+    """Embedding / linear weights above this many elements get the output-side
+    perturbation instead of a perturbed copy (saves one weight-sized temporary)."""
+    offload_max_rows: int = 64
+    """A large linear layer is perturbed output-side only when its input has at most this
+    many rows (the LM head at scored positions); beyond, the extra matmul costs more."""
+    generator: str = "auto"
+    """``philox``, ``torch-blocks`` or ``torch-chunks-v1`` (version 1, kept for its runs);
+    ``auto`` = philox on CUDA, torch-blocks elsewhere. A run records the one it used."""
+    bucket_size: int = 0
+    """Elements of trainable tensors a perturbed forward materialises per generator call:
+    one such copy (two with ``prefetch``) is the perturbation's temporary memory. Larger:
+    fewer kernels per pass; smaller: less memory (``zo bench ops`` / ``zo bench memory``).
+    0 = by device: 2**22 on CPU, 2**23 on accelerators."""
+    prefetch: str = "auto"
+    """Draw the next bucket while the current one computes: ``on``, ``off``, or ``auto`` (on
+    for CUDA, on a side stream; off on CPU, where its thread competes with the forward's)."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 0:
+            raise ValueError(f"engine.chunk_size must be >= 0 (0 = auto), got {self.chunk_size}")
+        if self.threads < 0:
+            raise ValueError(f"engine.threads must be >= 0, got {self.threads}")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"engine.distribution {self.distribution!r} is unknown; "
+                f"choose one of {list(DISTRIBUTIONS)}"
+            )
+        if self.generator not in GENERATOR_CHOICES:
+            raise ValueError(
+                f"engine.generator {self.generator!r} is unknown; "
+                f"choose one of {list(GENERATOR_CHOICES)}"
+            )
+        if self.bucket_size < 0:
+            raise ValueError(f"engine.bucket_size must be >= 0 (0 = auto), got {self.bucket_size}")
+        if self.prefetch not in ("auto", "on", "off"):
+            raise ValueError(f"engine.prefetch must be auto, on or off, got {self.prefetch!r}")
+
+
+class FrozenTensorError(RuntimeError):
+    """Raised when something asks the engine to perturb a tensor it must not touch."""
+
+
+class UnperturbedForwardError(RuntimeError):
+    """A perturbed pass ran no module owning a trainable tensor: its loss cannot change."""
+
+
+CPU_CHUNK = 1 << 20
+ACCELERATOR_CHUNK = 1 << 22
+CPU_BUCKET = 1 << 22
+ACCELERATOR_BUCKET = 1 << 23
+
+PERTURBABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
