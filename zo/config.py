@@ -91,6 +91,9 @@ class TrainConfig:
     eval_before: bool = True
     """Evaluate the untrained model first (the zero-shot baseline)."""
     progress: bool = True
+    parallel: Literal["data", "fsdp"] = "data"
+    """Under a launcher: ``data`` (every rank holds the model, scalars are all-reduced) or
+    ``fsdp`` (FSDP2 shards the weights; each rank perturbs and updates its own shard)."""
 
 
 @dataclass

@@ -24,6 +24,13 @@ from zo.config import ConfigError, RunConfig, build, dump_yaml, load_config, to_
 from zo.distributed import DataParallel
 from zo.engine import ENGINE_VERSION, mix_seed, recorded_generator, resolve_generator, seeded
 from zo.memory import peak_memory_bytes, reset_peak_memory, return_large_frees_to_os
+from zo.sharded import (
+    check_sharded_run,
+    full_tensors,
+    load_full_tensors,
+    shard_for_training,
+    sharded_estimator,
+)
 from zo.trainable import TrainableSet, check_group_settings, param_groups, select_trainable
 from zo.trajectory import (
     TRAJECTORY_FORMAT,
@@ -122,6 +129,23 @@ class Setup:
     trainable: TrainableSet
     optimizer: torch.optim.Optimizer
     device: torch.device
+    model_hash: str | None = None
+    """The base model's fingerprint, taken before sharding (None: not sharded)."""
+
+    @property
+    def sharded(self) -> bool:
+        return self.model_hash is not None
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors whole (sharded: gathered, a collective on every rank)."""
+        tensors = self.trainable.state_dict()
+        return full_tensors(tensors) if self.sharded else tensors
+
+    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.sharded:
+            load_full_tensors(self.trainable.names, self.trainable.params, tensors)
+        else:
+            self.trainable.load_state_dict(tensors)
 
 
 def load_base_model(
@@ -147,13 +171,18 @@ def load_base_model(
         return model, models.load_tokenizer(path)
 
 
-def build_setup(config: RunConfig) -> Setup:
+def build_setup(config: RunConfig, shard: bool = False) -> Setup:
+    """Everything a run needs; ``shard``: FSDP2 over the process group (``train.parallel``)."""
     task = validate(config)
     spec, estimator_config = resolve_estimator(config)
     device = resolve_device(config.model.device)
     attn = "eager" if spec.eager_attention else config.model.attn
     model, tokenizer = load_base_model(config, attn, device)
     model.to(device).eval()  # eval: no dropout, so a step is a deterministic function of seeds
+    model_hash, units = None, []
+    if shard:
+        model_hash = models.model_fingerprint(model)  # of the whole base, as replay sees it
+        units = shard_for_training(model, device)
     # A trainable set may draw new tensors (LoRA's A matrices): from the run's seed, so a
     # replay or a resume rebuilds the same start, whatever the global generator holds.
     with seeded(mix_seed(_TRAINABLE_INIT_STREAM, config.train.seed), device):
@@ -173,7 +202,9 @@ def build_setup(config: RunConfig) -> Setup:
     except ValueError as error:  # a combination the estimator refuses, named by its message
         raise ConfigError(f"estimator {spec.name}: {error}") from None
     check_group_settings(optimizer, groups)
-    return Setup(config, model, tokenizer, task, trainable, optimizer, device)
+    if shard:
+        sharded_estimator(optimizer, units)
+    return Setup(config, model, tokenizer, task, trainable, optimizer, device, model_hash)
 
 
 class BatchSampler:
@@ -242,7 +273,7 @@ def trajectory_header(setup: Setup) -> dict[str, Any]:
     return {
         "format": TRAJECTORY_FORMAT,
         "model": setup.config.model.name,
-        "model_hash": models.model_fingerprint(setup.model),
+        "model_hash": setup.model_hash or models.model_fingerprint(setup.model),
         "trainable": setup.trainable.manifest(),
         "estimator": {"name": spec.name, **to_dict(estimator_config)},
         "run_seed": setup.config.train.seed,
@@ -290,6 +321,7 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
     """
     parallel = DataParallel.from_environment()
     parallel.check_batch(config.train.batch_size)
+    check_sharded_run(config, parallel.world_size)
     try:
         return _train(config, log if parallel.is_main else _silent, parallel)
     finally:
@@ -312,7 +344,7 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
         run.ensure_new()  # before any model loads: never overwrite a run
     # every rank has checked the directory before the rendezvous, so none sees rank 0's
     parallel.start(resolve_device(config.model.device))
-    setup = build_setup(config)
+    setup = build_setup(config, shard=config.train.parallel == "fsdp")
     parallel.attach(setup.optimizer)
     reset_peak_memory(setup.device)  # report training's peak, not loading's (or a conversion's)
     optimizer, train_cfg = setup.optimizer, config.train
@@ -322,7 +354,7 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
     start_step, zero_shot = 0, None
     if config.resume and run.has_checkpoint():
         checkpoint = run.load_checkpoint(setup.device)
-        setup.trainable.load_state_dict(checkpoint.tensors)
+        setup.load_checkpoint_tensors(checkpoint.tensors)
         optimizer.load_state_dict(checkpoint.optimizer_state)
         start_step, zero_shot = checkpoint.step, checkpoint.extra.get("zero_shot")
         run.rewind(start_step)
@@ -376,7 +408,7 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
             run.save_checkpoint(
                 Checkpoint(
                     done,
-                    setup.trainable.state_dict(),
+                    setup.checkpoint_tensors(),
                     optimizer.state_dict(),
                     {"zero_shot": zero_shot},
                 )
