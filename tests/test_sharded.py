@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,33 @@ def test_an_estimator_with_per_element_state_is_refused_sharded(tmp_path, capsys
 def test_a_lora_trainable_set_is_refused_sharded(tmp_path, capsys, monkeypatch):
     err = refused(tmp_path, capsys, monkeypatch, 2, "trainable=lora")
     assert "trainable 'lora' cannot run sharded" in err
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_sharded_rank_then_resume_equals_an_uninterrupted_run(tmp_path):
+    steps = ["train.steps=120", "train.save_every=5", "train.progress=false"]
+    config = ["-m", "zo.cli", "train", "--config", SMOKE, "train.parallel=fsdp", *steps]
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launcher = subprocess.Popen(
+        [*command, "--nproc_per_node", "2", *config, f"train.out={killed}"],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = killed / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 300
+    while not (state.exists() and json.loads(state.read_text())["step"] >= 10):
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    ranks = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    os.kill(int(ranks[-1]), signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0
+    assert json.loads(state.read_text())["step"] < 120  # it died mid-run
+    resumed = torchrun(2, *config, f"train.out={killed}", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    uninterrupted = torchrun(2, *config, f"train.out={whole}")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    assert step_records(killed) == step_records(whole)
+    assert_same_tensors(trained(killed), trained(whole))
