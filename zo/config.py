@@ -91,9 +91,11 @@ class TrainConfig:
     eval_before: bool = True
     """Evaluate the untrained model first (the zero-shot baseline)."""
     progress: bool = True
-    parallel: Literal["data", "fsdp"] = "data"
+    parallel: Literal["data", "fsdp", "offload"] = "data"
     """Under a launcher: ``data`` (every rank holds the model, scalars are all-reduced) or
-    ``fsdp`` (FSDP2 shards the weights; each rank perturbs and updates its own shard)."""
+    ``fsdp`` (FSDP2 shards the decoder blocks; each rank perturbs and updates its own rows).
+    In one process: ``offload`` keeps the decoder blocks in host memory and copies each
+    layer's weights to the device for its call only."""
 
 
 @dataclass

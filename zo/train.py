@@ -24,6 +24,7 @@ from zo.config import ConfigError, RunConfig, build, dump_yaml, load_config, to_
 from zo.distributed import DataParallel
 from zo.engine import ENGINE_VERSION, mix_seed, recorded_generator, resolve_generator, seeded
 from zo.memory import peak_memory_bytes, reset_peak_memory, return_large_frees_to_os
+from zo.offload import check_offloaded_run, offload_blocks
 from zo.sharded import (
     check_sharded_run,
     full_tensors,
@@ -171,8 +172,9 @@ def load_base_model(
         return model, models.load_tokenizer(path)
 
 
-def build_setup(config: RunConfig, shard: bool = False) -> Setup:
-    """Everything a run needs; ``shard``: FSDP2 over the process group (``train.parallel``)."""
+def build_setup(config: RunConfig, shard: bool = False, offload: bool = False) -> Setup:
+    """Everything a run needs; ``shard``: FSDP2 over the process group, ``offload``: blocks
+    at home, streamed per layer (``train.parallel``; replay needs neither)."""
     task = validate(config)
     spec, estimator_config = resolve_estimator(config)
     device = resolve_device(config.model.device)
@@ -189,6 +191,8 @@ def build_setup(config: RunConfig, shard: bool = False) -> Setup:
         trainable = select_trainable(model, config.trainable)
     if config.train.gradient_checkpointing:
         checkpoint_blocks(model)
+    if offload:  # after the trainable set: its adapters stream with their blocks
+        offload_blocks(model, device)
     groups = param_groups(trainable, config.estimator.get("param_groups"))
     try:
         optimizer = estimators.build_estimator(
@@ -322,6 +326,7 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
     parallel = DataParallel.from_environment()
     parallel.check_batch(config.train.batch_size)
     check_sharded_run(config, parallel.world_size)
+    check_offloaded_run(config, parallel.world_size)
     try:
         return _train(config, log if parallel.is_main else _silent, parallel)
     finally:
@@ -344,7 +349,8 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
         run.ensure_new()  # before any model loads: never overwrite a run
     # every rank has checked the directory before the rendezvous, so none sees rank 0's
     parallel.start(resolve_device(config.model.device))
-    setup = build_setup(config, shard=config.train.parallel == "fsdp")
+    parallel_mode = config.train.parallel
+    setup = build_setup(config, shard=parallel_mode == "fsdp", offload=parallel_mode == "offload")
     parallel.attach(setup.optimizer)
     reset_peak_memory(setup.device)  # report training's peak, not loading's (or a conversion's)
     optimizer, train_cfg = setup.optimizer, config.train
