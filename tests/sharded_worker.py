@@ -22,7 +22,7 @@ from zo.blocks import decoder_blocks
 from zo.distributed import DataParallel
 from zo.engine import EngineConfig
 from zo.models import tiny_model
-from zo.sharded import full_tensors, shard_model, sharded_estimator
+from zo.sharded import allocate_gather_buffers, full_tensors, shard_model, sharded_estimator
 
 STEPS = 4
 
@@ -63,6 +63,7 @@ def main(out: str) -> None:
     sharded = copy.deepcopy(base)
     blocks = decoder_blocks(sharded)
     shard_model(blocks)
+    allocate_gather_buffers(blocks)
     sharded_opt = ZOSGD(sharded.parameters(), lr=1e-2, eps=1e-3, seed=3, engine=config)
     sharded_estimator(sharded_opt, blocks)
     parallel.attach(sharded_opt)

@@ -32,7 +32,13 @@ from zo.config import ConfigError
 from zo.directions import _axpz_job, run_jobs
 from zo.engine import EngineConfig, PerturbationEngine
 
-__all__ = ["ShardedEngine", "shard_model", "shard_offset", "sharded_estimator"]
+__all__ = [
+    "ShardedEngine",
+    "allocate_gather_buffers",
+    "shard_model",
+    "shard_offset",
+    "sharded_estimator",
+]
 
 
 def shard_model(blocks: Sequence[nn.Module], mesh=None) -> None:
@@ -41,18 +47,24 @@ def shard_model(blocks: Sequence[nn.Module], mesh=None) -> None:
     The rest (embeddings, final norm, head: ~1% of a 7B+ model) stays whole on every rank:
     scoring and generation call the backbone and the head separately, which a root unit's
     forward hooks would never see. Each block is its own FSDP root, resharded after every
-    forward, so the next (differently perturbed) forward gathers again."""
+    forward, so the next (differently perturbed) forward gathers again. Blocks on the meta
+    device stay there (``to_empty`` then materialises only the shards)."""
     from torch.distributed.fsdp import fully_shard
 
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
-    with torch.no_grad():
-        for block in blocks:
-            # FSDP allocates its gather buffers once, on the first gather: inside
-            # inference_mode (evaluation) they would be inference tensors that a later
-            # training forward may not write. Allocate them here, outside it.
-            block.unshard()
-            block.reshard()
+
+
+@torch.no_grad()
+def allocate_gather_buffers(blocks: Sequence[nn.Module]) -> None:
+    """Gather and free each block once, outside any inference_mode.
+
+    FSDP allocates a unit's gather buffers on its first gather: inside ``inference_mode``
+    (evaluation) they would be inference tensors that a later training forward may not
+    write."""
+    for block in blocks:
+        block.unshard()
+        block.reshard()
 
 
 def shard_offset(param: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -282,6 +294,7 @@ def shard_for_training(model: nn.Module, device: torch.device) -> list[nn.Module
     mesh = init_device_mesh(device.type, (world,))
     blocks = decoder_blocks(model)
     shard_model(blocks, mesh)
+    allocate_gather_buffers(blocks)
     return blocks
 
 
