@@ -101,8 +101,9 @@ class ShardedEngine(PerturbationEngine):
 
     ``params`` are the trainable parameters in the estimator's order (the seed addresses
     use that order, as unsharded); ``units`` are the modules ``fully_shard`` was applied to.
-    Parameters outside every unit (whole on each rank) are perturbed in place for the whole
-    of a perturbed forward and restored from a saved copy after it.
+    Parameters outside every unit (whole on each rank: embeddings, final norm, head) go
+    through the unsharded engine's own perturbed forward (buckets, output-side embedding
+    rows), exactly as in a one-process run.
     """
 
     def __init__(
@@ -111,8 +112,14 @@ class ShardedEngine(PerturbationEngine):
         units: Sequence[nn.Module],
         config: EngineConfig | None = None,
     ):
+        from torch.distributed.tensor import DTensor
+
         shards = [shard_offset(p) for p in params]
-        super().__init__([local for local, _ in shards], config)
+        # a whole tensor is itself (the engine's hooks find a module's parameters by identity)
+        tensors = [
+            s if isinstance(p, DTensor) else p for p, (s, _) in zip(params, shards, strict=True)
+        ]
+        super().__init__(tensors, config)
         self.offsets = [offset for _, offset in shards]
         by_param = {id(p): i for i, p in enumerate(params)}
         self.unit_members: list[tuple[nn.Module, list[int]]] = []
@@ -127,7 +134,7 @@ class ShardedEngine(PerturbationEngine):
         claimed = [i for _, own in self.unit_members for i in own]
         if len(set(claimed)) != len(claimed):
             raise ValueError("a trainable parameter belongs to two fully_shard units")
-        self.loose = sorted(set(range(len(params))) - set(claimed))
+        self.loose = set(range(len(params))) - set(claimed)
 
     # ------------------------------------------------------------------ perturbed forwards
     @contextlib.contextmanager
@@ -141,23 +148,23 @@ class ShardedEngine(PerturbationEngine):
             raise ValueError("perturbed() needs one scale per tensor")
         saved: dict[int, list[tuple[int, torch.Tensor]]] = {}
 
-        def before_gather(unit: nn.Module | ShardedEngine, args) -> None:
+        def before_gather(unit: nn.Module, args) -> None:
             members = [i for i in self._members_of(unit) if scales[i] != 0.0]
-            saved[id(unit)] = [(i, self.tensors[i].clone()) for i in members]
+            saved[id(unit)] = [(i, self._flat(i).clone()) for i in members]
             for i, copy in saved[id(unit)]:
-                self._axpz_shard(copy, self.tensors[i], i, [seed], self._ones(), scales[i], False)
+                self._axpz_shard(copy, self._flat(i), i, [seed], self._ones(), scales[i], False)
 
         def after_gather(unit: nn.Module, args) -> None:
             for i, copy in saved.pop(id(unit), []):
-                self.tensors[i].copy_(copy)
+                self._flat(i).copy_(copy)
 
         handles = []
         for unit, _ in self.unit_members:
             handles.append(unit.register_forward_pre_hook(before_gather, prepend=True))
             handles.append(unit.register_forward_pre_hook(after_gather))
+        whole = [scale if i in self.loose else 0.0 for i, scale in enumerate(scales)]
         try:
-            with torch.no_grad():
-                before_gather(self, ())  # the whole tensors: perturbed for the whole forward
+            with torch.no_grad(), super().perturbed(seed, whole):
                 yield
         finally:
             for handle in handles:
@@ -165,11 +172,12 @@ class ShardedEngine(PerturbationEngine):
             with torch.no_grad():  # a forward that raised between the two hooks
                 for entries in saved.values():
                     for i, copy in entries:
-                        self.tensors[i].copy_(copy)
+                        self._flat(i).copy_(copy)
 
-    def _members_of(self, unit: nn.Module | ShardedEngine) -> list[int]:
-        if unit is self:
-            return self.loose
+    def _flat(self, index: int) -> torch.Tensor:
+        return self.tensors[index].detach().view(-1)
+
+    def _members_of(self, unit: nn.Module) -> list[int]:
         for candidate, members in self.unit_members:
             if candidate is unit:
                 return members
@@ -182,9 +190,7 @@ class ShardedEngine(PerturbationEngine):
     def _axpz_in_place(self, seeds, coefficients, decay: bool, indices: list[int]) -> None:
         with torch.no_grad():
             for i in indices:
-                self._axpz_shard(
-                    self.tensors[i], self.tensors[i], i, seeds, coefficients, 1.0, decay
-                )
+                self._axpz_shard(self._flat(i), self._flat(i), i, seeds, coefficients, 1.0, decay)
 
     def _axpz_shard(self, source, target, index, seeds, coefficients, scale, decay) -> None:
         """:func:`zo.directions.eager_axpz` on one shard, addressed from its global offset."""
@@ -213,12 +219,10 @@ class ShardedEngine(PerturbationEngine):
 
     def direction(self, seed: int, index: int) -> torch.Tensor:
         """This rank's part of the direction of tensor ``index`` (flat)."""
-        out = torch.empty_like(self.tensors[index], dtype=torch.float32)
+        tensor = self.tensors[index]
+        out = torch.empty(tensor.numel(), dtype=torch.float32, device=tensor.device)
         self.generator.fill(out, seed, index, self.offsets[index])
         return out
-
-    def materialize(self, indices, seed, scales):  # type: ignore[override]
-        raise NotImplementedError("a sharded engine perturbs through FSDP's gathers only")
 
     def updated_copy(self, seeds, coefficients, decay, index):  # type: ignore[override]
         raise NotImplementedError("a sharded engine updates in place only")
@@ -322,4 +326,4 @@ def load_full_tensors(names: Sequence[str], params: Sequence[torch.Tensor], tens
                 f"{tuple(param.shape)} {param.dtype}"
             )
         local, offset = shard_offset(param)
-        local.copy_(whole.reshape(-1)[offset : offset + local.numel()])
+        local.view(-1).copy_(whole.reshape(-1)[offset : offset + local.numel()])
