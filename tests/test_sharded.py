@@ -159,3 +159,18 @@ def test_kill_9_of_one_sharded_rank_then_resume_equals_an_uninterrupted_run(tmp_
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     assert step_records(killed) == step_records(whole)
     assert_same_tensors(trained(killed), trained(whole))
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_the_sharded_plan_predicts_each_ranks_weight_bytes(processes):
+    from zo.plan import PlanRequest, shape_from_hf_config
+    from zo.plan_parallel import plan_offloaded, plan_sharded
+
+    model, _ = tiny_model("llama")
+    shape = shape_from_hf_config(model.config.to_dict())
+    request = PlanRequest(shape=shape, device="cpu", batch=2, seq_len=16)
+    assert plan_sharded(request, processes).resident == expected_local_bytes(processes)
+    blocks = sum(p.numel() * 4 for block in decoder_blocks(model) for p in block.parameters())
+    offloaded = plan_offloaded(request)
+    assert offloaded.resident == sum(p.numel() * 4 for p in model.parameters()) - blocks
+    assert offloaded.host_bytes >= blocks
