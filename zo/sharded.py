@@ -15,6 +15,11 @@ parameters just before that unit's forward. ZO needs nothing else from it:
   sharded run's weights equal the unsharded run's bit for bit.
 * The update is the unsharded update restricted to the rank's rows.
 
+One exception to bit-equality: the unsharded engine perturbs a block's linear layer of more
+than ``engine.offload_threshold`` elements through its output when the input has at most
+``engine.offload_max_rows`` rows (a different rounding); the sharded engine always perturbs
+block weights. Embeddings and the head go through the unsharded engine's own path.
+
 Every rank measures the same losses (FSDP gathers the whole unit for each rank), so the
 projected-gradient scalars are equal on all ranks without a reduction; the data-parallel
 hook then averages the ranks' batch shards as in plain data parallelism.
@@ -302,14 +307,19 @@ def shard_for_training(model: nn.Module, device: torch.device) -> list[nn.Module
     return blocks
 
 
-def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Whole tensors from sharded ones (a collective: every rank calls it)."""
+def full_tensors(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
+    """Whole tensors from sharded ones, on the host (a collective: every rank calls it).
+
+    Gathered one tensor at a time; a rank with ``keep=False`` (not the checkpoint's writer)
+    drops each at once, so only the writer ever holds the whole model, and in host memory."""
     from torch.distributed.tensor import DTensor
 
-    return {
-        name: t.full_tensor().detach() if isinstance(t, DTensor) else t.detach()
-        for name, t in tensors.items()
-    }
+    whole = {}
+    for name, tensor in tensors.items():
+        gathered = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if keep:
+            whole[name] = gathered.detach().cpu()
+    return whole
 
 
 @torch.no_grad()

@@ -140,7 +140,9 @@ class Setup:
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """The trainable tensors whole (sharded: gathered, a collective on every rank)."""
         tensors = self.trainable.state_dict()
-        return full_tensors(tensors) if self.sharded else tensors
+        if not self.sharded:
+            return tensors
+        return full_tensors(tensors, keep=torch.distributed.get_rank() == 0)  # rank 0 writes
 
     def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.sharded:
