@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
+from estimators.zo_adam import ZOAdam
 from estimators.zo_sgd import ZOSGD
 from tests.test_cli import SMOKE, assert_same_tensors, step_records, trained, zo
 from tests.tiny import fresh_tiny
@@ -15,8 +17,9 @@ from zo.offload import offload_blocks
 IDS = torch.randint(4, 200, (2, 9), generator=torch.Generator().manual_seed(5))
 
 
-def run(model, steps: int = 3, lr: float = 1e-2) -> list:
-    optimizer = ZOSGD(model.parameters(), lr=lr, eps=1e-3, seed=11, engine=EngineConfig(threads=1))
+def run(model, steps: int = 3, lr: float = 1e-2, estimator=ZOSGD) -> list:
+    engine = EngineConfig(threads=1)
+    optimizer = estimator(model.parameters(), lr=lr, eps=1e-3, seed=11, engine=engine)
     records = []
     for _ in range(steps):
         optimizer.step(lambda: model(input_ids=IDS, labels=IDS).loss)
@@ -24,12 +27,14 @@ def run(model, steps: int = 3, lr: float = 1e-2) -> list:
     return records
 
 
-def test_offloaded_zo_sgd_equals_the_plain_run_bit_for_bit():
+@pytest.mark.parametrize("estimator", [ZOSGD, ZOAdam])
+def test_offloaded_zo_equals_the_plain_run_bit_for_bit(estimator):
     base, _ = fresh_tiny("llama")
     base.eval()
     plain, offloaded = copy.deepcopy(base), copy.deepcopy(base)
     streaming = offload_blocks(offloaded, torch.device("cpu"))
-    reference, records = run(plain), run(offloaded)
+    reference = run(plain, estimator=estimator)
+    records = run(offloaded, estimator=estimator)
     assert streaming.copies > 0  # every block layer crossed the (simulated) boundary
     assert [r.to_dict() for r in records] == [r.to_dict() for r in reference]
     for (name, a), (_, b), (_, c) in zip(
