@@ -112,6 +112,11 @@ class TrainConfig:
     """With ``resume=true``: continue a run whose trajectory, metrics or checkpoints are
     damaged from its intact part (damaged files are kept as copies, never deleted). Without
     it, resume refuses a damaged run and changes nothing."""
+    parallel: Literal["data", "fsdp", "offload"] = "data"
+    """Under a launcher: ``data`` (every rank holds the model, scalars are all-reduced) or
+    ``fsdp`` (FSDP2 shards the decoder blocks; each rank perturbs and updates its own rows).
+    In one process: ``offload`` keeps the decoder blocks in host memory and copies each
+    layer's weights to the device for its call only."""
 
 
 @dataclass

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 import estimators
+from zo.run_config import load_run_config
 from zo.run_directory import RunDirectory
 from zo.train import (
     build_setup,
-    load_run_config,
     resolve_device,
     resolve_estimator,
     trajectory_header,

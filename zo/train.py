@@ -26,9 +26,7 @@ from zo.config import (
     ConfigError,
     RunConfig,
     build,
-    config_from_data,
     dump_yaml,
-    read_run_yaml,
     to_dict,
 )
 from zo.distributed import DataParallel
@@ -42,6 +40,7 @@ from zo.engine import (
 )
 from zo.loss_plot import plot_loss
 from zo.memory import peak_memory_bytes, reset_peak_memory, return_large_frees_to_os
+from zo.offload import check_offloaded_run, offload_blocks
 from zo.preflight import (
     check_batch_fits_data,
     check_batch_fits_memory,
@@ -50,9 +49,17 @@ from zo.preflight import (
     parse_device,
 )
 from zo.reporting import Reporters, check_reporters
+from zo.run_config import check_resumable
 from zo.run_directory import ReplicaRunDirectory, ResumePlan, RunDirectory
 from zo.run_lock import run_lock
 from zo.schedule import LRSchedule
+from zo.sharded import (
+    check_sharded_run,
+    full_tensors,
+    load_full_tensors,
+    shard_for_training,
+    sharded_estimator,
+)
 from zo.trainable import TrainableSet, check_group_settings, param_groups, select_trainable
 from zo.trajectory import (
     TRAJECTORY_FORMAT,
@@ -67,8 +74,6 @@ _DATA_STREAM = 0xDA7A  # tags the data-order seed stream apart from direction se
 _TRAINABLE_INIT_STREAM = 0x1417  # and the stream of new trainable tensors (LoRA)
 
 # Changing these on resume would change the trajectory; the rest (steps, logging) may change.
-_RESUME_INVARIANT = ("model", "task", "trainable", "estimator", "engine")
-_RESUME_INVARIANT_TRAIN = ("batch_size", "grad_accum", "seed", "lr_schedule")
 
 
 # ---------------------------------------------------------------------- building blocks
@@ -177,6 +182,25 @@ class Setup:
     trainable: TrainableSet
     optimizer: torch.optim.Optimizer
     device: torch.device
+    model_hash: str | None = None
+    """The base model's fingerprint, taken before sharding (None: not sharded)."""
+
+    @property
+    def sharded(self) -> bool:
+        return self.model_hash is not None
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors whole (sharded: gathered, a collective on every rank)."""
+        tensors = self.trainable.state_dict()
+        if not self.sharded:
+            return tensors
+        return full_tensors(tensors, keep=torch.distributed.get_rank() == 0)  # rank 0 writes
+
+    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.sharded:
+            load_full_tensors(self.trainable.names, self.trainable.params, tensors)
+        else:
+            self.trainable.load_state_dict(tensors)
 
 
 def load_base_model(
@@ -202,12 +226,18 @@ def load_base_model(
         return model, models.load_tokenizer(path)
 
 
-def build_setup(config: RunConfig) -> Setup:
+def build_setup(config: RunConfig, shard: bool = False, offload: bool = False) -> Setup:
+    """Everything a run needs; ``shard``: FSDP2 over the process group, ``offload``: blocks
+    at home, streamed per layer (``train.parallel``; replay needs neither)."""
     task = validate(config)
     spec, estimator_config = resolve_estimator(config)
     device = resolve_device(config.model.device)
     attn = "eager" if spec.eager_attention else config.model.attn
     model, tokenizer = load_base_model(config, attn, device)
+    model_hash, units = None, []
+    if shard:  # before moving: each block reaches the device as this rank's shard only
+        model_hash = models.model_fingerprint(model)  # of the whole base, as replay sees it
+        units = shard_for_training(model, device)
     model.to(device).eval()  # eval: no dropout, so a step is a deterministic function of seeds
     # A trainable set may draw new tensors (LoRA's A matrices): from the run's seed, so a
     # replay or a resume rebuilds the same start, whatever the global generator holds.
@@ -215,6 +245,8 @@ def build_setup(config: RunConfig) -> Setup:
         trainable = select_trainable(model, config.trainable)
     if config.train.gradient_checkpointing:
         checkpoint_blocks(model)
+    if offload:  # after the trainable set: its adapters stream with their blocks
+        offload_blocks(model, device)
     groups = param_groups(trainable, config.estimator.get("param_groups"))
     try:
         optimizer = estimators.build_estimator(
@@ -228,7 +260,9 @@ def build_setup(config: RunConfig) -> Setup:
     except ValueError as error:  # a combination the estimator refuses, named by its message
         raise ConfigError(f"estimator {spec.name}: {error}") from None
     check_group_settings(optimizer, groups)
-    return Setup(config, model, tokenizer, task, trainable, optimizer, device)
+    if shard:
+        sharded_estimator(optimizer, units)
+    return Setup(config, model, tokenizer, task, trainable, optimizer, device, model_hash)
 
 
 class BatchSampler:
@@ -292,7 +326,7 @@ def trajectory_header(setup: Setup) -> dict[str, Any]:
     return {
         "format": TRAJECTORY_FORMAT,
         "model": setup.config.model.name,
-        "model_hash": models.model_fingerprint(setup.model),
+        "model_hash": setup.model_hash or models.model_fingerprint(setup.model),
         "trainable": setup.trainable.manifest(),
         "estimator": {"name": spec.name, **to_dict(estimator_config)},
         "run_seed": setup.config.train.seed,
@@ -319,39 +353,6 @@ def with_recorded_generator(
     )
 
 
-def load_run_config(run: RunDirectory) -> RunConfig:
-    """A run's own config.yaml; a damaged one is an error naming it."""
-    try:
-        return config_from_data(read_run_yaml(run.config))
-    except UnicodeDecodeError:
-        raise RunDamagedError(f"{run.config} is not a text file (damaged?)") from None
-    except ConfigError as error:
-        message = str(error)
-        raise ConfigError(
-            message if str(run.config) in message else f"{run.config}: {message}"
-        ) from None
-
-
-def _check_resumable(run: RunDirectory, config: RunConfig) -> None:
-    saved = load_run_config(run)
-    for section in _RESUME_INVARIANT:
-        if to_dict(getattr(saved, section)) != to_dict(getattr(config, section)):
-            raise ConfigError(
-                f"resume: {section} differs from the run's config.yaml; a resumed run must "
-                "keep model, task, trainable, estimator and engine settings"
-            )
-    for key in _RESUME_INVARIANT_TRAIN:
-        if getattr(saved.train, key) != getattr(config.train, key):
-            raise ConfigError(f"resume: train.{key} differs from the run's config.yaml")
-    if config.train.lr_schedule != "constant" and saved.train.steps != config.train.steps:
-        raise ConfigError(
-            f"resume: train.steps is {config.train.steps}, the run's config.yaml has "
-            f"{saved.train.steps}; the {config.train.lr_schedule} lr schedule decays over "
-            f"train.steps, so changing it would change the lr of every step left: keep "
-            f"train.steps={saved.train.steps}"
-        )
-
-
 def _open_run(
     run: RunDirectory, setup: Setup, plan: ResumePlan | None, log
 ) -> tuple[int, dict[str, Any] | None]:
@@ -368,7 +369,7 @@ def _open_run(
         folder = plan.state.folder
         _, checkpoint = checkpoints.load(folder, setup.device, log=log, verified=True)
         try:
-            setup.trainable.load_state_dict(checkpoint.tensors)
+            setup.load_checkpoint_tensors(checkpoint.tensors)
             setup.optimizer.load_state_dict(checkpoint.optimizer_state)
         except (ValueError, KeyError, TypeError, RuntimeError) as error:
             raise RunDamagedError(f"{folder} does not fit this run: {error}") from None
@@ -392,6 +393,8 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
     """
     parallel = DataParallel.from_environment()
     parallel.check_batch(config.train.batch_size)
+    check_sharded_run(config, parallel.world_size)
+    check_offloaded_run(config, parallel.world_size)
     if parallel.world_size > 1 and config.train.on_nonfinite == "skip":
         raise ConfigError(
             "train.on_nonfinite=skip is for one process: under a launcher a rank whose shard "
@@ -444,7 +447,7 @@ def _train(
     if config.resume:
         if not run.holds_run():
             raise NothingToResumeError(f"resume=true but {run.path} holds no run to continue")
-        _check_resumable(run, config)
+        check_resumable(run, config)
         spec, _ = resolve_estimator(config)
         plan = run.plan_resume(spec.zeroth_order, config.train.repair, log)  # reads only
         if plan.start_step > config.train.steps:
@@ -461,7 +464,8 @@ def _train(
         run.ensure_new()  # before any model loads: never overwrite a run
     # every rank has checked the directory before the rendezvous, so none sees rank 0's
     parallel.start(resolve_device(config.model.device))
-    setup = build_setup(config)
+    parallel_mode = config.train.parallel
+    setup = build_setup(config, shard=parallel_mode == "fsdp", offload=parallel_mode == "offload")
     parallel.attach(setup.optimizer)
     reset_peak_memory(setup.device)  # report training's peak, not loading's (or a conversion's)
     optimizer, train_cfg = setup.optimizer, config.train
@@ -535,7 +539,7 @@ def _train(
             run.append(run.metrics, metrics)
             reporters.log(done, metrics)  # counted as the progress bar counts
         if (train_cfg.save_every and done % train_cfg.save_every == 0) or done == train_cfg.steps:
-            tensors = setup.trainable.state_dict()
+            tensors = setup.checkpoint_tensors()  # sharded: gathered whole on rank 0
             guard.check_before_save(done, tensors)
             run.save_checkpoint(
                 Checkpoint(done, tensors, optimizer.state_dict(), {"zero_shot": zero_shot})

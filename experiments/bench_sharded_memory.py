@@ -1,0 +1,109 @@
+"""Per-rank memory and step time of sharded (FSDP2) vs data-parallel ZO-SGD, random weights.
+
+    torchrun --standalone --nproc_per_node N experiments/bench_sharded_memory.py \
+        --mode fsdp|data [--hidden 1024 --layers 16 --inter 2816 --vocab 32000]
+
+Each rank builds a Llama of the given shape with random weights. ``fsdp`` builds it on the
+meta device, shards the decoder blocks and materialises only this rank's rows (what a
+sharded loader does), so the peak RSS is the run's, not a whole-model build's. Rank 0 prints
+one JSON line: per-rank resident parameter bytes, peak RSS (max over ranks) and seconds per
+ZO-SGD step (mean of the steps after the first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from estimators.zo_sgd import ZOSGD
+from zo.blocks import decoder_blocks
+from zo.distributed import DataParallel
+from zo.engine import EngineConfig
+from zo.memory import return_large_frees_to_os
+from zo.sharded import allocate_gather_buffers, shard_model, sharded_estimator
+
+
+def build(options, sharded: bool):
+    config = LlamaConfig(
+        hidden_size=options.hidden,
+        num_hidden_layers=options.layers,
+        intermediate_size=options.inter,
+        num_attention_heads=options.hidden // 64,
+        num_key_value_heads=options.hidden // 64,
+        vocab_size=options.vocab,
+        tie_word_embeddings=False,
+    )
+    if not sharded:
+        return LlamaForCausalLM(config).eval(), []
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    units = decoder_blocks(model)
+    shard_model(units, init_device_mesh("cpu", (dist.get_world_size(),)))
+    model.to_empty(device="cpu")  # the blocks: this rank's rows only; the rest whole
+    with torch.no_grad():
+        for param in model.parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            local.normal_(0, 0.02)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config)  # its buffers were on meta
+    allocate_gather_buffers(units)
+    return model.eval(), units
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["fsdp", "data"], required=True)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--inter", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=32)
+    options = parser.parse_args()
+    return_large_frees_to_os()
+    parallel = DataParallel.from_environment()
+    parallel.start(torch.device("cpu"))
+    model, units = build(options, options.mode == "fsdp")
+    optimizer = ZOSGD(model.parameters(), lr=1e-6, eps=1e-3, engine=EngineConfig(threads=1))
+    if units:
+        sharded_estimator(optimizer, units)
+    parallel.attach(optimizer)
+    local = sum(
+        (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+        for p in model.parameters()
+    )
+    ids = torch.randint(4, options.vocab, (options.batch, options.seq))
+    times = []
+    for _ in range(options.steps):
+        started = time.perf_counter()
+        optimizer.step(lambda: model(input_ids=ids, labels=ids).loss)
+        times.append(time.perf_counter() - started)
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024])
+    if parallel.enabled:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if parallel.is_main:
+        total = sum(p.numel() for p in model.parameters())
+        blocks = sum(p.numel() for b in decoder_blocks(model) for p in b.parameters())
+        result = {
+            "mode": options.mode,
+            "ranks": parallel.world_size,
+            "parameters": total,
+            "block_parameters": blocks,
+            "rank0_parameter_bytes": local,
+            "peak_rss_bytes_max_rank": int(peak),
+            "seconds_per_step": sum(times[1:]) / max(1, len(times) - 1),
+        }
+        print(json.dumps(result))
+    parallel.stop()
+
+
+if __name__ == "__main__":
+    main()

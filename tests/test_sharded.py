@@ -1,0 +1,177 @@
+"""Sharded ZO on FSDP2 (gloo, CPU): equal to data parallelism bit for bit, replayable in one
+process, ~1/N of the blocks per rank; and the refusals of what it does not do."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from estimators.base import StepRecord
+from estimators.zo_sgd import ZOSGD
+from tests.test_cli import SMOKE, assert_same_tensors, step_records, trained, zo
+from zo.blocks import decoder_blocks
+from zo.engine import EngineConfig
+from zo.models import tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = str(ROOT / "tests" / "sharded_worker.py")
+
+
+def torchrun(processes: int, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return subprocess.run(
+        [*command, "--nproc_per_node", str(processes), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+
+
+def run_worker(processes: int, out: Path) -> tuple[dict, dict]:
+    result = torchrun(processes, WORKER, str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    with safe_open(str(out), "pt") as saved:
+        metadata = saved.metadata()
+        tensors = {key: saved.get_tensor(key) for key in saved.keys()}  # noqa: SIM118
+    return metadata, tensors
+
+
+def expected_local_bytes(processes: int) -> int:
+    """Rank 0's bytes: its rows (torch.chunk's split) of every block tensor, the rest whole."""
+    model, _ = tiny_model("llama")
+    in_blocks = {id(p) for block in decoder_blocks(model) for p in block.parameters()}
+    total = 0
+    for param in model.parameters():
+        rows = -(-param.shape[0] // processes) if id(param) in in_blocks else param.shape[0]
+        total += rows * param[0].numel() * param.element_size()
+    return total
+
+
+def check_sharded_run(processes: int, tmp_path: Path) -> None:
+    metadata, tensors = run_worker(processes, tmp_path / "out.safetensors")
+    names = [key.removeprefix("plain/") for key in tensors if key.startswith("plain/")]
+    # the sharded run took the data-parallel run's steps and ends at its weights, bit for bit
+    assert json.loads(metadata["sharded_records"]) == json.loads(metadata["plain_records"])
+    for name in names:
+        assert torch.equal(tensors[f"sharded/{name}"], tensors[f"plain/{name}"]), name
+        assert not torch.equal(tensors[f"sharded/{name}"], tensors[f"base/{name}"]), name
+    # one process replays the sharded run's trajectory to the same weights
+    model, _ = tiny_model("llama")
+    model.load_state_dict({name: tensors[f"base/{name}"] for name in names}, strict=False)
+    replay = ZOSGD(model.parameters(), lr=1e-2, eps=1e-3, seed=3, engine=EngineConfig(threads=1))
+    for record in json.loads(metadata["sharded_records"]):
+        replay.apply_record(StepRecord.from_dict(record))
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), tensors[f"sharded/{name}"]), name
+    # each rank holds its rows of the blocks, and the embeddings / norm / head whole
+    assert int(metadata["local_bytes"]) == expected_local_bytes(processes)
+    assert int(metadata["local_bytes"]) < int(metadata["full_bytes"])
+
+
+def test_two_sharded_ranks_end_at_the_data_parallel_weights_and_replay(tmp_path):
+    check_sharded_run(2, tmp_path)
+
+
+@pytest.mark.slow
+def test_four_sharded_ranks_end_at_the_data_parallel_weights_and_replay(tmp_path):
+    check_sharded_run(4, tmp_path)
+
+
+@pytest.mark.slow
+def test_zo_train_parallel_fsdp_equals_data_parallel_and_replays(tmp_path):
+    steps = ["train.steps=6", "train.save_every=3", "train.progress=false"]
+    runs = {name: tmp_path / name for name in ("fsdp", "data")}
+    for name, out in runs.items():
+        config = ["train", "--config", SMOKE, f"train.out={out}", f"train.parallel={name}"]
+        result = torchrun(2, "-m", "zo.cli", *config, *steps)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert step_records(runs["fsdp"]) == step_records(runs["data"])
+    assert_same_tensors(trained(runs["fsdp"]), trained(runs["data"]))
+    assert zo("replay", str(runs["fsdp"]), "--out", str(tmp_path / "replayed")) == 0
+    replayed = load_file(str(tmp_path / "replayed" / "trainable.safetensors"))
+    assert_same_tensors(replayed, trained(runs["fsdp"]))
+
+
+# ------------------------------------------------------------------ refusals, before any model
+def refused(tmp_path, capsys, monkeypatch, world: int, *overrides: str) -> str:
+    if world > 1:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        monkeypatch.setenv("RANK", "0")
+    out = tmp_path / "run"
+    args = ["train", "--config", SMOKE, f"train.out={out}", "train.parallel=fsdp", *overrides]
+    assert zo(*args) == 2
+    assert not out.exists()  # refused before anything was written
+    return capsys.readouterr().err
+
+
+def test_fsdp_without_a_launcher_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert "launch with `torchrun" in refused(tmp_path, capsys, monkeypatch, 1)
+
+
+def test_an_estimator_with_per_element_state_is_refused_sharded(tmp_path, capsys, monkeypatch):
+    err = refused(tmp_path, capsys, monkeypatch, 2, "estimator.name=zo_adam")
+    assert "'zo_adam' cannot run sharded" in err
+
+
+def test_a_lora_trainable_set_is_refused_sharded(tmp_path, capsys, monkeypatch):
+    err = refused(tmp_path, capsys, monkeypatch, 2, "trainable=lora")
+    assert "trainable 'lora' cannot run sharded" in err
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_sharded_rank_then_resume_equals_an_uninterrupted_run(tmp_path):
+    steps = ["train.steps=120", "train.save_every=5", "train.progress=false"]
+    config = ["-m", "zo.cli", "train", "--config", SMOKE, "train.parallel=fsdp", *steps]
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launcher = subprocess.Popen(
+        [*command, "--nproc_per_node", "2", *config, f"train.out={killed}"],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = killed / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 300
+    while not (state.exists() and json.loads(state.read_text())["step"] >= 10):
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    ranks = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    os.kill(int(ranks[-1]), signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0
+    assert json.loads(state.read_text())["step"] < 120  # it died mid-run
+    resumed = torchrun(2, *config, f"train.out={killed}", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    uninterrupted = torchrun(2, *config, f"train.out={whole}")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    assert step_records(killed) == step_records(whole)
+    assert_same_tensors(trained(killed), trained(whole))
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_the_sharded_plan_predicts_each_ranks_weight_bytes(processes):
+    from zo.plan import PlanRequest, shape_from_hf_config
+
+    from zo.plan_parallel import plan_offloaded, plan_sharded
+
+    model, _ = tiny_model("llama")
+    shape = shape_from_hf_config(model.config.to_dict())
+    request = PlanRequest(shape=shape, device="cpu", batch=2, seq_len=16)
+    assert plan_sharded(request, processes).resident == expected_local_bytes(processes)
+    blocks = sum(p.numel() * 4 for block in decoder_blocks(model) for p in block.parameters())
+    offloaded = plan_offloaded(request)
+    assert offloaded.resident == sum(p.numel() * 4 for p in model.parameters()) - blocks
+    assert offloaded.host_bytes >= blocks

@@ -1,0 +1,94 @@
+"""Memory predictions beyond one device: sharded over N ranks (FSDP2) and offloaded blocks.
+
+Built on :func:`zo.plan.plan_memory` (the one-device plan), changing only what sharding or
+offloading changes, as :mod:`zo.sharded` and :mod:`zo.offload` lay memory out:
+
+* **sharded**: each rank keeps its rows of every decoder-block tensor (``ceil(rows / N)``,
+  torch.chunk's split) and the embeddings, final norm and head whole. A perturbed forward
+  adds, at its worst moment, one gathered layer (FSDP's all-gather output) plus two copies
+  of that layer's shard (FSDP's copy-in buffer, and the saved shard the perturbation is
+  written over). Activations, logits and direction scratch are the one-device plan's.
+* **offloaded**: the blocks live in host memory; the device holds the embeddings, norm and
+  head, the one-device transients, and one layer's copied weights at a time (the largest
+  matrix). The host holds the blocks plus one engine bucket of perturbed copies.
+
+Only ZO estimators with no per-element state over a full trainable set are planned here
+(what the two modes support today).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zo.engine import ACCELERATOR_BUCKET, CPU_BUCKET
+from zo.plan import DTYPE_BYTES, Plan, PlanError, PlanRequest, plan_memory
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """Peak bytes per device for one way of running ``request``; ``host`` where it matters."""
+
+    mode: str
+    devices: int
+    device_peak: int
+    """Allocator peak on each device (rank), plus the framework overhead."""
+    resident: int = 0
+    """Weights each device keeps between forwards."""
+    host_bytes: int = 0
+    """Offload: host memory the streamed blocks occupy."""
+
+    def fits(self, device_memory: int) -> bool:
+        return self.device_peak <= device_memory
+
+
+def _split(plan: Plan) -> tuple[int, int, int, int]:
+    """(block parameters, other parameters, one layer's parameters, largest layer matrix)."""
+    shape = plan.shape
+    layer = sum(r * c for r, c in shape.layer_matrices()) + shape.layer_vectors()
+    largest = max(r * c for r, c in shape.layer_matrices())
+    return shape.layers * layer, shape.embedding_parameters(), layer, largest
+
+
+def _check(request: PlanRequest) -> None:
+    if request.estimator != "zo_sgd" or request.trainable != "full" or request.quant != "none":
+        raise PlanError(
+            "sharded and offloaded plans cover estimator zo_sgd over trainable full without "
+            "quantization (what train.parallel=fsdp|offload runs today)"
+        )
+
+
+def plan_sharded(request: PlanRequest, ranks: int) -> ParallelPlan:
+    """Per-rank peak of ``train.parallel=fsdp`` over ``ranks`` processes."""
+    _check(request)
+    if ranks < 1:
+        raise PlanError(f"ranks must be >= 1, got {ranks}")
+    one = plan_memory(request)
+    wb = DTYPE_BYTES[request.weight_dtype()]
+    blocks, rest, layer, _ = _split(one)
+    transient = one.peak_allocated - one.component("dense weights")
+    resident = (-(-blocks // ranks) + rest) * wb
+    gathered = layer * wb + 2 * (-(-layer // ranks)) * wb
+    peak = resident + transient + gathered + one.overhead.bytes
+    return ParallelPlan("fsdp", ranks, peak, resident=resident)
+
+
+def plan_offloaded(request: PlanRequest) -> ParallelPlan:
+    """Device peak and host bytes of ``train.parallel=offload``."""
+    _check(request)
+    one = plan_memory(request)
+    wb = DTYPE_BYTES[request.weight_dtype()]
+    blocks, rest, _, largest = _split(one)
+    transient = one.peak_allocated - one.component("dense weights")
+    peak = rest * wb + transient + largest * wb + one.overhead.bytes
+    bucket = CPU_BUCKET if request.device == "cpu" else ACCELERATOR_BUCKET
+    return ParallelPlan("offload", 1, peak, rest * wb, host_bytes=(blocks + bucket) * wb)
+
+
+def what_fits(request: PlanRequest, gpus: int, gpu_memory: int) -> dict[str, bool]:
+    """Which of one device, sharded over ``gpus``, and offloaded fits in ``gpu_memory``."""
+    one = plan_memory(request)
+    return {
+        "single": one.process_total <= gpu_memory,
+        f"fsdp x{gpus}": plan_sharded(request, gpus).fits(gpu_memory),
+        "offload": plan_offloaded(request).fits(gpu_memory),
+    }

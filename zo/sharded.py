@@ -1,0 +1,339 @@
+"""Sharded zeroth-order training on FSDP2: each rank perturbs and updates its own shard.
+
+``fully_shard`` (``torch.distributed.fsdp``) cuts every parameter along dim 0 into one
+contiguous row range per rank and all-gathers a unit's (decoder block's, or the root's)
+parameters just before that unit's forward. ZO needs nothing else from it:
+
+* Directions are addressed by global coordinates ``(step seed, tensor, element offset)``
+  (:mod:`zo.directions`), so a rank draws exactly its rows' part of ``z``: the same values
+  the unsharded run draws there, whatever the world size.
+* A perturbed forward writes ``W + scale * z`` into each unit's local shard just before
+  FSDP gathers it (a forward pre-hook ahead of FSDP's) and copies the saved shard back just
+  after (a pre-hook behind FSDP's): the gathered weights are the perturbed ones, the stored
+  shard ends bit-identical, and the extra memory is one unit's shard. The perturbed values
+  come from the same pass, in the same arithmetic, as the unsharded engine's copies, so a
+  sharded run's weights equal the unsharded run's bit for bit.
+* The update is the unsharded update restricted to the rank's rows.
+
+One exception to bit-equality: the unsharded engine perturbs a block's linear layer of more
+than ``engine.offload_threshold`` elements through its output when the input has at most
+``engine.offload_max_rows`` rows (a different rounding); the sharded engine always perturbs
+block weights. Embeddings and the head go through the unsharded engine's own path.
+
+Every rank measures the same losses (FSDP gathers the whole unit for each rank), so the
+projected-gradient scalars are equal on all ranks without a reduction; the data-parallel
+hook then averages the ranks' batch shards as in plain data parallelism.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from zo.config import ConfigError
+from zo.directions import _axpz_job, run_jobs
+from zo.engine import EngineConfig, PerturbationEngine
+
+__all__ = [
+    "ShardedEngine",
+    "allocate_gather_buffers",
+    "shard_model",
+    "shard_offset",
+    "sharded_estimator",
+]
+
+
+def shard_model(blocks: Sequence[nn.Module], mesh=None) -> None:
+    """``fully_shard`` each decoder block over ``mesh`` (default: all ranks).
+
+    The rest (embeddings, final norm, head: ~1% of a 7B+ model) stays whole on every rank:
+    scoring and generation call the backbone and the head separately, which a root unit's
+    forward hooks would never see. Each block is its own FSDP root, resharded after every
+    forward, so the next (differently perturbed) forward gathers again. Blocks on the meta
+    device stay there (``to_empty`` then materialises only the shards)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+
+
+@torch.no_grad()
+def allocate_gather_buffers(blocks: Sequence[nn.Module]) -> None:
+    """Gather and free each block once, outside any inference_mode.
+
+    FSDP allocates a unit's gather buffers on its first gather: inside ``inference_mode``
+    (evaluation) they would be inference tensors that a later training forward may not
+    write."""
+    for block in blocks:
+        block.unshard()
+        block.reshard()
+
+
+def shard_offset(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's local shard of ``param`` (a flat view that writes through) and the global
+    element offset of its first element. A plain tensor is its own whole shard."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor):
+        return param.detach().view(-1), 0
+    placements = tuple(param.placements)
+    if len(placements) != 1 or placements[0] != Shard(0):
+        raise ValueError(
+            f"sharded ZO supports parameters sharded on dim 0 over one mesh dimension (FSDP2's "
+            f"default); got placements {placements}"
+        )
+    local = param.to_local().detach()
+    rows = param.shape[0]
+    world = param.device_mesh.size()
+    rank = param.device_mesh.get_local_rank()
+    per_rank = -(-rows // world)  # torch.chunk's split, which FSDP2 uses
+    first_row = min(rank * per_rank, rows)
+    expected = max(0, min(per_rank, rows - first_row))
+    if local.shape[0] != expected or not local.is_contiguous():
+        raise ValueError(
+            f"rank {rank}'s shard has {local.shape[0]} rows, torch.chunk would give {expected}: "
+            "sharded ZO cannot address this layout"
+        )
+    row_numel = param[0].numel() if rows else 0
+    return local.view(-1), first_row * row_numel
+
+
+class ShardedEngine(PerturbationEngine):
+    """:class:`PerturbationEngine`'s passes over the local shards of FSDP2 parameters.
+
+    ``params`` are the trainable parameters in the estimator's order (the seed addresses
+    use that order, as unsharded); ``units`` are the modules ``fully_shard`` was applied to.
+    Parameters outside every unit (whole on each rank: embeddings, final norm, head) go
+    through the unsharded engine's own perturbed forward (buckets, output-side embedding
+    rows), exactly as in a one-process run.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        units: Sequence[nn.Module],
+        config: EngineConfig | None = None,
+    ):
+        from torch.distributed.tensor import DTensor
+
+        shards = [shard_offset(p) for p in params]
+        # a whole tensor is itself (the engine's hooks find a module's parameters by identity)
+        tensors = [
+            s if isinstance(p, DTensor) else p for p, (s, _) in zip(params, shards, strict=True)
+        ]
+        super().__init__(tensors, config)
+        self.offsets = [offset for _, offset in shards]
+        by_param = {id(p): i for i, p in enumerate(params)}
+        self.unit_members: list[tuple[nn.Module, list[int]]] = []
+        for unit in units:
+            inner = {id(q) for q in _nested_unit_params(unit, units)}
+            own = [
+                by_param[id(p)]
+                for p in unit.parameters()
+                if id(p) in by_param and id(p) not in inner
+            ]
+            self.unit_members.append((unit, own))
+        claimed = [i for _, own in self.unit_members for i in own]
+        if len(set(claimed)) != len(claimed):
+            raise ValueError("a trainable parameter belongs to two fully_shard units")
+        self.loose = set(range(len(params))) - set(claimed)
+
+    # ------------------------------------------------------------------ perturbed forwards
+    @contextlib.contextmanager
+    def perturbed(self, seed: int, scale: float | Sequence[float]) -> Iterator[None]:
+        scales = (
+            [float(scale)] * len(self.tensors)
+            if isinstance(scale, (int, float))
+            else [float(s) for s in scale]
+        )
+        if len(scales) != len(self.tensors):
+            raise ValueError("perturbed() needs one scale per tensor")
+        saved: dict[int, list[tuple[int, torch.Tensor]]] = {}
+
+        def before_gather(unit: nn.Module, args) -> None:
+            members = [i for i in self._members_of(unit) if scales[i] != 0.0]
+            saved[id(unit)] = [(i, self._flat(i).clone()) for i in members]
+            for i, copy in saved[id(unit)]:
+                self._axpz_shard(copy, self._flat(i), i, [seed], self._ones(), scales[i], False)
+
+        def after_gather(unit: nn.Module, args) -> None:
+            for i, copy in saved.pop(id(unit), []):
+                self._flat(i).copy_(copy)
+
+        handles = []
+        for unit, _ in self.unit_members:
+            handles.append(unit.register_forward_pre_hook(before_gather, prepend=True))
+            handles.append(unit.register_forward_pre_hook(after_gather))
+        whole = [scale if i in self.loose else 0.0 for i, scale in enumerate(scales)]
+        try:
+            with torch.no_grad(), super().perturbed(seed, whole):
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            with torch.no_grad():  # a forward that raised between the two hooks
+                for entries in saved.values():
+                    for i, copy in entries:
+                        self._flat(i).copy_(copy)
+
+    def _flat(self, index: int) -> torch.Tensor:
+        return self.tensors[index].detach().view(-1)
+
+    def _members_of(self, unit: nn.Module) -> list[int]:
+        for candidate, members in self.unit_members:
+            if candidate is unit:
+                return members
+        return []
+
+    def _ones(self) -> torch.Tensor:
+        return self._constant((1.0, 1.0), self.device)
+
+    # ------------------------------------------------------------------ updates
+    def _axpz_in_place(self, seeds, coefficients, decay: bool, indices: list[int]) -> None:
+        with torch.no_grad():
+            for i in indices:
+                self._axpz_shard(self._flat(i), self._flat(i), i, seeds, coefficients, 1.0, decay)
+
+    def _axpz_shard(self, source, target, index, seeds, coefficients, scale, decay) -> None:
+        """:func:`zo.directions.eager_axpz` on one shard, addressed from its global offset."""
+        factors = coefficients[1:] * scale
+        size = self.generator.job_size()
+        offset = self.offsets[index]
+        jobs = [
+            _axpz_job(
+                self.generator,
+                (source[start : start + size], target[start : start + size]),
+                (index, offset + start),
+                seeds,
+                (coefficients, factors),
+                decay,
+            )
+            for start in range(0, target.numel(), size)
+        ]
+        run_jobs(jobs, self.generator.threads)
+
+    # ------------------------------------------------------------------ not sharded (yet)
+    def draw(self, seed, index, chunk, length, device):  # type: ignore[override]
+        raise NotImplementedError(
+            "per-element estimator state (sign, momentum, Adam) is not sharded yet: use zo_sgd "
+            "with train.parallel=fsdp"
+        )
+
+    def direction(self, seed: int, index: int) -> torch.Tensor:
+        """This rank's part of the direction of tensor ``index`` (flat)."""
+        tensor = self.tensors[index]
+        out = torch.empty(tensor.numel(), dtype=torch.float32, device=tensor.device)
+        self.generator.fill(out, seed, index, self.offsets[index])
+        return out
+
+    def updated_copy(self, seeds, coefficients, decay, index):  # type: ignore[override]
+        raise NotImplementedError("a sharded engine updates in place only")
+
+
+def _nested_unit_params(unit: nn.Module, units: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """Parameters of the other units nested inside ``unit`` (FSDP manages them there)."""
+    others = [u for u in units if u is not unit and _contains(unit, u)]
+    return [p for other in others for p in other.parameters()]
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(module is inner for module in outer.modules())
+
+
+def sharded_estimator(optimizer, units: Sequence[nn.Module]) -> None:
+    """Make a zeroth-order estimator built over FSDP2 parameters perturb and update shards."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    optimizer.engine = ShardedEngine(params, units, optimizer.engine.config)
+
+
+# ---------------------------------------------------------------------- the loop's side
+
+SHARDABLE_ESTIMATORS = ("zo_sgd",)
+"""Estimators whose every pass is a perturbed forward or a linear update (no per-element
+state, no gradients): what :class:`ShardedEngine` carries out on shards today."""
+SHARDABLE_TRAINABLES = ("full", "names")
+
+
+class ShardingError(ConfigError):
+    """A ``train.parallel=fsdp`` run that cannot be sharded (exit 2 from the CLI)."""
+
+
+def check_sharded_run(config, world_size: int) -> None:
+    """Refuse what sharded ZO does not do, before any model loads (never a fallback)."""
+    if config.train.parallel != "fsdp":
+        return
+    fix = "or set train.parallel=data"
+    if world_size < 2:
+        raise ShardingError(
+            "train.parallel=fsdp shards the model over the launched processes, and this is one "
+            "process: launch with `torchrun --nproc_per_node N -m zo.cli train ...` (N >= 2), "
+            + fix
+        )
+    name = config.estimator.get("name")
+    if name not in SHARDABLE_ESTIMATORS:
+        raise ShardingError(
+            f"estimator {name!r} cannot run sharded yet (train.parallel=fsdp supports "
+            f"{list(SHARDABLE_ESTIMATORS)}: per-element state and gradients are not sharded): "
+            f"use one of those, {fix}"
+        )
+    if config.trainable.kind not in SHARDABLE_TRAINABLES:
+        raise ShardingError(
+            f"trainable {config.trainable.kind!r} cannot run sharded yet (train.parallel=fsdp "
+            f"supports {list(SHARDABLE_TRAINABLES)}): {fix}"
+        )
+    if config.model.quant != "none":
+        raise ShardingError(f"model.quant={config.model.quant} cannot run sharded: {fix}")
+    if config.engine.generator == "torch-chunks-v1":
+        raise ShardingError(
+            "engine.generator=torch-chunks-v1 cannot address a shard's elements; use "
+            "philox or torch-blocks with train.parallel=fsdp"
+        )
+
+
+def shard_for_training(model: nn.Module, device: torch.device) -> list[nn.Module]:
+    """Shard ``model``'s decoder blocks over all ranks; returns them (the FSDP units)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from zo.blocks import decoder_blocks
+
+    world = torch.distributed.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    blocks = decoder_blocks(model)
+    shard_model(blocks, mesh)
+    allocate_gather_buffers(blocks)
+    return blocks
+
+
+def full_tensors(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
+    """Whole tensors from sharded ones, on the host (a collective: every rank calls it).
+
+    Gathered one tensor at a time; a rank with ``keep=False`` (not the checkpoint's writer)
+    drops each at once, so only the writer ever holds the whole model, and in host memory."""
+    from torch.distributed.tensor import DTensor
+
+    whole = {}
+    for name, tensor in tensors.items():
+        gathered = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        if keep:
+            whole[name] = gathered.detach().cpu()
+    return whole
+
+
+@torch.no_grad()
+def load_full_tensors(names: Sequence[str], params: Sequence[torch.Tensor], tensors) -> None:
+    """Copy whole checkpoint tensors into sharded parameters: each rank takes its rows."""
+    missing = sorted(set(names) - set(tensors))
+    if missing:
+        raise ValueError(f"checkpoint lacks trainable tensors {missing[:5]}")
+    for name, param in zip(names, params, strict=True):
+        whole = tensors[name]
+        if tuple(whole.shape) != tuple(param.shape) or whole.dtype != param.dtype:
+            raise ValueError(
+                f"checkpoint tensor {name} is {tuple(whole.shape)} {whole.dtype}, the model has "
+                f"{tuple(param.shape)} {param.dtype}"
+            )
+        local, offset = shard_offset(param)
+        local.view(-1).copy_(whole.reshape(-1)[offset : offset + local.numel()])
