@@ -163,13 +163,16 @@ def test_kill_9_of_one_sharded_rank_then_resume_equals_an_uninterrupted_run(tmp_
 
 @pytest.mark.parametrize("processes", [2, 4])
 def test_the_sharded_plan_predicts_each_ranks_weight_bytes(processes):
-    from zo.plan import PlanRequest, shape_from_hf_config
-
-    from zo.plan_parallel import plan_offloaded, plan_sharded
+    from zo.memory.parallel import plan_offloaded, plan_sharded
+    from zo.memory.shapes import shape_from_hf_config
+    from zo.memory.step import PlanRequest
 
     model, _ = tiny_model("llama")
     shape = shape_from_hf_config(model.config.to_dict())
-    request = PlanRequest(shape=shape, device="cpu", batch=2, seq_len=16)
+    import estimators
+
+    zo_sgd = estimators.get_estimator("zo_sgd").planned()
+    request = PlanRequest(shape=shape, estimator=zo_sgd, device="cpu", batch=2, seq_len=16)
     assert plan_sharded(request, processes).resident == expected_local_bytes(processes)
     blocks = sum(p.numel() * 4 for block in decoder_blocks(model) for p in block.parameters())
     offloaded = plan_offloaded(request)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from zo.config import ConfigError
-from zo.directions import _axpz_job, run_jobs
+from zo.direction_base import _axpz_job, run_jobs
 from zo.engine import EngineConfig, PerturbationEngine
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Memory predictions beyond one device: sharded over N ranks (FSDP2) and offloaded blocks.
 
-Built on :func:`zo.plan.plan_memory` (the one-device plan), changing only what sharding or
+Built on :func:`zo.memory.step.plan_memory` (the one-device plan), changing only what sharding or
 offloading changes, as :mod:`zo.sharded` and :mod:`zo.offload` lay memory out:
 
 * **sharded**: each rank keeps its rows of every decoder-block tensor (``ceil(rows / N)``,
@@ -21,7 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zo.engine import ACCELERATOR_BUCKET, CPU_BUCKET
-from zo.plan import DTYPE_BYTES, Plan, PlanError, PlanRequest, plan_memory
+from zo.memory.estimator import EstimatorMemory
+from zo.memory.shapes import PlanError
+from zo.memory.step import DTYPE_BYTES, Plan, PlanRequest, plan_memory
 
 
 @dataclass(frozen=True)
@@ -44,16 +46,18 @@ class ParallelPlan:
 def _split(plan: Plan) -> tuple[int, int, int, int]:
     """(block parameters, other parameters, one layer's parameters, largest layer matrix)."""
     shape = plan.shape
-    layer = sum(r * c for r, c in shape.layer_matrices()) + shape.layer_vectors()
+    layer = sum(r * c for r, c in shape.layer_matrices()) + shape.block_vectors
     largest = max(r * c for r, c in shape.layer_matrices())
-    return shape.layers * layer, shape.embedding_parameters(), layer, largest
+    return shape.layers * layer, shape.outer_parameters, layer, largest
 
 
 def _check(request: PlanRequest) -> None:
-    if request.estimator != "zo_sgd" or request.trainable != "full" or request.quant != "none":
+    stateless_zo = request.estimator.memory == EstimatorMemory()  # ZO-SGD's memory
+    if not stateless_zo or request.trainable != "full" or request.quant != "none":
         raise PlanError(
-            "sharded and offloaded plans cover estimator zo_sgd over trainable full without "
-            "quantization (what train.parallel=fsdp|offload runs today)"
+            "sharded and offloaded plans cover a zeroth-order estimator without per-element "
+            "state (ZO-SGD) over trainable full without quantization (what "
+            "train.parallel=fsdp|offload runs today)"
         )
 
 
@@ -63,7 +67,7 @@ def plan_sharded(request: PlanRequest, ranks: int) -> ParallelPlan:
     if ranks < 1:
         raise PlanError(f"ranks must be >= 1, got {ranks}")
     one = plan_memory(request)
-    wb = DTYPE_BYTES[request.weight_dtype()]
+    wb = DTYPE_BYTES[request.dtype]
     blocks, rest, layer, _ = _split(one)
     transient = one.peak_allocated - one.component("dense weights")
     resident = (-(-blocks // ranks) + rest) * wb
@@ -76,7 +80,7 @@ def plan_offloaded(request: PlanRequest) -> ParallelPlan:
     """Device peak and host bytes of ``train.parallel=offload``."""
     _check(request)
     one = plan_memory(request)
-    wb = DTYPE_BYTES[request.weight_dtype()]
+    wb = DTYPE_BYTES[request.dtype]
     blocks, rest, _, largest = _split(one)
     transient = one.peak_allocated - one.component("dense weights")
     peak = rest * wb + transient + largest * wb + one.overhead.bytes
