@@ -1,4 +1,4 @@
-"""The ``zo`` command: train | eval | replay | validate | list | bench | mask | plan | merge.
+"""The ``zo`` command: train | eval | replay | validate | list | bench | mask | plan | merge | tune.
 
 Usage errors (bad config, unknown names, missing files, a run directory in the way)
 print one ``zo: error: ...`` line naming the problem and exit with code 2.
@@ -182,6 +182,7 @@ MODULE_COMMANDS: dict[str, tuple[str, str]] = {
     "mask": ("zo.mask_cli", "compute a sensitive-parameter mask from calibration text"),
     "plan": ("zo.plan", "predict peak memory per component for a model, estimator and batch"),
     "merge": ("zo.merge", "merge trained mask values into a dense HF checkpoint"),
+    "tune": ("zo.tune_cli", "search lr/eps by successive halving on dev loss; writes best.yaml"),
 }
 
 
