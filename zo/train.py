@@ -251,7 +251,40 @@ def trajectory_header(setup: Setup) -> dict[str, Any]:
         "device_type": setup.device.type,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
+        **_scales_entry(setup.optimizer),
     }
+
+
+def tensor_scales(optimizer: torch.optim.Optimizer) -> list[float] | None:
+    """The ZO part's per-tensor scales under ``estimator.scale=relative`` (else None)."""
+    from estimators.hybrid import Hybrid
+
+    zeroth = optimizer.zeroth if isinstance(optimizer, Hybrid) else optimizer
+    return zeroth.tensor_scales if isinstance(zeroth, estimators.ZOOptimizer) else None
+
+
+def _scales_entry(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from estimators.scaling import header_entry
+
+    entry = header_entry(tensor_scales(optimizer))
+    return {} if entry is None else {"tensor_scales": entry}
+
+
+def check_recorded_scales(run: RunDirectory, setup: Setup, error: type[Exception]) -> None:
+    """The scales a relative-scale run recorded are the ones these weights give (resume,
+    replay); a damaged or mismatched record is refused, naming the file."""
+    from estimators.scaling import check_header_entry
+
+    entry = run.header().get("tensor_scales")
+    scales = tensor_scales(setup.optimizer)
+    if entry is None and scales is None:
+        return
+    if entry is None:
+        raise error(f"{run.trajectory}: the header records no tensor_scales for scale=relative")
+    try:
+        check_header_entry(entry, scales, f"{run.trajectory} header")
+    except ValueError as problem:
+        raise error(str(problem)) from None
 
 
 def _with_recorded_generator(config: RunConfig, header: dict, error: type[Exception]) -> RunConfig:
@@ -313,6 +346,8 @@ def _train(config: RunConfig, log, parallel: DataParallel) -> dict[str, Any]:
     # every rank has checked the directory before the rendezvous, so none sees rank 0's
     parallel.start(resolve_device(config.model.device))
     setup = build_setup(config)
+    if config.resume:
+        check_recorded_scales(run, setup, ConfigError)
     parallel.attach(setup.optimizer)
     reset_peak_memory(setup.device)  # report training's peak, not loading's (or a conversion's)
     optimizer, train_cfg = setup.optimizer, config.train
@@ -481,6 +516,7 @@ def replay(run_dir: str | Path, out_dir: str | Path, log=print) -> dict[str, Any
         )
     if setup.trainable.manifest() != header["trainable"]:
         raise ReplayError("the trainable set differs from the run's manifest")
+    check_recorded_scales(run, setup, ReplayError)
     records = run.step_records()
     for data in records:
         setup.optimizer.apply_record(
