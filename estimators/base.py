@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from estimators.scaling import tensor_scales
 from zo.engine import EngineConfig, build_engine, mix_seed
 
 Closure = Callable[[], "torch.Tensor | float"]
@@ -86,6 +87,7 @@ HYPERPARAMETER_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
     "lr": _AT_LEAST_0,
     "first_order_lr": _AT_LEAST_0,
     "eps": _ABOVE_0,
+    "scale_floor": _ABOVE_0,
     "weight_decay": _AT_LEAST_0,
     "first_order_weight_decay": _AT_LEAST_0,
     "beta1": _UNIT,
@@ -213,14 +215,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         one_point: bool = False,
         seed: int = 0,
         engine: EngineConfig | None = None,
+        scale: str = "absolute",
+        scale_floor: float = 1e-3,
     ):
-        check_hyperparameters(lr=lr, eps=eps, weight_decay=weight_decay, queries=queries)
+        check_hyperparameters(
+            lr=lr, eps=eps, weight_decay=weight_decay, queries=queries, scale_floor=scale_floor
+        )
         super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
         self.queries = queries
         self.one_point = one_point
         self.run_seed = seed
         tensors = [p for group in self.param_groups for p in group["params"]]
         self.engine = build_engine(tensors, engine)
+        self.tensor_scales = tensor_scales(tensors, scale, scale_floor)
+        """``estimator.scale=relative``: each tensor's fixed scale (estimators/scaling.py)."""
         self._group_indices: list[list[int]] = []
         start = 0
         for group in self.param_groups:
@@ -237,11 +245,28 @@ class ZOOptimizer(torch.optim.Optimizer):
         return [mix_seed(self.run_seed, step, query) for query in range(self.queries)]
 
     def _scales(self, sign: float) -> list[float]:
-        return [
+        scales = [
             sign * group["eps"]
             for group, indices in zip(self.param_groups, self._group_indices, strict=True)
             for _ in indices
         ]
+        return self._relative(scales)
+
+    def _relative(self, scales: list[float]) -> list[float]:
+        """Per-tensor perturbation scales in each tensor's own units (``scale=relative``)."""
+        if self.tensor_scales is None:
+            return scales
+        return [value * s for value, s in zip(scales, self.tensor_scales, strict=True)]
+
+    def _update(self, seeds, coefficients: Sequence[float], decay: float, indices) -> None:
+        """``engine.update`` of tensors ``indices``; under ``scale=relative`` tensor ``i``'s
+        coefficients are multiplied by its scale (one pass per tensor)."""
+        if self.tensor_scales is None:
+            self.engine.update(seeds, coefficients, decay, indices)
+            return
+        for index in indices:
+            scale = self.tensor_scales[index]
+            self.engine.update(seeds, [c * scale for c in coefficients], decay, [index])
 
     def _evaluate(self, closure: Closure, seed: int | None, sign: float) -> float:
         loss = _as_float(self._loss(closure, seed, sign))
@@ -355,8 +380,15 @@ class ZOOptimizer(torch.optim.Optimizer):
             if keep is None:
                 keep = _identity_coefficients(len(measured.seeds), scalars.device)
             coefficients = torch.cat([_scalar_like(decay, scalars).view(1), scalars * factor])
-            coefficients = torch.where(finite, coefficients, keep).to(torch.float32)
-            self.engine.update_device(measured.seeds, coefficients, indices)
+            if self.tensor_scales is None:
+                coefficients = torch.where(finite, coefficients, keep).to(torch.float32)
+                self.engine.update_device(measured.seeds, coefficients, indices)
+                continue
+            for index in indices:  # the same fp64 products as _update's, rounded once
+                ones = torch.ones_like(coefficients)
+                ones[1:] = self.tensor_scales[index]
+                scaled = torch.where(finite, coefficients * ones, keep).to(torch.float32)
+                self.engine.update_device(measured.seeds, scaled, [index])
         estimate = measured.read()  # the step's one read of device values
         record = StepRecord(
             step=self.step_count,
@@ -416,7 +448,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             lr = record.lrs[group_index]
             decay = 1.0 - lr * record.weight_decays[group_index]
             coefficients = self._group_coefficients(record, group_index)
-            self.engine.update(record.seeds, coefficients, decay, indices)
+            self._update(record.seeds, coefficients, decay, indices)
         self.step_count += 1
 
     def _record_extra(self, record: StepRecord) -> dict[str, Any]:
@@ -442,6 +474,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["zo"] = {"step_count": self.step_count, "run_seed": self.run_seed}
+        if self.tensor_scales is not None:
+            state["zo"]["tensor_scales"] = list(self.tensor_scales)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -452,6 +486,15 @@ class ZOOptimizer(torch.optim.Optimizer):
                 f"optimizer state was saved with seed {zo_state['run_seed']}, this one has "
                 f"{self.run_seed}; directions would not match"
             )
+        saved_scales = zo_state.get("tensor_scales")
+        if (saved_scales is None) != (self.tensor_scales is None):
+            raise ValueError(
+                "optimizer state was saved with another estimator.scale; keep it when resuming"
+            )
+        if saved_scales is not None:
+            if len(saved_scales) != len(self.tensor_scales):
+                raise ValueError("optimizer state holds scales for another trainable set")
+            self.tensor_scales = [float(s) for s in saved_scales]  # the run's record
         super().load_state_dict(state_dict)
         self.step_count = zo_state["step_count"]
         self._pending.clear()

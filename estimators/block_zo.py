@@ -86,6 +86,7 @@ class BlockZOConfig(ZOSGDConfig):
     """Skip the blocks before the chosen one on all but the first forward of an estimate."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_order(self.order)
 
 
@@ -259,6 +260,8 @@ class BlockZO(ZOOptimizer):
         reuse_activations: bool = True,
         seed: int = 0,
         engine: EngineConfig | None = None,
+        scale: str = "absolute",
+        scale_floor: float = 1e-3,
     ):
         check_order(order)
         self.blocks = find_blocks(model)
@@ -271,6 +274,8 @@ class BlockZO(ZOOptimizer):
             one_point=one_point,
             seed=seed,
             engine=engine,
+            scale=scale,
+            scale_floor=scale_floor,
         )
         self.order = order
         self.reuse_activations = reuse_activations
@@ -293,7 +298,7 @@ class BlockZO(ZOOptimizer):
         for group_index, indices in self._unit.groups.items():
             for index in indices:
                 scales[index] = sign * self.param_groups[group_index]["eps"]
-        return scales
+        return self._relative(scales)
 
     def _prefix(self, unit: Unit) -> PrefixReplay:
         stop = unit.block if self.reuse_activations and unit.block is not None else 0
@@ -369,7 +374,7 @@ class BlockZO(ZOOptimizer):
             lr = record.lrs[group_index]
             decay = 1.0 - lr * record.weight_decays[group_index]
             factor = -lr * (eps[group_index] / reference) / len(record.scalars)
-            self.engine.update(record.seeds, [factor * s for s in record.scalars], decay, indices)
+            self._update(record.seeds, [factor * s for s in record.scalars], decay, indices)
         self.step_count += 1
 
     # ------------------------------------------------------------------ state

@@ -27,6 +27,7 @@ import torch
 
 from estimators.base import Closure, NonFiniteLossError, ZOEstimate, check_hyperparameters
 from estimators.registry import register_estimator
+from estimators.scaling import ScaleConfig
 from estimators.zo_sgd import ZOSGD
 from zo.engine import EngineConfig
 from zo.jvp import directional_derivative
@@ -34,7 +35,7 @@ from zo.memory import EstimatorMemory
 
 
 @dataclass
-class ForwardGradConfig:
+class ForwardGradConfig(ScaleConfig):
     lr: float = 1e-6
     """Step size on the projected gradient, as in ZO-SGD (the scalars have its scale)."""
     weight_decay: float = 0.0
@@ -70,6 +71,8 @@ class ForwardGrad(ZOSGD):
         seed: int = 0,
         engine: EngineConfig | None = None,
         eps: float | None = None,
+        scale: str = "absolute",
+        scale_floor: float = 1e-3,
     ):
         if eps is not None:
             check_hyperparameters(eps=eps)  # ignored, but a bad value is still refused
@@ -80,7 +83,14 @@ class ForwardGrad(ZOSGD):
                 stacklevel=2,
             )
         super().__init__(
-            params, lr=lr, weight_decay=weight_decay, queries=queries, seed=seed, engine=engine
+            params,
+            lr=lr,
+            weight_decay=weight_decay,
+            queries=queries,
+            seed=seed,
+            engine=engine,
+            scale=scale,
+            scale_floor=scale_floor,
         )
 
     _fused_step = False  # its estimate reads each directional derivative
@@ -94,7 +104,9 @@ class ForwardGrad(ZOSGD):
         seeds = self.seeds_for(self.step_count)
         losses, scalars = [], []
         for seed in seeds:
-            loss, derivative = directional_derivative(closure, self.engine, seed)  # type: ignore[arg-type]
+            loss, derivative = directional_derivative(
+                closure, self.engine, seed, self.tensor_scales
+            )  # type: ignore[arg-type]
             if not (math.isfinite(loss) and math.isfinite(derivative)):
                 raise NonFiniteLossError(
                     f"non-finite loss ({loss}) or directional derivative ({derivative}) at step "

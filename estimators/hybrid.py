@@ -68,6 +68,7 @@ class HybridConfig(ZOSGDConfig):
     """First-order part's weight decay (SGD: L2 in the gradient; AdamW: decoupled)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # An empty first_order is refused by the optimizer, not here: build_estimator builds
         # the defaults first and applies its keyword overrides afterwards.
         check_optimizer(self.first_order_optimizer)
@@ -173,6 +174,8 @@ class Hybrid(torch.optim.Optimizer):
         first_order_weight_decay: float = 0.0,
         seed: int = 0,
         engine: EngineConfig | None = None,
+        scale: str = "absolute",
+        scale_floor: float = 1e-3,
     ):
         patterns = list(first_order)
         if not patterns:
@@ -196,6 +199,8 @@ class Hybrid(torch.optim.Optimizer):
             one_point=one_point,
             seed=seed,
             engine=engine,
+            scale=scale,
+            scale_floor=scale_floor,
         )
         self.first = FIRST_ORDER_OPTIMIZERS[first_order_optimizer](
             first_groups, lr=first_order_lr, weight_decay=first_order_weight_decay

@@ -15,12 +15,13 @@ import torch
 
 from estimators.base import StepRecord, check_hyperparameters
 from estimators.registry import register_estimator
+from estimators.scaling import ScaleConfig
 from estimators.zo_variants import ChunkRule, ElementwiseZO, recorded
 from zo.memory import EstimatorMemory
 
 
 @dataclass
-class ZOAdamConfig:
+class ZOAdamConfig(ScaleConfig):
     lr: float = 1e-5
     """Adam step size: each entry moves by about ``lr`` per step (less under ZO noise)."""
     eps: float = 1e-3
@@ -91,7 +92,7 @@ class ZOAdam(ElementwiseZO):
         step_size = lr / (1.0 - beta1**t)
         bias_correction2_sqrt = math.sqrt(1.0 - beta2**t)
 
-        def rule(weights: torch.Tensor, g_hat: torch.Tensor, state: list[torch.Tensor]) -> None:
+        def rule(weights: torch.Tensor, g_hat: torch.Tensor, state: list, scale: float) -> None:
             exp_avg, exp_avg_sq = state
             if decay != 1.0:
                 weights.mul_(decay)
@@ -99,6 +100,6 @@ class ZOAdam(ElementwiseZO):
             exp_avg_sq.mul_(beta2).addcmul_(g_hat, g_hat, value=1.0 - beta2)
             denom = torch.sqrt(exp_avg_sq, out=g_hat)  # g_hat is spent: reuse its chunk
             denom.div_(bias_correction2_sqrt).add_(adam_eps)
-            weights.addcdiv_(exp_avg, denom, value=-step_size)
+            weights.addcdiv_(exp_avg, denom, value=-step_size * scale)
 
         return rule

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 from estimators.base import StepRecord, ZOOptimizer
 from estimators.registry import register_estimator
+from estimators.scaling import ScaleConfig
 from zo.memory import EstimatorMemory
 
 
 @dataclass
-class ZOSGDConfig:
+class ZOSGDConfig(ScaleConfig):
     lr: float = 1e-6
     """Step size on the projected gradient (MeZO's lr)."""
     eps: float = 1e-3

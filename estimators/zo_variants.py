@@ -29,11 +29,14 @@ import torch
 
 from estimators.base import Closure, StepRecord, _as_float, call_closure, check_hyperparameters
 from estimators.registry import register_estimator
+from estimators.scaling import ScaleConfig
 from estimators.zo_sgd import ZOSGD, ZOOptimizer, ZOSGDConfig
 from zo.memory import EstimatorMemory
 
-ChunkRule = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor]], None]
-"""``rule(weights_fp32, g_hat, state_chunks)``: update one chunk in place (all fp32)."""
+ChunkRule = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor], float], None]
+"""``rule(weights_fp32, g_hat, state_chunks, step_scale)``: update one chunk in place (all
+fp32); the step (not the decay) is multiplied by ``step_scale``, the tensor's scale under
+``estimator.scale=relative`` (1.0 otherwise: the same arithmetic as no scale)."""
 
 
 class ElementwiseZO(ZOOptimizer):
@@ -65,23 +68,26 @@ class ElementwiseZO(ZOOptimizer):
             for index in indices:
                 flat = self.engine.tensors[index].detach().view(-1)
                 state = [buffer.view(-1) for buffer in self._state_buffers(index)]
+                step_scale = 1.0 if self.tensor_scales is None else self.tensor_scales[index]
                 for chunk, start, stop in self.engine.chunks(index):
                     address = (index, chunk, start, stop)
-                    jobs.append(self._job(flat, state, address, record.seeds, coefficients, rule))
+                    update = (record.seeds, coefficients, rule, step_scale)
+                    jobs.append(self._job(flat, state, address, update))
         self.engine.run_jobs(jobs, None)
         self.step_count += 1
 
     def _chunk_rule(self, record: StepRecord, group_index: int) -> ChunkRule:
         raise NotImplementedError
 
-    def _job(self, flat, state, address, seeds, coefficients, rule) -> Callable[[], None]:
+    def _job(self, flat, state, address, update) -> Callable[[], None]:
         index, chunk, start, stop = address
+        seeds, coefficients, rule, step_scale = update
 
         def job() -> None:
             g_hat = self._g_hat_chunk(seeds, coefficients, index, chunk, stop - start, flat.device)
             piece = flat[start:stop]
             work = piece if piece.dtype == torch.float32 else piece.float()
-            rule(work, g_hat, [buffer[start:stop] for buffer in state])
+            rule(work, g_hat, [buffer[start:stop] for buffer in state], step_scale)
             if work is not piece:
                 piece.copy_(work)  # low-precision weights: computed in fp32, rounded once
 
@@ -147,17 +153,17 @@ class ZOSGDSign(ElementwiseZO):
         lr = record.lrs[group_index]
         decay = 1.0 - lr * record.weight_decays[group_index]
 
-        def rule(weights: torch.Tensor, g_hat: torch.Tensor, state: list[torch.Tensor]) -> None:
+        def rule(weights: torch.Tensor, g_hat: torch.Tensor, state: list, scale: float) -> None:
             if decay != 1.0:
                 weights.mul_(decay)
-            weights.add_(g_hat.sign_(), alpha=-lr)
+            weights.add_(g_hat.sign_(), alpha=-lr * scale)
 
         return rule
 
 
 # ---------------------------------------------------------------------------- momentum
 @dataclass
-class ZOSGDMomentumConfig:
+class ZOSGDMomentumConfig(ScaleConfig):
     lr: float = 1e-6
     """Step size on the momentum buffer (effective step ~ lr / (1 - momentum))."""
     eps: float = 1e-3
@@ -206,12 +212,12 @@ class ZOSGDMomentum(ElementwiseZO):
         decay = 1.0 - lr * record.weight_decays[group_index]
         beta = recorded(record, "momentum", group_index, self.param_groups)
 
-        def rule(weights: torch.Tensor, g_hat: torch.Tensor, state: list[torch.Tensor]) -> None:
+        def rule(weights: torch.Tensor, g_hat: torch.Tensor, state: list, scale: float) -> None:
             (buffer,) = state
             buffer.mul_(beta).add_(g_hat)
             if decay != 1.0:
                 weights.mul_(decay)
-            weights.add_(buffer, alpha=-lr)
+            weights.add_(buffer, alpha=-lr * scale)
 
         return rule
 
@@ -303,7 +309,8 @@ class ZOSGDConservative(ZOSGD):
             coefficients = self._coefficients(record, group_index, direction)
             decay = 1.0 - record.lrs[group_index] * record.weight_decays[group_index]
             for index in indices:
-                per_tensor[index] = (coefficients, decay)
+                scale = 1.0 if self.tensor_scales is None else self.tensor_scales[index]
+                per_tensor[index] = ([c * scale for c in coefficients], decay)
         if len(record.seeds) == 1 and all(d == 1.0 for _, d in per_tensor.values()):
             scales = [per_tensor[i][0][0] for i in range(len(self.engine.tensors))]
             return self.engine.perturbed(record.seeds[0], scales)

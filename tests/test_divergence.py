@@ -28,6 +28,7 @@ OUT_OF_RANGE = {
     "lr": -1.0,
     "first_order_lr": -1.0,
     "eps": 0.0,
+    "scale_floor": 0.0,
     "weight_decay": -0.1,
     "first_order_weight_decay": -0.1,
     "beta1": 1.0,

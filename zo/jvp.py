@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -168,9 +168,13 @@ def forward_ad_safe() -> Iterator[None]:
 
 
 def directional_derivative(
-    closure: Callable[[], torch.Tensor], engine: PerturbationEngine, seed: int
+    closure: Callable[[], torch.Tensor],
+    engine: PerturbationEngine,
+    seed: int,
+    scales: Sequence[float] | None = None,
 ) -> tuple[float, float]:
-    """``(L(W), g . v)`` with ``v_i = engine.direction(seed, i)``, by one forward-AD pass.
+    """``(L(W), g . v)`` with ``v_i = engine.direction(seed, i)`` (times ``scales[i]`` when
+    given: steps in each tensor's own units), by one forward-AD pass.
 
     The stored weights are untouched. Raises :class:`ForwardADError` where the result
     would be wrong (a tangent dropped or never reaching the loss), never returns a silent 0;
@@ -180,7 +184,10 @@ def directional_derivative(
 
     def dual(index: int, weight: torch.Tensor) -> torch.Tensor:
         reached.add(index)
-        tangent = engine.direction(seed, index).to(weight.dtype)
+        tangent = engine.direction(seed, index)
+        if scales is not None:
+            tangent = tangent.mul_(scales[index])
+        tangent = tangent.to(weight.dtype)
         return fwAD.make_dual(weight.detach(), tangent)
 
     with torch.no_grad(), fwAD.dual_level(), forward_ad_safe(), engine.substituted(dual):

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 import estimators
+from estimators.scale_records import check_recorded_scales
 from zo.run_config import load_run_config
 from zo.run_directory import RunDirectory
 from zo.train import (
@@ -56,6 +57,7 @@ def replay(
     trajectory, saved = run.replay_sources(resolve_device(config.model.device), compare, log)
     config = with_recorded_generator(config, trajectory.header or {}, ReplayError, run.trajectory)
     setup = build_setup(config)
+    check_recorded_scales(run.header(), run.trajectory, setup.optimizer, ReplayError)
     header, current = trajectory.header or {}, trajectory_header(setup)
     if header.get("model_hash") != current["model_hash"]:
         raise ReplayError(

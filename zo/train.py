@@ -17,6 +17,7 @@ import torch
 import estimators
 import tasks
 from estimators.base import Closure
+from estimators.scale_records import check_recorded_scales, scales_header
 from tasks.evaluation import evaluate as evaluate_task
 from tasks.objectives import objective_closure, objective_is_differentiable
 from zo import checkpoint as checkpoints
@@ -335,6 +336,7 @@ def trajectory_header(setup: Setup) -> dict[str, Any]:
         "device_type": setup.device.type,
         "torch_version": torch.__version__,
         "python": platform.python_version(),
+        **scales_header(setup.optimizer),
     }
 
 
@@ -466,6 +468,8 @@ def _train(
     parallel.start(resolve_device(config.model.device))
     parallel_mode = config.train.parallel
     setup = build_setup(config, shard=parallel_mode == "fsdp", offload=parallel_mode == "offload")
+    if plan is not None and plan.trajectory is not None and plan.trajectory.header is not None:
+        check_recorded_scales(plan.trajectory.header, run.trajectory, setup.optimizer, ConfigError)
     parallel.attach(setup.optimizer)
     reset_peak_memory(setup.device)  # report training's peak, not loading's (or a conversion's)
     optimizer, train_cfg = setup.optimizer, config.train

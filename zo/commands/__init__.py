@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "mask": ("zo.commands.mask", "compute a sensitive-parameter mask from calibration text"),
     "plan": ("zo.commands.plan", "does it fit? predict peak memory, or list what fits a --budget"),
     "merge": ("zo.commands.merge", "merge trained mask values into a dense HF checkpoint"),
+    "tune": ("zo.commands.tune", "search lr / eps / scale by successive halving -> best.yaml"),
 }
 """verb -> (module, one-line help)."""
 
