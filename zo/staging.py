@@ -15,6 +15,8 @@ import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from zo.run_files import file_mode, fsync_path
+
 
 class OutputDirectoryError(ValueError):
     """``--out`` cannot be written as asked (in the way, or would destroy an input)."""
@@ -102,7 +104,7 @@ def staged_directory(
     try:
         yield staging
         _honour_umask(staging)
-        _fsync_directory(staging)
+        fsync_path(staging)
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -110,8 +112,6 @@ def staged_directory(
 
 def _honour_umask(directory: Path) -> None:
     """Files as ``open`` would create them (safetensors writes its files 0600)."""
-    from zo.run_files import file_mode
-
     mode = file_mode()
     for path in directory.rglob("*"):
         if path.is_file() and not path.is_symlink():
@@ -127,15 +127,4 @@ def _publish(staging: Path, out: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(staging, out)  # onto nothing, or onto an empty directory
-    _fsync_directory(out.parent)
-
-
-def _fsync_directory(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(out.parent)
