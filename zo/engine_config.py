@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from zo.directions import DISTRIBUTIONS, GENERATOR_NAMES
 
@@ -80,3 +81,22 @@ CPU_BUCKET = 1 << 22
 ACCELERATOR_BUCKET = 1 << 23
 
 PERTURBABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def perturbs_through_output(
+    config: EngineConfig, weight: torch.Tensor, module: nn.Module, args
+) -> bool:
+    """Perturb ``weight`` through ``module``'s output instead of a weight copy? Only where cheap.
+
+    An embedding gathers a few rows of z; a linear layer pays an extra matmul of its input
+    rows with z, cheap only for few rows (the LM head at scored positions) -- for a full
+    sequence, copying the weight costs less time than the matmul.
+    """
+    if weight.numel() <= config.offload_threshold or module._parameters.get("weight") is not weight:
+        return False
+    if type(module).forward is nn.Embedding.forward:
+        return module.max_norm is None
+    if type(module).forward is nn.Linear.forward and args:
+        rows = args[0].numel() // max(1, args[0].shape[-1])
+        return rows <= config.offload_max_rows
+    return False

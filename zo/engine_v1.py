@@ -28,6 +28,7 @@ from zo.engine_config import (
     LEGACY_GENERATOR,
     EngineConfig,
     FrozenTensorError,
+    perturbs_through_output,
 )
 from zo.engine_config import PERTURBABLE_DTYPES as _PERTURBABLE_DTYPES
 
@@ -305,24 +306,8 @@ class EngineV1:
                         owner._parameters[name] = param
 
     def _output_side(self, module: nn.Module, index: int, args) -> bool:
-        """Perturb through the output instead of a weight copy? Only where it is cheap.
-
-        An embedding gathers a few rows of z; a linear layer pays an extra matmul of its
-        input rows with z, cheap only for few rows (the LM head at scored positions) --
-        for a full sequence, copying the weight costs less time than the matmul.
-        """
-        weight = self.tensors[index]
-        if (
-            weight.numel() <= self.config.offload_threshold
-            or module._parameters.get("weight") is not weight
-        ):
-            return False
-        if type(module).forward is nn.Embedding.forward:
-            return module.max_norm is None
-        if type(module).forward is nn.Linear.forward and args:
-            rows = args[0].numel() // max(1, args[0].shape[-1])
-            return rows <= self.config.offload_max_rows
-        return False
+        """Perturb through the output instead of a weight copy? Only where it is cheap."""
+        return perturbs_through_output(self.config, self.tensors[index], module, args)
 
     def _output_side_perturbation(self, module, args, output, seed, scale: float):
         """Add the perturbation's effect to a large embedding's or linear layer's output.

@@ -71,22 +71,31 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     Encoding adds no BOS/EOS (``tok(" great").input_ids`` is exactly the 6 byte ids); callers
     that want them add them. Padding is on the right, as candidate scoring expects.
     """
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    backend, vocab = _byte_level_backend(SPECIAL_TOKENS, unk_token="<unk>")
+    pad, bos, eos, unk = SPECIAL_TOKENS
+    return _fast_tokenizer(backend, pad_token=pad, bos_token=bos, eos_token=eos, unk_token=unk)
+
+
+def _byte_level_backend(
+    special_tokens: tuple[str, ...], unk_token: str | None = None
+) -> tuple[Tokenizer, dict[str, int]]:
+    """The special tokens, then one token per byte symbol."""
+    vocab = {token: i for i, token in enumerate(special_tokens)}
     for symbol in _byte_symbols():
         vocab[symbol] = len(vocab)
-    # BPE with no merges = every byte symbol is its own token; the unk token is never used
+    # BPE with no merges = every byte symbol is its own token; an unk token is never used
     # because all 256 symbols are in the vocabulary.
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk_token))
     # use_regex=False: without merges the GPT-2 word split buys nothing.
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    pad, bos, eos, unk = SPECIAL_TOKENS
+    return backend, vocab
+
+
+def _fast_tokenizer(backend: Tokenizer, **special_tokens: str) -> PreTrainedTokenizerFast:
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        pad_token=pad,
-        bos_token=bos,
-        eos_token=eos,
-        unk_token=unk,
+        **special_tokens,
         padding_side="right",
         model_max_length=TINY_MAX_POSITIONS,
         clean_up_tokenization_spaces=False,  # decode must give back the text, spaces and all
@@ -102,28 +111,14 @@ def masked_byte_tokenizer() -> PreTrainedTokenizerFast:
     """
     from tokenizers import processors
 
-    vocab = {token: i for i, token in enumerate(MASKED_SPECIAL_TOKENS)}
-    for symbol in _byte_symbols():
-        vocab[symbol] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
+    backend, vocab = _byte_level_backend(MASKED_SPECIAL_TOKENS)
     pad, bos, eos, mask = MASKED_SPECIAL_TOKENS
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A {eos}",
         pair=f"{bos} $A {eos} {eos} $B {eos}",
         special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])],
     )
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=pad,
-        bos_token=bos,
-        eos_token=eos,
-        mask_token=mask,
-        padding_side="right",
-        model_max_length=TINY_MAX_POSITIONS,
-        clean_up_tokenization_spaces=False,
-    )
+    return _fast_tokenizer(backend, pad_token=pad, bos_token=bos, eos_token=eos, mask_token=mask)
 
 
 # --- tiny models ------------------------------------------------------------------------------
