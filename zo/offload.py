@@ -198,7 +198,7 @@ class Offloaded:
             self.entries.append(entries)
             per_dtype: dict[torch.dtype, int] = {}
             for _, _, param in entries:
-                per_dtype[param.dtype] = per_dtype.get(param.dtype, 0) + param.numel()
+                per_dtype[param.dtype] = per_dtype.get(param.dtype, 0) + _aligned(param)
             for dtype, numel in per_dtype.items():
                 sizes[dtype] = max(sizes.get(dtype, 0), numel)
         self.slots = [
@@ -258,7 +258,7 @@ class Offloaded:
         views = []
         for _, _, param in self.entries[block]:
             start = offsets.get(param.dtype, 0)
-            offsets[param.dtype] = start + param.numel()
+            offsets[param.dtype] = start + _aligned(param)
             view = slot[param.dtype][start : start + param.numel()].view(param.shape)
             views.append(view)
         return views
@@ -284,6 +284,13 @@ class Offloaded:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _aligned(param: torch.Tensor) -> int:
+    """Elements ``param`` takes in a slot: each view starts 256 bytes after the last, so
+    kernels see the alignment (and pick the algorithms) they would on a tensor of its own."""
+    per = max(1, 256 // param.element_size())
+    return -(-param.numel() // per) * per
 
 
 _told_host_is_device = False
