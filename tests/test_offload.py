@@ -112,3 +112,28 @@ def test_asking_for_streams_without_cuda_says_once_that_the_host_is_the_device(m
         warnings.simplefilter("error")
         offload_blocks(fresh_tiny("llama")[0], torch.device("cpu"), streams="on")
         offload_blocks(fresh_tiny("llama")[0], torch.device("cpu"))  # auto: nothing to say
+
+
+@pytest.mark.parametrize("prefetch", [1, 2, 3])
+def test_the_offload_plan_counts_the_slots_the_streamer_allocates(prefetch):
+    import estimators
+    from zo.memory.parallel import plan_offloaded
+    from zo.memory.shapes import shape_from_hf_config
+    from zo.memory.step import PlanRequest
+
+    model, _ = fresh_tiny("llama")
+    layer = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    streaming = offload_blocks(model, torch.device("cpu"), prefetch)
+    allocated = sum(t.numel() * t.element_size() for s in streaming.slots for t in s.values())
+    slots = min(prefetch + 1, 2)  # the tiny model has 2 blocks
+    assert slots * layer <= allocated <= slots * (layer + 256 * len(streaming.entries[0]))
+
+    deeper = {**model.config.to_dict(), "num_hidden_layers": 6}
+    zo_sgd = estimators.get_estimator("zo_sgd").planned()
+    request = PlanRequest(
+        shape=shape_from_hf_config(deeper), estimator=zo_sgd, device="cpu", batch=2, seq_len=16
+    )
+    planned, one_more = plan_offloaded(request, prefetch), plan_offloaded(request, prefetch + 1)
+    assert one_more.device_peak - planned.device_peak == layer  # one more slot
+    assert one_more.host_bytes - planned.host_bytes == layer  # one more perturbed copy
+    assert one_more.resident == planned.resident
