@@ -6,6 +6,7 @@
 #
 #   bash experiments/gpu_checks.sh            # tests, ops, step 125m + 1.3b (~8 min)
 #   bash experiments/gpu_checks.sh memory nf4 # GPU memory 125m, then the 8 GiB 7B NF4 step
+#   bash experiments/gpu_checks.sh offload    # offloaded ZO: overlap vs none vs plain (~4 min)
 #
 # Output: one file per part and summary.txt under $OUT (the tool's folder) or ./gpu-checks.
 # Each part has its own time limit, so one that hangs leaves the others their time.
@@ -49,7 +50,7 @@ for what in "${parts[@]}"; do
   case $what in
     tests)  # the engine's CUDA paths, then the older GPU tests (NF4 ones skip without bnb)
       part tests 240 $py -m pytest -q -p no:cacheprovider -m gpu \
-        tests/test_engine_gpu.py tests/test_gpu.py ;;
+        tests/test_engine_gpu.py tests/test_gpu.py tests/test_offload_gpu.py ;;
     ops)  # kernels per step: philox buckets on the device, and the one read after the update
       part ops 60 $py -m zo.cli bench ops --device cuda --generator philox ;;
     step)  # step / two forwards and vs the naive MeZO loop; version 1 timed in the same run
@@ -63,6 +64,9 @@ for what in "${parts[@]}"; do
     nf4)  # Llama-2-7B shape, NF4 base + 0.1% fp32 deltas, 8 GiB cap; zo plan beside it
       part 7b-nf4 420 $py experiments/bench_7b_nf4.py --device cuda --cap-gib 8 \
         --batch 16 --seq 256 --attention sdpa ;;
-    *) echo "unknown part $what (tests ops step memory nf4)" >&2; exit 2 ;;
+    offload)  # step time and device peak: plain, offload without overlap, with k = 1, 2
+      part offload 300 $py experiments/bench_offload.py --device cuda --hidden 1024 \
+        --layers 8 --inter 2816 --vocab 32000 --dtype bfloat16 --prefetch 1 2 --steps 3 ;;
+    *) echo "unknown part $what (tests ops step memory nf4 offload)" >&2; exit 2 ;;
   esac
 done

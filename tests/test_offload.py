@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 
 from estimators.zo_adam import ZOAdam
 from estimators.zo_sgd import ZOSGD
+from estimators.zo_variants import ZOSGDConservative
 from tests.test_cli import SMOKE, assert_same_tensors, step_records, trained, zo
 from tests.tiny import fresh_tiny
 from zo.engine import EngineConfig
@@ -17,9 +19,9 @@ from zo.offload import offload_blocks
 IDS = torch.randint(4, 200, (2, 9), generator=torch.Generator().manual_seed(5))
 
 
-def run(model, steps: int = 3, lr: float = 1e-2, estimator=ZOSGD) -> list:
+def run(model, steps: int = 3, lr: float = 1e-2, estimator=ZOSGD, **options) -> list:
     engine = EngineConfig(threads=1)
-    optimizer = estimator(model.parameters(), lr=lr, eps=1e-3, seed=11, engine=engine)
+    optimizer = estimator(model.parameters(), lr=lr, eps=1e-3, seed=11, engine=engine, **options)
     records = []
     for _ in range(steps):
         optimizer.step(lambda: model(input_ids=IDS, labels=IDS).loss)
@@ -27,14 +29,20 @@ def run(model, steps: int = 3, lr: float = 1e-2, estimator=ZOSGD) -> list:
     return records
 
 
-@pytest.mark.parametrize("estimator", [ZOSGD, ZOAdam])
-def test_offloaded_zo_equals_the_plain_run_bit_for_bit(estimator):
+@pytest.mark.parametrize(
+    ("estimator", "prefetch"),
+    [(ZOSGD, 1), (ZOSGD, 2), (ZOSGD, 5), (ZOAdam, 1), (ZOSGDConservative, 1)],
+)
+def test_offloaded_zo_equals_the_plain_run_bit_for_bit(estimator, prefetch):
+    """Conservative ZO-SGD with weight decay evaluates its candidate updates through the
+    engine's substitution (the other path a slot's contents come from)."""
+    options = {"lr": 1e-3, "weight_decay": 0.5} if estimator is ZOSGDConservative else {}
     base, _ = fresh_tiny("llama")
     base.eval()
     plain, offloaded = copy.deepcopy(base), copy.deepcopy(base)
-    streaming = offload_blocks(offloaded, torch.device("cpu"))
-    reference = run(plain, estimator=estimator)
-    records = run(offloaded, estimator=estimator)
+    streaming = offload_blocks(offloaded, torch.device("cpu"), prefetch)
+    reference = run(plain, estimator=estimator, **options)
+    records = run(offloaded, estimator=estimator, **options)
     assert streaming.copies > 0  # every block layer crossed the (simulated) boundary
     assert [r.to_dict() for r in records] == [r.to_dict() for r in reference]
     for (name, a), (_, b), (_, c) in zip(
@@ -56,14 +64,19 @@ def test_offloaded_forwards_leave_the_stored_weights_untouched():
         assert id(param) == objects[name], name  # no per-call copy left in a module
 
 
-def test_zo_train_parallel_offload_equals_the_plain_run(tmp_path):
-    steps = ["train.steps=4", "train.progress=false", "train.eval_before=false"]
+@pytest.mark.parametrize(
+    ("trainable", "offload"),
+    [
+        ([], ["train.parallel=offload"]),
+        # every trainable tensor (the adapters) lives in a block: the engine sees none itself
+        (["trainable.kind=lora"], ["train.parallel=offload", "train.offload_prefetch=2"]),
+    ],
+)
+def test_zo_train_parallel_offload_equals_the_plain_run(trainable, offload, tmp_path):
+    steps = ["train.steps=4", "train.progress=false", "train.eval_before=false", *trainable]
     plain, offloaded = tmp_path / "plain", tmp_path / "offloaded"
     assert zo("train", "--config", SMOKE, f"train.out={plain}", *steps) == 0
-    assert (
-        zo("train", "--config", SMOKE, f"train.out={offloaded}", "train.parallel=offload", *steps)
-        == 0
-    )
+    assert zo("train", "--config", SMOKE, f"train.out={offloaded}", *offload, *steps) == 0
     assert step_records(offloaded) == step_records(plain)
     assert_same_tensors(trained(offloaded), trained(plain))
 
@@ -78,3 +91,54 @@ def test_offload_refuses_a_first_order_estimator_and_a_launcher(tmp_path, capsys
     assert zo(*args) == 2
     assert "runs in one process, and 2 were launched" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("estimator.name=forward_grad", "'forward_grad' cannot run offloaded"),
+        ("train.offload_prefetch=0", "train.offload_prefetch must be >= 1, got 0"),
+        ("engine.generator=torch-chunks-v1", "torch-chunks-v1 (engine version 1) perturbs"),
+    ],
+)
+def test_offload_refuses_what_it_cannot_stream_before_loading(setting, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--config", SMOKE, f"train.out={out}", "train.parallel=offload", setting]
+    assert zo(*args) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_asking_for_streams_without_cuda_says_once_that_the_host_is_the_device(monkeypatch):
+    monkeypatch.setattr("zo.offload._told_host_is_device", False)
+    with pytest.warns(UserWarning, match="the host is the device"):
+        offload_blocks(fresh_tiny("llama")[0], torch.device("cpu"), streams="on")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        offload_blocks(fresh_tiny("llama")[0], torch.device("cpu"), streams="on")
+        offload_blocks(fresh_tiny("llama")[0], torch.device("cpu"))  # auto: nothing to say
+
+
+@pytest.mark.parametrize("prefetch", [1, 2, 3])
+def test_the_offload_plan_counts_the_slots_the_streamer_allocates(prefetch):
+    import estimators
+    from zo.memory.parallel import plan_offloaded
+    from zo.memory.shapes import shape_from_hf_config
+    from zo.memory.step import PlanRequest
+
+    model, _ = fresh_tiny("llama")
+    layer = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    streaming = offload_blocks(model, torch.device("cpu"), prefetch)
+    allocated = sum(t.numel() * t.element_size() for s in streaming.slots for t in s.values())
+    slots = min(prefetch + 1, 2)  # the tiny model has 2 blocks
+    assert slots * layer <= allocated <= slots * (layer + 256 * len(streaming.entries[0]))
+
+    deeper = {**model.config.to_dict(), "num_hidden_layers": 6}
+    zo_sgd = estimators.get_estimator("zo_sgd").planned()
+    request = PlanRequest(
+        shape=shape_from_hf_config(deeper), estimator=zo_sgd, device="cpu", batch=2, seq_len=16
+    )
+    planned, one_more = plan_offloaded(request, prefetch), plan_offloaded(request, prefetch + 1)
+    assert one_more.device_peak - planned.device_peak == layer  # one more slot
+    assert one_more.host_bytes - planned.host_bytes == layer  # one more perturbed copy
+    assert one_more.resident == planned.resident

@@ -12,7 +12,7 @@ coordinates, so any grouping draws the same numbers.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -53,6 +53,24 @@ def swapping(pre: Callable[[nn.Module, tuple], list[Swap]], post) -> Iterator[No
             for restore in entries:
                 for owner, name, param in restore:
                     owner._parameters[name] = param
+
+
+Replace = Callable[[Sequence[int], bool], dict[int, torch.Tensor]]
+
+ACTIVE: list[tuple[PerturbationEngine, Replace]] = []
+"""The substitutions in force (innermost last): what a forward now sees in place of each
+trainable tensor, for code that must move a module's weights before its call (zo.offload:
+``replace(indices, pin_memory)`` gives the replaced tensors among ``indices``)."""
+
+
+@contextlib.contextmanager
+def announced(engine: PerturbationEngine, replace: Replace) -> Iterator[None]:
+    entry = (engine, replace)
+    ACTIVE.append(entry)
+    try:
+        yield
+    finally:
+        ACTIVE.remove(entry)
 
 
 class Plan:
@@ -129,6 +147,21 @@ class PerturbedForward:
         return self.engine.output_side_perturbation(
             module, args, output, self.seed, self.scales[index]
         )
+
+    def replace(self, indices: Sequence[int], pin_memory: bool) -> dict[int, torch.Tensor]:
+        """Perturbed copies of ``indices`` drawn now, for a caller that hands them to their
+        modules itself (the modules then hold tensors this engine does not know, and skip it):
+        counted as seen, never planned into buckets."""
+        self.seen_set.update(indices)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for index in indices:
+            if self.scales[index] != 0.0:
+                by_dtype.setdefault(self.engine.tensors[index].dtype, []).append(index)
+        copies: dict[int, torch.Tensor] = {}
+        for members in by_dtype.values():
+            scales = [self.scales[i] for i in members]
+            copies.update(self.engine.materialize(members, self.seed, scales, pin_memory))
+        return copies
 
     # ------------------------------------------------------------------ buckets
     def _perturbed(self, module: nn.Module, index: int) -> torch.Tensor:

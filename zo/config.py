@@ -116,7 +116,14 @@ class TrainConfig:
     """Under a launcher: ``data`` (every rank holds the model, scalars are all-reduced) or
     ``fsdp`` (FSDP2 shards the decoder blocks; each rank perturbs and updates its own rows).
     In one process: ``offload`` keeps the decoder blocks in host memory and copies each
-    layer's weights to the device for its call only."""
+    block's weights to the device for its call only."""
+    offload_prefetch: int = 1
+    """With ``parallel=offload``: blocks copied ahead while one computes (k); at most k + 1
+    blocks are on the device at once."""
+    offload_streams: Literal["auto", "on", "off"] = "auto"
+    """With ``parallel=offload``: ``auto`` copies from pinned host memory on a side CUDA
+    stream (on a CPU device the host is the device); ``on`` asks for that (said once where
+    there is no CUDA); ``off`` copies on the compute stream, each waited for (no overlap)."""
 
 
 @dataclass
@@ -427,6 +434,7 @@ def _check_ranges(config: RunConfig) -> None:
         "eval_batch_size",
         "log_every",
         "keep_checkpoints",
+        "offload_prefetch",
     ):
         if getattr(train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(train, key)}")

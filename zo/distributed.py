@@ -42,6 +42,14 @@ class DataParallel:
     @classmethod
     def from_environment(cls) -> DataParallel:
         """The launcher's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (one process when unset)."""
+        accelerate_cpu = {"ACCELERATE_USE_CPU", "MASTER_ADDR"} <= os.environ.keys()
+        if accelerate_cpu and "WORLD_SIZE" not in os.environ:  # MASTER_ADDR: N > 1 only
+            raise DataParallelError(
+                "accelerate launch asked for several processes but started this one without "
+                "WORLD_SIZE/RANK (its --cpu launch runs one process, or N under mpirun, none "
+                "of which know the others): use `accelerate launch --multi_gpu "
+                "--num_processes N` (torchrun underneath; gloo on a CPU) or torchrun"
+            )
         try:
             world_size = int(os.environ.get("WORLD_SIZE", "1"))
             rank = int(os.environ.get("RANK", "0"))

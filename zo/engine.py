@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
-from zo.buckets import PerturbedForward, Plan, Swap, swapping
+from zo.buckets import PerturbedForward, Plan, Swap, announced, swapping
 from zo.directions import (
     GENERATOR_NAMES,
     DirectionGenerator,
@@ -290,8 +290,9 @@ class PerturbationEngine:
         """:meth:`update` with ``[decay, c_1 .. c_Q]`` as an fp32 tensor on the tensors'
         device, never read on the host (the sync-free step). Bit-identical to :meth:`update`
         given the same values."""
-        for members in self._by_device(indices).values():
-            self._axpz_in_place(seeds, coefficients, True, members)
+        for device, members in self._by_device(indices).items():
+            # offloaded blocks live at home: their update reads the coefficients there
+            self._axpz_in_place(seeds, coefficients.to(device), True, members)
 
     def updated_copy(
         self, seeds: Sequence[int], coefficients: Sequence[float], decay: float, index: int
@@ -335,12 +336,20 @@ class PerturbationEngine:
         return self.materialize([index], seed, [scale])[index]
 
     def materialize(
-        self, indices: Sequence[int], seed: int, scales: Sequence[float]
+        self,
+        indices: Sequence[int],
+        seed: int,
+        scales: Sequence[float],
+        pin_memory: bool = False,
     ) -> dict[int, torch.Tensor]:
-        """Perturbed copies of ``indices`` (one device and dtype) in one flat buffer."""
+        """Perturbed copies of ``indices`` (one device and dtype) in one flat buffer
+        (``pin_memory``: page-locked, for host tensors bound for a CUDA device)."""
         tensors = [self.tensors[i] for i in indices]
         buffer = torch.empty(
-            sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device
+            sum(t.numel() for t in tensors),
+            dtype=tensors[0].dtype,
+            device=tensors[0].device,
+            pin_memory=pin_memory,
         )
         views = list(buffer.split([t.numel() for t in tensors]))
         one = self._constant((1.0, 1.0), buffer.device)
@@ -385,7 +394,11 @@ class PerturbationEngine:
                     restore.append((module, name, param))
             return restore
 
-        with swapping(swap, lambda module, args, output: None):
+        def replace(indices: Sequence[int], pin_memory: bool) -> dict[int, torch.Tensor]:
+            found = {i: replacement(i, self.tensors[i]) for i in indices}
+            return {i: tensor for i, tensor in found.items() if tensor is not None}
+
+        with announced(self, replace), swapping(swap, lambda module, args, output: None):
             yield
 
     @contextlib.contextmanager
@@ -404,7 +417,7 @@ class PerturbationEngine:
             raise ValueError("perturbed() needs one scale per tensor")
         forward = PerturbedForward(self, seed, scales)
         try:
-            with swapping(forward.pre, forward.post):
+            with announced(self, forward.replace), swapping(forward.pre, forward.post):
                 yield
         finally:
             forward.close()

@@ -247,7 +247,7 @@ def build_setup(config: RunConfig, shard: bool = False, offload: bool = False) -
     if config.train.gradient_checkpointing:
         checkpoint_blocks(model)
     if offload:  # after the trainable set: its adapters stream with their blocks
-        offload_blocks(model, device)
+        offload_blocks(model, device, config.train.offload_prefetch, config.train.offload_streams)
     groups = param_groups(trainable, config.estimator.get("param_groups"))
     try:
         optimizer = estimators.build_estimator(

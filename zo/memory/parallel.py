@@ -9,8 +9,9 @@ offloading changes, as :mod:`zo.sharded` and :mod:`zo.offload` lay memory out:
   of that layer's shard (FSDP's copy-in buffer, and the saved shard the perturbation is
   written over). Activations, logits and direction scratch are the one-device plan's.
 * **offloaded**: the blocks live in host memory; the device holds the embeddings, norm and
-  head, the one-device transients, and one layer's copied weights at a time (the largest
-  matrix). The host holds the blocks plus one engine bucket of perturbed copies.
+  head, the one-device transients, and ``k + 1`` slots of one block each (``prefetch`` k:
+  the computing block and the k being copied). The host holds the blocks plus the perturbed
+  copies of the k blocks in flight.
 
 Only ZO estimators with no per-element state over a full trainable set are planned here
 (what the two modes support today).
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zo.engine import ACCELERATOR_BUCKET, CPU_BUCKET
 from zo.memory.estimator import EstimatorMemory
 from zo.memory.shapes import PlanError
 from zo.memory.step import DTYPE_BYTES, Plan, PlanRequest, plan_memory
@@ -76,16 +76,19 @@ def plan_sharded(request: PlanRequest, ranks: int) -> ParallelPlan:
     return ParallelPlan("fsdp", ranks, peak, resident=resident)
 
 
-def plan_offloaded(request: PlanRequest) -> ParallelPlan:
-    """Device peak and host bytes of ``train.parallel=offload``."""
+def plan_offloaded(request: PlanRequest, prefetch: int = 1) -> ParallelPlan:
+    """Device peak and host bytes of ``train.parallel=offload`` (``train.offload_prefetch``)."""
     _check(request)
+    if prefetch < 1:
+        raise PlanError(f"prefetch must be >= 1, got {prefetch}")
     one = plan_memory(request)
     wb = DTYPE_BYTES[request.dtype]
-    blocks, rest, _, largest = _split(one)
+    blocks, rest, layer, _ = _split(one)
     transient = one.peak_allocated - one.component("dense weights")
-    peak = rest * wb + transient + largest * wb + one.overhead.bytes
-    bucket = CPU_BUCKET if request.device == "cpu" else ACCELERATOR_BUCKET
-    return ParallelPlan("offload", 1, peak, rest * wb, host_bytes=(blocks + bucket) * wb)
+    slots = min(prefetch + 1, one.shape.layers) * layer  # allocated once, reused per block
+    peak = rest * wb + transient + slots * wb + one.overhead.bytes
+    host = blocks + min(prefetch, one.shape.layers) * layer
+    return ParallelPlan("offload", 1, peak, rest * wb, host_bytes=host * wb)
 
 
 def what_fits(request: PlanRequest, gpus: int, gpu_memory: int) -> dict[str, bool]:
