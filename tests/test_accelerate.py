@@ -18,6 +18,7 @@ import sys
 import pytest
 
 from tests.test_cli import ROOT, SMOKE, assert_same_tensors, step_records, trained, zo
+from zo.distributed import DataParallel
 
 ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable))
 STEPS = ["train.steps=4", "train.progress=false", "train.eval_before=false"]
@@ -80,3 +81,30 @@ def test_accelerates_cpu_launch_of_unconnected_processes_is_refused(tmp_path, mo
     assert zo("train", "--config", SMOKE, f"train.out={out}", *STEPS) == 2
     assert "accelerate launch --multi_gpu" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "fix"),
+    [
+        ("ACCELERATE_USE_FSDP", "true", "train.parallel=fsdp"),
+        ("ACCELERATE_USE_DEEPSPEED", "true", "train.parallel=fsdp"),
+        ("ACCELERATE_MIXED_PRECISION", "bf16", "train.autocast=bf16"),
+    ],
+)
+def test_accelerate_settings_zo_does_not_read_are_refused(
+    variable, value, fix, tmp_path, monkeypatch, capsys
+):
+    """``accelerate launch --use_fsdp`` (or ``--mixed_precision bf16``) would otherwise train
+    unsharded (in full precision) without a word: zo takes these from its own config."""
+    monkeypatch.setenv(variable, value)
+    out = tmp_path / "run"
+    assert zo("train", "--config", SMOKE, f"train.out={out}", *STEPS) == 2
+    error = capsys.readouterr().err
+    assert variable in error and fix in error
+    assert not out.exists()
+
+
+def test_accelerates_default_settings_are_accepted(monkeypatch):
+    for variable, value in (("ACCELERATE_MIXED_PRECISION", "no"), ("ACCELERATE_USE_FSDP", "false")):
+        monkeypatch.setenv(variable, value)
+    DataParallel.from_environment()

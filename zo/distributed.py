@@ -19,7 +19,7 @@ the weights of the data-parallel run.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +29,36 @@ from zo.config import ConfigError
 
 class DataParallelError(ConfigError):
     """A run that cannot be split over the launched processes (exit 2 from the CLI)."""
+
+
+# accelerate's own settings (its env vars when set by `accelerate launch` or `accelerate config`)
+# that zo does not read, with the zo setting that does the same thing.
+ACCELERATE_SETTINGS = {
+    "ACCELERATE_USE_FSDP": "train.parallel=fsdp",
+    "ACCELERATE_USE_DEEPSPEED": "train.parallel=fsdp (ZeRO-3-like sharding) or offload",
+    "ACCELERATE_USE_MEGATRON_LM": "train.parallel=fsdp",
+}
+
+
+def refuse_accelerate_settings(environment: Mapping[str, str]) -> None:
+    """A launch that asks accelerate for sharding or mixed precision would otherwise train
+    without them, silently: zo takes these from its own config, never from accelerate."""
+    asked = [
+        f"{name} (use {setting})"
+        for name, setting in ACCELERATE_SETTINGS.items()
+        if environment.get(name, "false").lower() in ("true", "1", "yes")
+    ]
+    precision = environment.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision not in ("no", ""):
+        asked.append(f"ACCELERATE_MIXED_PRECISION={precision} (use train.autocast={precision})")
+    if asked:
+        raise DataParallelError(
+            "accelerate was asked for settings zo does not take from it: "
+            + "; ".join(asked)
+            + ". Launch with `accelerate launch --multi_gpu --num_processes N` only "
+            "(no --use_fsdp/--mixed_precision, or `accelerate config` without them) and set "
+            "them in the zo config"
+        )
 
 
 @dataclass(frozen=True)
@@ -50,6 +80,7 @@ class DataParallel:
                 "of which know the others): use `accelerate launch --multi_gpu "
                 "--num_processes N` (torchrun underneath; gloo on a CPU) or torchrun"
             )
+        refuse_accelerate_settings(os.environ)
         try:
             world_size = int(os.environ.get("WORLD_SIZE", "1"))
             rank = int(os.environ.get("RANK", "0"))
