@@ -32,23 +32,41 @@ def _mapping(task: str, verbalizer: object) -> dict[Any, str]:
     return dict(verbalizer)
 
 
+def _added_to(task: str, builtin: Mapping[int, str], given: object) -> dict[int, str]:
+    """The task's own verbalizer with ``given``'s entries changed or added, so that
+    ``task.verbalizer.2=" okay"`` adds a label and ``task.verbalizer.1=" good"`` changes one
+    while the others keep their words. Labels are integers: ``"1"`` (an override's key) is
+    label 1."""
+    merged = dict(builtin)
+    for key, word in _mapping(task, given).items():
+        text = str(key).strip()
+        if isinstance(key, bool) or not text.lstrip("-").isdigit():
+            raise TaskError(
+                f"task {task!r}: verbalizer key {key!r} is not a label; its labels are "
+                f"integers ({', '.join(f'{k}:{w!r}' for k, w in builtin.items())}): e.g. "
+                f"task.verbalizer.{len(builtin)}=' okay' adds label {len(builtin)}"
+            )
+        merged[int(text)] = word
+    return merged
+
+
 @dataclass(frozen=True)
 class SentimentOptions:
     """Short English reviews written for this project (0 = negative, 1 = positive)."""
 
     template: str = SENTIMENT_TEMPLATE
     verbalizer: Mapping[Any, str] | None = None
-    """Label -> candidate; None: MeZO's " terrible" / " great"."""
+    """Label -> candidate, changing or adding entries of MeZO's " terrible" / " great"."""
     data_dir: str | Path = DATA_DIR / "sentiment"
     objective: str = "loss"
 
 
 def sentiment(options: SentimentOptions) -> ClassificationTask:
-    verbalizer = SENTIMENT_VERBALIZER if options.verbalizer is None else options.verbalizer
+    verbalizer = _added_to("sentiment", SENTIMENT_VERBALIZER, options.verbalizer or {})
     return ClassificationTask(
         name="sentiment",
         template=options.template,
-        verbalizer=_mapping("sentiment", verbalizer),
+        verbalizer=verbalizer,
         data_files=split_files(options.data_dir),
         objective=options.objective,
     )

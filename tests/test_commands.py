@@ -90,6 +90,25 @@ def test_an_override_adds_to_a_mapping_keyed_by_numbers():
     assert named == {"a": {"x": 1, "y": 2, "3": "z"}}  # string keys stay strings
 
 
+def test_a_verbalizer_override_adds_to_a_builtin_tasks_own_words(tmp_path, capsys):
+    from zo.config import ConfigError
+    from zo.train import build_task
+
+    def words(*overrides: str) -> list[str]:
+        task = build_task(load_config(SMOKE, list(overrides)))
+        return task.candidates(task.load("dev")[0])
+
+    assert words() == [" terrible", " great"]  # sentiment's own (smoke.yaml names none)
+    assert words('task.verbalizer.2=" okay"') == [" terrible", " great", " okay"]
+    assert words('task.verbalizer.1=" good"') == [" terrible", " good"]
+    with pytest.raises(ConfigError, match=r"verbalizer key 'x' is not a label.*task.verbalizer.2="):
+        words('task.verbalizer.x=" no"')
+    argv = ["train", "--config", SMOKE, f"train.out={tmp_path / 'run'}", 'task.verbalizer.x=" no"']
+    assert main(argv) == 2
+    assert "verbalizer key 'x' is not a label" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_files_honour_the_umask(tmp_path):
     out = tmp_path / "run"
     previous = os.umask(0o022)
