@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from zo.commands.common import EXPERIMENTS, record_arguments
+
+EXAMPLE = "zo bench compare --only zo_sgd,zo_adam --out runs/compare"
 from zo.config import ConfigError, read_yaml
 
 

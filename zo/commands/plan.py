@@ -61,10 +61,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--family", help="build the shape from a zo family (with the options)")
     for name in SHAPE_OPTIONS:
         if name != "tied_embeddings":
-            model.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name)
+            keys = " / ".join(CONFIG_KEYS[name])
+            model.add_argument(
+                f"--{name.replace('_', '-')}", type=int, dest=name, help=f"sets the config's {keys}"
+            )
     tied = model.add_mutually_exclusive_group()
-    tied.add_argument("--tied", dest="tied_embeddings", action="store_true", default=None)
-    tied.add_argument("--untied", dest="tied_embeddings", action="store_false")
+    tied.add_argument(
+        "--tied",
+        dest="tied_embeddings",
+        action="store_true",
+        default=None,
+        help="the output layer shares the input embedding (default: as the config says)",
+    )
+    tied.add_argument(
+        "--untied",
+        dest="tied_embeddings",
+        action="store_false",
+        help="the output layer has its own weights (default: as the config says)",
+    )
     run = parser.add_argument_group("run (unset: zo train's defaults; searched with --budget)")
     run.add_argument("--estimator", help=f"one of {estimators.available_estimators()}")
     run.add_argument(
@@ -74,14 +88,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--quant", help="none | nf4")
     run.add_argument("--dtype", help=f"weights (default {ModelConfig.dtype}): float32 | bfloat16")
     run.add_argument("--compute-dtype", help="NF4 compute dtype (default: --dtype)")
-    run.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
+    run.add_argument(
+        "--double-quant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="NF4: quantize the quantization constants too",
+    )
     run.add_argument("--batch", type=int, help="sequences per micro-batch (the most to try)")
-    run.add_argument("--seq", "--seq-len", type=int, dest="seq_len")
+    run.add_argument(
+        "--seq", "--seq-len", type=int, dest="seq_len", help="tokens per sequence (the most to try)"
+    )
     run.add_argument("--scored", type=int, default=1, help="scored positions per sequence")
     run.add_argument("--logits", default="scored", help="scored | full")
     run.add_argument("--attention", help="sdpa | eager (default: the model's, as zo train)")
     run.add_argument(
-        "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute activations block by block (unset: as zo train; searched with --budget)",
     )
     run.add_argument("--device", help="cuda | cpu (default: auto, as zo train)")
     run.add_argument("--chunk-size", type=int, help="engine.chunk_size")
