@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from zo.commands.common import EXPERIMENTS, record_arguments
+from zo.config import ConfigError, read_yaml
 
 EXAMPLE = "zo bench compare --only zo_sgd,zo_adam --out runs/compare"
-from zo.config import ConfigError, read_yaml
 
 
 def load_plan(path: str) -> tuple[str, list[str], dict[str, dict[str, Any]]]:
