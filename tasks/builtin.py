@@ -105,29 +105,26 @@ def jsonl(options: JsonlOptions) -> Task:
             "(a generation task: the field holding the answer), not "
             + ("both" if target is not None else "neither")
         )
-    files = split_files(options.path, hold_out_dev=options.dev_fraction is not None)
-    if target is not None:
-        return GenerationTask(
-            name=name,
-            template=options.template,
-            data_files=files,
-            target_field=target,
-            answer_prefix=options.answer_prefix,
-            objective=options.objective,
-            metric=check_metric(options.metric or "squad_f1"),
-            dev_fraction=options.dev_fraction,
-            split_seed=options.split_seed,
-        )
-    return ClassificationTask(
+    shared = dict(
         name=name,
         template=options.template,
-        verbalizer=_mapping(name, verbalizer or {}),
-        data_files=files,
-        label_field=options.label,
+        data_files=split_files(options.path, hold_out_dev=options.dev_fraction is not None),
         objective=options.objective,
-        metric=check_metric(options.metric or "accuracy"),
         dev_fraction=options.dev_fraction,
         split_seed=options.split_seed,
+    )
+    if target is not None:
+        return GenerationTask(
+            **shared,
+            target_field=target,
+            answer_prefix=options.answer_prefix,
+            metric=check_metric(options.metric or "squad_f1"),
+        )
+    return ClassificationTask(
+        **shared,
+        verbalizer=_mapping(name, verbalizer or {}),
+        label_field=options.label,
+        metric=check_metric(options.metric or "accuracy"),
     )
 
 
