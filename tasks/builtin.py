@@ -32,23 +32,41 @@ def _mapping(task: str, verbalizer: object) -> dict[Any, str]:
     return dict(verbalizer)
 
 
+def _added_to(task: str, builtin: Mapping[int, str], given: object) -> dict[int, str]:
+    """The task's own verbalizer with ``given``'s entries changed or added, so that
+    ``task.verbalizer.2=" okay"`` adds a label and ``task.verbalizer.1=" good"`` changes one
+    while the others keep their words. Labels are integers: ``"1"`` (an override's key) is
+    label 1."""
+    merged = dict(builtin)
+    for key, word in _mapping(task, given).items():
+        text = str(key).strip()
+        if isinstance(key, bool) or not text.lstrip("-").isdigit():
+            raise TaskError(
+                f"task {task!r}: verbalizer key {key!r} is not a label; its labels are "
+                f"integers ({', '.join(f'{k}:{w!r}' for k, w in builtin.items())}): e.g. "
+                f"task.verbalizer.{len(builtin)}=' okay' adds label {len(builtin)}"
+            )
+        merged[int(text)] = word
+    return merged
+
+
 @dataclass(frozen=True)
 class SentimentOptions:
     """Short English reviews written for this project (0 = negative, 1 = positive)."""
 
     template: str = SENTIMENT_TEMPLATE
     verbalizer: Mapping[Any, str] | None = None
-    """Label -> candidate; None: MeZO's " terrible" / " great"."""
+    """Label -> candidate, changing or adding entries of MeZO's " terrible" / " great"."""
     data_dir: str | Path = DATA_DIR / "sentiment"
     objective: str = "loss"
 
 
 def sentiment(options: SentimentOptions) -> ClassificationTask:
-    verbalizer = SENTIMENT_VERBALIZER if options.verbalizer is None else options.verbalizer
+    verbalizer = _added_to("sentiment", SENTIMENT_VERBALIZER, options.verbalizer or {})
     return ClassificationTask(
         name="sentiment",
         template=options.template,
-        verbalizer=_mapping("sentiment", verbalizer),
+        verbalizer=verbalizer,
         data_files=split_files(options.data_dir),
         objective=options.objective,
     )
@@ -87,29 +105,26 @@ def jsonl(options: JsonlOptions) -> Task:
             "(a generation task: the field holding the answer), not "
             + ("both" if target is not None else "neither")
         )
-    files = split_files(options.path, hold_out_dev=options.dev_fraction is not None)
-    if target is not None:
-        return GenerationTask(
-            name=name,
-            template=options.template,
-            data_files=files,
-            target_field=target,
-            answer_prefix=options.answer_prefix,
-            objective=options.objective,
-            metric=check_metric(options.metric or "squad_f1"),
-            dev_fraction=options.dev_fraction,
-            split_seed=options.split_seed,
-        )
-    return ClassificationTask(
+    shared = dict(
         name=name,
         template=options.template,
-        verbalizer=_mapping(name, verbalizer or {}),
-        data_files=files,
-        label_field=options.label,
+        data_files=split_files(options.path, hold_out_dev=options.dev_fraction is not None),
         objective=options.objective,
-        metric=check_metric(options.metric or "accuracy"),
         dev_fraction=options.dev_fraction,
         split_seed=options.split_seed,
+    )
+    if target is not None:
+        return GenerationTask(
+            **shared,
+            target_field=target,
+            answer_prefix=options.answer_prefix,
+            metric=check_metric(options.metric or "squad_f1"),
+        )
+    return ClassificationTask(
+        **shared,
+        verbalizer=_mapping(name, verbalizer or {}),
+        label_field=options.label,
+        metric=check_metric(options.metric or "accuracy"),
     )
 
 

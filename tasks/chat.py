@@ -100,11 +100,7 @@ class ChatTask(FileTask):
     data_files: Mapping[str, str | Path]
     chat_template: str = "auto"
     """One of CHAT_TEMPLATES."""
-    objective: str = "loss"
     metric: str = "squad_f1"
-    dev_fraction: float | None = None
-    """Hold out this share of the train file as the dev split."""
-    split_seed: int = 0
     kind: ClassVar[str] = "generation"
     template: ClassVar[str] = ""  # rows carry their own form, no `{field}` template
     _tokenizer: Any = field(default=None, init=False, repr=False, compare=False)
@@ -112,9 +108,6 @@ class ChatTask(FileTask):
     `chat_template` is plain or the task was bound to a tokenizer (`for_tokenizer`)."""
     _is_bound: bool = field(default=False, init=False, repr=False, compare=False)
     _bound: dict[int, tuple[Any, ChatTask]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
-    _cache: dict[str, list[Example]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 

@@ -32,19 +32,26 @@ DEV_NAMES = ("dev", "validation")
 """The names a dev split's file goes by: ours, then the Hugging Face datasets' one."""
 
 
+@dataclass(kw_only=True)
 class FileTask(Task):
     """A template over local JSONL/CSV files, one file per split, read once per split.
 
-    Subclasses say which fields a row needs and how a row becomes an Example.
+    Subclasses declare their own leading fields (`name`, `data_files`, a `template`: in the
+    order their callers give them) and say which fields a row needs and how a row becomes
+    an Example; the options every file task shares are here, keyword-only.
     """
 
-    name: str
-    template: str
-    data_files: Mapping[str, str | Path]
-    dev_fraction: float | None
-    split_seed: int
-    _fields: list[str]
-    _cache: dict[str, list[Example]]
+    objective: str = "loss"
+    """What training minimises: one of OBJECTIVES."""
+    dev_fraction: float | None = None
+    """Hold out this share of the train file as the dev split (classification: stratified
+    by label)."""
+    split_seed: int = 0
+    """Which rows `dev_fraction` holds out."""
+    _fields: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+    _cache: dict[str, list[Example]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def _check_held_out(self) -> None:
         """`dev_fraction`: a fraction in (0, 1), and no dev file beside it."""
@@ -170,20 +177,10 @@ class ClassificationTask(FileTask):
     data_files: Mapping[str, str | Path]
     label_field: str = "label"
     """The row field holding the label (a key of the verbalizer)."""
-    objective: str = "loss"
-    """What training minimises: one of OBJECTIVES."""
     metric: str = "accuracy"
     """The evaluation metric, a name in `tasks.metrics.METRICS`."""
-    dev_fraction: float | None = None
-    """Hold out this share of the train file as the dev split (stratified by label)."""
-    split_seed: int = 0
-    """Which rows `dev_fraction` holds out."""
     kind: ClassVar[str] = "classification"
-    _fields: list[str] = field(init=False, repr=False, compare=False)
     _label_index: dict[str, int] = field(init=False, repr=False, compare=False)
-    _cache: dict[str, list[Example]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
 
     def __post_init__(self) -> None:
         self._check_template()
@@ -246,19 +243,9 @@ class GenerationTask(FileTask):
     """The row field holding the gold answer(s)."""
     answer_prefix: str = " "
     """Put between the prompt and an answer when training on it."""
-    objective: str = "loss"
-    """What training minimises: one of OBJECTIVES."""
     metric: str = "squad_f1"
     """The evaluation metric, a name in `tasks.metrics.METRICS`."""
-    dev_fraction: float | None = None
-    """Hold out this share of the train file as the dev split."""
-    split_seed: int = 0
-    """Which rows `dev_fraction` holds out."""
     kind: ClassVar[str] = "generation"
-    _fields: list[str] = field(init=False, repr=False, compare=False)
-    _cache: dict[str, list[Example]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
 
     def __post_init__(self) -> None:
         self._check_template()

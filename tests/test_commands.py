@@ -34,27 +34,45 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"zo {zo.__version__}"
 
 
-def _verb_parser(verb: str) -> argparse.ArgumentParser:
-    subparsers = next(
-        a for a in make_parser(verb)._actions if isinstance(a, argparse._SubParsersAction)
-    )
-    return subparsers.choices[verb]
+def _parsers(verb: str) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """The verb's parser and those of its sub-verbs (``bench step``, ``bench memory``...)."""
+    found, todo = [], [((), make_parser(verb))]
+    while todo:
+        path, parser = todo.pop()
+        if path:
+            found.append((path, parser))
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += [((*path, name), sub) for name, sub in action.choices.items()]
+                if not path:  # the top parser: only the verb's own branch is built in full
+                    todo = [(p, sub) for p, sub in todo if p == (verb,)]
+    return found
 
 
 @pytest.mark.parametrize("verb", list(VERBS))
 def test_every_verb_help_shows_its_defaults_and_an_example(verb, capsys):
-    text = help_of(verb, capsys=capsys)
-    assert "example:\n  zo " + verb in text
-    flat = " ".join(text.split())
-    for action in _verb_parser(verb)._actions:
-        if action.help == argparse.SUPPRESS or action.default in (None, argparse.SUPPRESS):
-            continue
-        if action.nargs == 0:  # a flag: its default is its absence
-            continue
-        if action.option_strings and not isinstance(action, argparse._HelpAction):
-            assert action.help, f"zo {verb} {action.option_strings[0]}: no help, no default shown"
-            shown = action.default if not isinstance(action.default, Path) else str(action.default)
-            assert f"{shown}" in flat, f"zo {verb} {action.option_strings[0]}: default not shown"
+    parsers = _parsers(verb)
+    assert len(parsers) > (verb == "bench") * 5  # bench: step, memory, ops, generators, ...
+    for path, parser in parsers:
+        name = "zo " + " ".join(path)
+        text = help_of(*path, capsys=capsys)
+        assert f"example:\n  {name}" in text, f"{name}: no example"
+        flat = " ".join(text.split())
+        for action in parser._actions:
+            if action.help == argparse.SUPPRESS or isinstance(
+                action, (argparse._HelpAction, argparse._SubParsersAction)
+            ):
+                continue
+            option = (action.option_strings or [action.dest])[0]
+            assert action.help and action.help.strip(), f"{name} {option}: no help text"
+            if action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
+                continue  # nothing to show, or a flag: its default is its absence
+            shown = str(action.default)
+            assert (
+                f"default: {shown}" in flat
+                or f"default {shown}" in flat
+                or (f"(default: {shown})" in flat)
+            ), f"{name} {option}: default {shown!r} not shown"
 
 
 @pytest.mark.parametrize("benchmark", ["step", "memory"])
@@ -88,6 +106,25 @@ def test_an_override_adds_to_a_mapping_keyed_by_numbers():
     assert data["task"]["verbalizer"] == {0: " bad", 1: " good"}  # the input is not changed
     named = apply_overrides({"a": {"x": 1}}, ["a.y=2", "a.3=z"])
     assert named == {"a": {"x": 1, "y": 2, "3": "z"}}  # string keys stay strings
+
+
+def test_a_verbalizer_override_adds_to_a_builtin_tasks_own_words(tmp_path, capsys):
+    from zo.config import ConfigError
+    from zo.train import build_task
+
+    def words(*overrides: str) -> list[str]:
+        task = build_task(load_config(SMOKE, list(overrides)))
+        return task.candidates(task.load("dev")[0])
+
+    assert words() == [" terrible", " great"]  # sentiment's own (smoke.yaml names none)
+    assert words('task.verbalizer.2=" okay"') == [" terrible", " great", " okay"]
+    assert words('task.verbalizer.1=" good"') == [" terrible", " good"]
+    with pytest.raises(ConfigError, match=r"verbalizer key 'x' is not a label.*task.verbalizer.2="):
+        words('task.verbalizer.x=" no"')
+    argv = ["train", "--config", SMOKE, f"train.out={tmp_path / 'run'}", 'task.verbalizer.x=" no"']
+    assert main(argv) == 2
+    assert "verbalizer key 'x' is not a label" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_run_files_honour_the_umask(tmp_path):

@@ -15,7 +15,7 @@ def plot_loss(run: RunDirectory) -> Path:
     import matplotlib.pyplot as plt
 
     records = run.step_records()
-    steps = [r["step"] for r in records]
+    steps = [r["step"] + 1 for r in records]  # record n is update n + 1: count as the bar does
     losses = [r["loss"] for r in records]
     window = max(1, len(losses) // 20)
     smooth = [

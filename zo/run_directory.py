@@ -51,6 +51,11 @@ from zo.trajectory import (
     records_covered,
 )
 
+METRICS_FORMAT = 2
+"""How metrics.jsonl numbers its lines (:mod:`zo.metrics_log`), recorded in the trajectory
+header as ``metrics_format``: 2 counts as the progress bar (0: before any update); a header
+without the field (format 1) numbered a line by the index of the update it followed."""
+
 REPAIR_HINT = (
     "pass train.repair=true to resume from the intact part (the damaged file is kept as a "
     "copy next to it), or restore the file"
@@ -100,6 +105,7 @@ class RunDirectory:
         self.summary = self.path / "summary.json"
         self.plot = self.path / "loss.png"
         self._format = TRAJECTORY_FORMAT
+        self.metrics_format = METRICS_FORMAT
         self._records = 0
         self._check: str | None = None
 
@@ -143,8 +149,9 @@ class RunDirectory:
         self._records = 0
 
     def _header_line(self, header: dict[str, Any]) -> str:
-        record = {"type": "header", **header}
+        record = {"type": "header", **header, "metrics_format": METRICS_FORMAT}
         self._format = record.get("format", 1)
+        self.metrics_format = METRICS_FORMAT
         self._check = None
         if self._format >= 2:
             self._check = record["check"] = chained_check("", record)
@@ -349,6 +356,7 @@ class RunDirectory:
             lines = [self._header_line(header)]  # repair of a missing or garbled header
         else:
             self._format = trajectory.format
+            self.metrics_format = metrics_format(trajectory.header or {})
             lines = [trajectory.header_line, *(s.text for s in trajectory.steps[: plan.records])]
             self._check = trajectory.checks[plan.records]
         self._records = plan.records
@@ -356,7 +364,7 @@ class RunDirectory:
         kept = [
             line.text
             for line in (plan.metrics.lines if plan.metrics else [])
-            if _logged_before(line.record, plan.start_step)
+            if _covered(line.record, plan.start_step, self.metrics_format)
         ]
         _rewrite(self.metrics, "".join(kept))
 
@@ -383,9 +391,21 @@ def _keep_copy(path: Path) -> Path:
     return backup
 
 
-def _logged_before(record: dict[str, Any], step: int) -> bool:
+def metrics_format(header: dict[str, Any]) -> int:
+    """The numbering of a run's metrics.jsonl, read from its trajectory header."""
+    return int(header.get("metrics_format", 1))
+
+
+def _covered(record: dict[str, Any], step: int, numbering: int) -> bool:
+    """The metrics line was logged by the run up to the checkpoint at ``step``: format 2
+    logs step ``n`` after ``n`` updates (0: zero-shot, evaluated again when a run starts
+    over from step 0), format 1 logged ``n - 1``."""
     logged = record.get("step")
-    return isinstance(logged, int) and logged < step
+    if not isinstance(logged, int):
+        return False
+    if numbering >= 2:
+        return step > 0 and logged <= step
+    return logged < step
 
 
 def _rewrite(path: Path, text: str) -> None:

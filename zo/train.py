@@ -41,6 +41,7 @@ from zo.engine import (
 )
 from zo.loss_plot import plot_loss
 from zo.memory import peak_memory_bytes, reset_peak_memory, return_large_frees_to_os
+from zo.metrics_log import MetricsLog, last_loss
 from zo.offload import check_offloaded_run, offload_blocks
 from zo.preflight import (
     check_batch_fits_data,
@@ -68,7 +69,6 @@ from zo.trajectory import (
     NothingToResumeError,
     RunDamagedError,
     atomic_write_text,
-    read_jsonl,
 )
 
 _DATA_STREAM = 0xDA7A  # tags the data-order seed stream apart from direction seeds
@@ -481,13 +481,14 @@ def _train(
     reporters = Reporters.open(
         train_cfg.report_to, run.path, to_dict(config), start_step, enabled=parallel.is_main
     )
+    metrics_log = MetricsLog(run, reporters)  # numbered as the progress bar counts
     if start_step == 0 and train_cfg.eval_before:
         zero_shot = evaluate(setup, dev_examples)
         log(
             f"zero-shot dev {zero_shot['metric']}: {zero_shot['score']:.4f} "
             f"({len(dev_examples)} examples)"
         )
-        reporters.log(0, {"dev_score": zero_shot["score"]})  # the bar's 0: before any update
+        metrics_log.zero_shot(zero_shot["score"])  # the bar's 0: before any update
 
     precision = _AUTOCAST_DTYPES[train_cfg.autocast]
     sampler = BatchSampler(len(train_examples), train_cfg.batch_size, train_cfg.seed)
@@ -531,7 +532,6 @@ def _train(
         progress.set_postfix(loss=f"{loss:.4f}")
         if done % train_cfg.log_every == 0 or done == train_cfg.steps:
             metrics = {
-                "step": step,
                 "loss": loss,
                 "lr": optimizer.param_groups[0]["lr"],
                 "projected_grad": record.scalars if record is not None else None,
@@ -540,8 +540,7 @@ def _train(
             }
             if train_cfg.eval_every and done % train_cfg.eval_every == 0:
                 metrics["dev_score"] = evaluate(setup, dev_examples)["score"]
-            run.append(run.metrics, metrics)
-            reporters.log(done, metrics)  # counted as the progress bar counts
+            metrics_log.step(done, metrics)
         if (train_cfg.save_every and done % train_cfg.save_every == 0) or done == train_cfg.steps:
             tensors = setup.checkpoint_tensors()  # sharded: gathered whole on rank 0
             guard.check_before_save(done, tensors)
@@ -565,7 +564,7 @@ def _train(
         "final_score": final["score"],
         "zero_shot_accuracy": zero_shot.get("accuracy") if zero_shot else None,
         "final_accuracy": final.get("accuracy"),
-        "final_loss": _last_loss(run),
+        "final_loss": last_loss(run.path),
         "dev_examples": len(dev_examples),
         "trainable_parameters": setup.trainable.numel(),
         "peak_memory_bytes": peak_memory_bytes(setup.device),
@@ -581,13 +580,6 @@ def _train(
         atomic_write_text(run.summary, json.dumps(summary, indent=2) + "\n")
         plot_loss(run)
     return summary
-
-
-def _last_loss(run: RunDirectory) -> float | None:
-    """The last logged training loss (metrics.jsonl: every estimator logs there, while
-    gradient-based ones write no trajectory records)."""
-    logged = list(read_jsonl(run.metrics))
-    return logged[-1]["loss"] if logged else None
 
 
 def _progress(start: int, total: int, enabled: bool):

@@ -13,7 +13,14 @@ import argparse
 import importlib
 import sys
 
-from zo.commands.common import DIVERGED_EXIT, EXIT_CODES, USAGE_EXIT, HelpFormatter, UsageError
+from zo.commands.common import (
+    DIVERGED_EXIT,
+    EXIT_CODES,
+    USAGE_EXIT,
+    HelpFormatter,
+    UsageError,
+    verb_epilog,
+)
 
 VERBS: dict[str, tuple[str, str]] = {
     "train": ("zo.commands.train", "train from a YAML config"),
@@ -76,10 +83,6 @@ def version() -> str:
     return __version__
 
 
-def verb_epilog(example: str) -> str:
-    return f"example:\n  {example}\n\n{EXIT_CODES}"
-
-
 def make_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; only ``verb``'s module is imported and given its arguments
     (``zo --help`` lists every verb by its one-line help)."""
@@ -104,15 +107,7 @@ def make_parser(verb: str | None = None) -> argparse.ArgumentParser:
             formatter_class=HelpFormatter,
         )
         module.add_arguments(command)
-        _defaults_in_help(command)
     return parser
-
-
-def _defaults_in_help(parser: argparse.ArgumentParser) -> None:
-    """An option without help text still shows its default (argparse formats no line for it)."""
-    for action in parser._actions:
-        if action.help is None and action.option_strings and action.default is not None:
-            action.help = " "  # HelpFormatter appends the default and strips the blank
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

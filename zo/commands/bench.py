@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from zo.commands.common import HelpFormatter, record_arguments
+from zo.commands.common import HelpFormatter, record_arguments, verb_epilog
 from zo.engine import seeded
 from zo.memory import time_call
 
@@ -477,7 +477,13 @@ BENCHMARKS = {
     "memory-worker": memory_worker,
 }
 OTHER_BENCHMARKS = {"compare": "zo.commands.compare", "eval": "zo.commands.bench_eval"}
-"""Benchmarks with their own module: name -> module (``add_arguments``, ``run``)."""
+"""Benchmarks with their own module: name -> module (``add_arguments``, ``run``, ``EXAMPLE``)."""
+EXAMPLES = {
+    "step": "zo bench step --layers 4 --repeats 3",
+    "memory": "zo bench memory --estimators zo_sgd,zo_adam --layers 4",
+    "ops": "zo bench ops --layers 2",
+    "generators": "zo bench generators --device cpu",
+}
 
 
 def description(name: str, doc: str) -> str:
@@ -499,13 +505,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue  # started by `memory`, one process per mode
         if name in BENCHMARKS:
             text, add, run_one = description(name, __doc__), bench_arguments, run_benchmark
+            example = EXAMPLES[name]
         else:
             module = importlib.import_module(OTHER_BENCHMARKS[name])
             text, add, run_one = module.__doc__, module.add_arguments, module.run
+            example = module.EXAMPLE
         bench = sub.add_parser(
             name,
             help=" ".join(text.split()).removeprefix(f"``zo bench {name}``: ").split(". ")[0],
             description=text,
+            epilog=verb_epilog(example),
             formatter_class=HelpFormatter,
         )
         add(bench)

@@ -46,6 +46,8 @@ from tasks.generation import GreedyConfig, eos_ids, greedy_generate
 from tasks.lm import PREFIX_CACHE_MODES
 from zo.commands.common import record_arguments
 
+EXAMPLE = "zo bench eval --tasks sentiment,copa --examples 16 --rounds 3"
+
 # A multi-candidate variant of the bundled task: five candidates of one to four tokens, so
 # the batched layout needs a sequence per multi-token candidate (the labels stay 0 and 1).
 FIVE_WAY_VERBALIZER = {
@@ -349,15 +351,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=16, help="examples (prompts) per batched call"
     )
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument(
+        "--max-length", type=int, default=256, help="tokens per sequence, longer ones cut"
+    )
     parser.add_argument(
         "--prefix-cache",
         choices=list(PREFIX_CACHE_MODES),
         default="auto",
         help="scoring: run each shared prompt once and reuse its KV cache (tasks.prefix_cache)",
     )
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="the model's dtype",
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the model runs",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument(
         "--rounds",

@@ -43,6 +43,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text.strip() or None
 
 
+def verb_epilog(example: str) -> str:
+    """A verb's (or a benchmark's) ``--help`` ending: one example command, the exit codes."""
+    return f"example:\n  {example}\n\n{EXIT_CODES}"
+
+
 def config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--config", required=required, help="YAML experiment config")
     parser.add_argument(

@@ -21,6 +21,8 @@ from typing import Any
 from zo.commands.common import EXPERIMENTS, record_arguments
 from zo.config import ConfigError, read_yaml
 
+EXAMPLE = "zo bench compare --only zo_sgd,zo_adam --out runs/compare"
+
 
 def load_plan(path: str) -> tuple[str, list[str], dict[str, dict[str, Any]]]:
     data = read_yaml(path)
@@ -95,11 +97,11 @@ def finished_method(name: str, out: Path) -> dict[str, Any]:
     return {"estimator": name, **summary, "losses": _losses(out)}
 
 
-def _losses(run: Path) -> list[float]:
-    from zo.trajectory import read_jsonl
+def _losses(run: Path) -> list[tuple[int, float]]:
+    """(step, loss) as the progress bar counts, whichever metrics format the run wrote."""
+    from zo.metrics_log import read_metrics, training_losses
 
-    metrics = read_jsonl(run / "metrics.jsonl")
-    return [m["loss"] for m in metrics]
+    return training_losses(read_metrics(run))
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> Path:
@@ -111,8 +113,9 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
     figure, axis = plt.subplots(figsize=(7, 4))
     for result in results:
         if "losses" in result:
-            axis.plot(result["losses"], label=result["estimator"])
-    axis.set_xlabel("log step")
+            steps, losses = zip(*result["losses"], strict=True) if result["losses"] else ((), ())
+            axis.plot(steps, losses, label=result["estimator"])
+    axis.set_xlabel("step")
     axis.set_ylabel("training loss (logged steps)")
     axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()

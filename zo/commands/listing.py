@@ -8,7 +8,12 @@ EXAMPLE = "zo list estimators"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", nargs="?", choices=["models", "tasks", "estimators"])
+    parser.add_argument(
+        "kind",
+        nargs="?",
+        choices=["models", "tasks", "estimators"],
+        help="list only these (default: all three)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,12 +3,15 @@
     zo plan --model llama-2-7b --quant nf4 --trainable mask:0.001 --device cuda --dtype bf16
     zo plan --model HF_ID_OR_DIR --budget 8GiB [--json]
     zo plan --config experiments/smollm2/sst2_zo.yaml --budget 4GiB
+    zo plan --model opt-66b --dtype bfloat16 --gpus 8 --gpu-memory 80GiB [--json]
 
 Without ``--budget`` it prints one plan, component by component. With ``--budget`` it lists
 the configurations that fit (quantization, trainable set, estimator, batch, sequence
 length, activation checkpointing), best first; what you give stays fixed, the rest is
-searched. Unset settings are ``zo train``'s defaults (a ``--config`` file's values first),
-and every assumption is echoed. The estimators' memory traits come from their registrations.
+searched. With ``--gpus``/``--gpu-memory`` it predicts the per-rank peak of sharded ZO over
+N devices and the device peak and host memory of offloaded ZO, beside one device's, and
+says which fit (:mod:`zo.commands.plan_parallel`). Unset settings are ``zo train``'s
+defaults (a ``--config`` file's values first), and every assumption is echoed. The estimators' memory traits come from their registrations.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 import estimators
+from zo.commands import plan_parallel
 from zo.config import ConfigError, ModelConfig, RunConfig, TaskConfig, TrainableConfig, load_config
 from zo.engine import EngineConfig
 from zo.memory.report import (
@@ -61,10 +65,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--family", help="build the shape from a zo family (with the options)")
     for name in SHAPE_OPTIONS:
         if name != "tied_embeddings":
-            model.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name)
+            keys = " / ".join(CONFIG_KEYS[name])
+            model.add_argument(
+                f"--{name.replace('_', '-')}", type=int, dest=name, help=f"sets the config's {keys}"
+            )
     tied = model.add_mutually_exclusive_group()
-    tied.add_argument("--tied", dest="tied_embeddings", action="store_true", default=None)
-    tied.add_argument("--untied", dest="tied_embeddings", action="store_false")
+    tied.add_argument(
+        "--tied",
+        dest="tied_embeddings",
+        action="store_true",
+        default=None,
+        help="the output layer shares the input embedding (default: as the config says)",
+    )
+    tied.add_argument(
+        "--untied",
+        dest="tied_embeddings",
+        action="store_false",
+        help="the output layer has its own weights (default: as the config says)",
+    )
     run = parser.add_argument_group("run (unset: zo train's defaults; searched with --budget)")
     run.add_argument("--estimator", help=f"one of {estimators.available_estimators()}")
     run.add_argument(
@@ -74,14 +92,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--quant", help="none | nf4")
     run.add_argument("--dtype", help=f"weights (default {ModelConfig.dtype}): float32 | bfloat16")
     run.add_argument("--compute-dtype", help="NF4 compute dtype (default: --dtype)")
-    run.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True)
+    run.add_argument(
+        "--double-quant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="NF4: quantize the quantization constants too",
+    )
     run.add_argument("--batch", type=int, help="sequences per micro-batch (the most to try)")
-    run.add_argument("--seq", "--seq-len", type=int, dest="seq_len")
+    run.add_argument(
+        "--seq", "--seq-len", type=int, dest="seq_len", help="tokens per sequence (the most to try)"
+    )
     run.add_argument("--scored", type=int, default=1, help="scored positions per sequence")
     run.add_argument("--logits", default="scored", help="scored | full")
     run.add_argument("--attention", help="sdpa | eager (default: the model's, as zo train)")
     run.add_argument(
-        "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute activations block by block (unset: as zo train; searched with --budget)",
     )
     run.add_argument("--device", help="cuda | cpu (default: auto, as zo train)")
     run.add_argument("--chunk-size", type=int, help="engine.chunk_size")
@@ -89,6 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     search_group = parser.add_argument_group("search")
     search_group.add_argument("--budget", help="memory to fit in: 8GiB, 24G, 80GB, 512MiB")
     search_group.add_argument("--top", type=int, default=20, help="rows to print (0: all)")
+    plan_parallel.add_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the plan or the fits as JSON")
 
 
@@ -103,6 +132,14 @@ def run(options: argparse.Namespace) -> int:
 def _run(options: argparse.Namespace) -> int:
     base, sources, given = request_from_options(options)
     echo = assumptions(base, sources)
+    if plan_parallel.wanted(options):
+        result = plan_parallel.report(base, options)
+        if options.json:
+            print(json.dumps({**result, "assumptions": echo}, indent=2))
+        else:
+            print(format_assumptions(echo))
+            print(plan_parallel.table(result))
+        return 0
     if options.budget is None:
         plan = plan_memory(base)
         if options.json:

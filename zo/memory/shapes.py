@@ -332,8 +332,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "opt-125m": _opt(768, 12, 12),
     "opt-1.3b": _opt(2048, 24, 32),
     "opt-13b": _opt(5120, 40, 40),
+    "opt-30b": _opt(7168, 48, 56),  # the OPT paper's table 1 (Zhang et al., 2022)
+    "opt-66b": _opt(9216, 64, 72),
     "llama-2-7b": _llama(4096, 32, 11008, 32, 32, 32000, 4096),
     "llama-2-13b": _llama(5120, 40, 13824, 40, 40, 32000, 4096),
+    "llama-2-70b": _llama(8192, 80, 28672, 64, 8, 32000, 4096),  # grouped-query: 8 kv heads
     "llama-3-8b": _llama(4096, 32, 14336, 32, 8, 128256, 8192),
     "mistral-7b": {**_llama(4096, 32, 14336, 32, 8, 32000, 32768), "model_type": "mistral"},
     "qwen2-0.5b": {
@@ -359,7 +362,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Configs of published models (their ``config.json`` dimensions), for planning without
 their files: a table of models, not of families; any other model is planned from its
 ``config.json``."""
-ALIASES = {"llama2-7b": "llama-2-7b", "llama2-13b": "llama-2-13b", "vicuna-7b": "llama-2-7b"}
+ALIASES = {
+    "llama2-7b": "llama-2-7b",
+    "llama2-13b": "llama-2-13b",
+    "llama2-70b": "llama-2-70b",
+    "vicuna-7b": "llama-2-7b",
+}
 
 CONFIG_KEYS = {
     "hidden": ("hidden_size",),
