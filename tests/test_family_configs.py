@@ -151,6 +151,23 @@ def test_published_settings_are_the_papers(name):
         assert value in expected if isinstance(expected, set) else value == expected, key
 
 
+# Where a config's step settings come from, in its header (issue 18: users must be able to
+# tell a published setting from a tuned one or a guess).
+PROVENANCE = ("from the paper", "the paper's", "tuned here", "starting point", "not tuned")
+
+
+@pytest.mark.parametrize(
+    "path", FAMILY_CONFIGS + sorted((EXPERIMENTS / "smollm2").glob("*.yaml")), ids=relative
+)
+def test_every_model_config_says_where_its_settings_come_from(path):
+    header = " ".join(
+        line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#")
+    ).lower()
+    assert any(words in header for words in PROVENANCE), (
+        f"{relative(path)}: say whether lr/eps are the paper's, tuned here or a starting point"
+    )
+
+
 def test_sparse_zo_config_says_how_to_make_its_mask():
     path = EXPERIMENTS / "llama2" / "7b_sparse_zo_nf4.yaml"
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
