@@ -13,8 +13,11 @@ from estimators.zo_sgd import ZOSGD
 from estimators.zo_variants import ZOSGDConservative
 from tests.test_cli import SMOKE, assert_same_tensors, step_records, trained, zo
 from tests.tiny import fresh_tiny
+from zo.blocks import decoder_blocks
+from zo.config import load_config
 from zo.engine import EngineConfig
 from zo.offload import offload_blocks
+from zo.train import build_setup
 
 IDS = torch.randint(4, 200, (2, 9), generator=torch.Generator().manual_seed(5))
 
@@ -79,6 +82,57 @@ def test_zo_train_parallel_offload_equals_the_plain_run(trainable, offload, tmp_
     assert zo("train", "--config", SMOKE, f"train.out={offloaded}", *offload, *steps) == 0
     assert step_records(offloaded) == step_records(plain)
     assert_same_tensors(trained(offloaded), trained(plain))
+
+
+# A device no tensor reports (a CPU tensor's device is plain ``cpu``): a move to it is told
+# apart from a move home, which is to ``cpu``.
+TRAINING_DEVICE = torch.device("cpu", 0)
+
+
+def record_moves_to(device: torch.device, monkeypatch) -> list[torch.Tensor]:
+    """Every tensor passed to ``Tensor.to(device)`` from now on (``Module.to`` goes through
+    it too) and what it returned, kept alive so that no other tensor can reuse their memory."""
+    moved = []
+    to = torch.Tensor.to
+
+    def recording(self, *args, **kwargs):
+        result = to(self, *args, **kwargs)
+        targets = [*args, *kwargs.values()]
+        if any(isinstance(t, str | torch.device) and torch.device(t) == device for t in targets):
+            moved.extend([self, result])
+        return result
+
+    monkeypatch.setattr(torch.Tensor, "to", recording)
+    return moved
+
+
+@pytest.mark.parametrize("trainable", ["full", "lora"])
+def test_build_setup_offloaded_never_moves_a_block_weight_to_the_device(trainable, monkeypatch):
+    """A model larger than the device loads: only what is outside the blocks (embeddings,
+    norm, head, buffers) is moved to the device, and the trainable set (LoRA's drawn start
+    values included) is the one the plain build makes."""
+    config = load_config(SMOKE, ["train.parallel=offload", f"trainable.kind={trainable}"])
+    plain = build_setup(config)
+    moved = record_moves_to(TRAINING_DEVICE, monkeypatch)
+    monkeypatch.setattr("zo.train.resolve_device", lambda name: TRAINING_DEVICE)
+    placed = {}  # where each tensor's data is once placed (the estimator may re-seat them)
+
+    def offload_and_look(model, *args):
+        streaming = offload_blocks(model, *args)
+        in_blocks = {id(p) for block in decoder_blocks(model) for p in block.parameters()}
+        for name, param in model.named_parameters():
+            placed[name] = (id(param) in in_blocks, param.data_ptr())
+        placed.update({name: (False, b.data_ptr()) for name, b in model.named_buffers()})
+        return streaming
+
+    monkeypatch.setattr("zo.train.offload_blocks", offload_and_look)
+    setup = build_setup(config, offload=True)
+    moved_memory = {t.data_ptr() for t in moved}
+    assert any(home for home, _ in placed.values()) and not all(h for h, _ in placed.values())
+    for name, (home, memory) in placed.items():
+        assert (memory in moved_memory) != home, name
+    assert setup.trainable.names == plain.trainable.names
+    assert_same_tensors(setup.trainable.state_dict(), plain.trainable.state_dict())
 
 
 def test_offload_refuses_a_first_order_estimator_and_a_launcher(tmp_path, capsys, monkeypatch):

@@ -9,16 +9,28 @@ bit for bit, and the plain run within a tolerance."""
 from __future__ import annotations
 
 import copy
+import gc
+from pathlib import Path
 
 import pytest
 import torch
 
+import estimators
 from estimators.zo_sgd import ZOSGD
+from tests.test_cli import SMOKE
 from tests.test_offload_schedule import IDS as STACK_IDS
 from tests.test_offload_schedule import Stack
 from tests.tiny import fresh_tiny
-from zo.engine import EngineConfig
+from zo.blocks import decoder_blocks
+from zo.config import load_config
+from zo.engine import EngineConfig, seeded
+from zo.memory.parallel import plan_offloaded
+from zo.memory.shapes import shape_from_hf_config
+from zo.memory.step import PlanRequest
+from zo.models.registry import family_model_class, get_family
+from zo.models.tiny import TinySpec, tiny_config
 from zo.offload import StreamCopies, offload_blocks
+from zo.train import build_setup
 
 pytestmark = [
     pytest.mark.gpu,
@@ -109,3 +121,69 @@ def test_the_device_holds_k_plus_1_blocks_and_activations(prefetch):
     assert resident - before <= outside + slots + (1 << 20)
     assert peak - before - outside - slots <= plain_overhead + (1 << 20)
     assert peak - before < every - (8 - prefetch - 1) * block_bytes * 0.9  # blocks stay home
+
+
+def deep_llama(path: Path) -> Path:
+    """A Llama checkpoint whose 8 blocks are nearly all of its weights (~109 MB in fp32)."""
+    _, tokenizer = fresh_tiny("llama")
+    spec = TinySpec(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        hidden=512,
+        heads=8,
+        intermediate=1536,
+        layers=8,
+    )
+    config = tiny_config("llama", spec)
+    with seeded(0):
+        model = family_model_class(get_family("llama"))(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_build_setup_offloaded_puts_only_the_outside_and_k_plus_1_slots_on_the_device(
+    prefetch, tmp_path
+):
+    """From loading on, the device holds the embeddings, norm, head, buffers and k + 1 block
+    slots, never a block's weights (a model larger than the device loads); what stays there
+    is the weights plan_offloaded counts as resident."""
+    path = deep_llama(tmp_path / "deep")
+    overrides = [f"model.name={path}", "model.device=cuda", "train.parallel=offload"]
+    config = load_config(SMOKE, [*overrides, f"train.offload_prefetch={prefetch}"])
+    gc.collect()  # no earlier test's tensors freed while this one measures
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    setup = build_setup(config, offload=True)
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated() - before
+    peak = torch.cuda.max_memory_allocated() - before
+
+    blocks = decoder_blocks(setup.model)
+    home = [p for block in blocks for p in block.parameters()]
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in home)
+    in_blocks = {id(p) for p in home}
+    outside_params = [p for p in setup.model.parameters() if id(p) not in in_blocks]
+    assert all(t.device.type == "cuda" for t in [*outside_params, *setup.model.buffers()])
+    outside = tensor_bytes([*outside_params, *setup.model.buffers()])
+    block = tensor_bytes(blocks[0].parameters())
+    slots = (prefetch + 1) * block
+    aligned = 256 * len(list(blocks[0].parameters()))  # each slot view starts 256 bytes on
+    assert tensor_bytes(home) == 8 * block
+    assert outside + slots <= allocated <= outside + slots + (prefetch + 1) * aligned + (1 << 20)
+    assert peak <= outside + slots + (prefetch + 1) * aligned + (1 << 20)  # < one more block
+
+    request = PlanRequest(
+        shape=shape_from_hf_config(setup.model.config.to_dict()),
+        estimator=estimators.get_estimator("zo_sgd").planned(),
+        device="cuda",
+    )
+    assert plan_offloaded(request, prefetch).resident == tensor_bytes(outside_params)

@@ -231,8 +231,10 @@ def test_a_resume_may_not_change_the_steps_a_schedule_decays_over(tmp_path, caps
     assert train(*constant, "train.steps=6", "resume=true") == 0
 
 
-def test_on_cuda_the_gpu_memory_bounds_the_batch(tmp_path, monkeypatch):
-    # no GPU needed: torch's CUDA queries answer as one 8 GiB GPU would
+@pytest.fixture
+def small_gpu(monkeypatch):
+    """No GPU needed: torch's CUDA queries answer as one 8 GiB GPU would."""
+
     class Properties:
         total_memory = 8 * 2**30
 
@@ -241,9 +243,30 @@ def test_on_cuda_the_gpu_memory_bounds_the_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Small GPU")
-    preflight.check_device_available(torch.device("cuda", 0))
+    return torch.device("cuda", 0)
+
+
+def test_on_cuda_the_gpu_memory_bounds_the_batch(small_gpu):
+    preflight.check_device_available(small_gpu)
     with pytest.raises(ConfigError, match=r"this machine has 1 CUDA device\(s\): use cuda:0"):
         preflight.check_device_available(torch.device("cuda", 3))
     config = load_config(SMOKE, ["model.name=llama-2-7b", "model.dtype=bfloat16"])
     with pytest.raises(ConfigError, match=r"more than the 8.00 GiB of GPU 0 \(Small GPU\)"):
-        preflight.check_batch_fits_memory(config, torch.device("cuda", 0), 4, print, ZO_SGD)
+        preflight.check_batch_fits_memory(config, small_gpu, 4, print, ZO_SGD)
+
+
+def test_offloaded_the_gpu_memory_bounds_what_is_outside_the_blocks(small_gpu):
+    """Llama-2-7B's 12.6 GiB of bf16 weights do not fit the 8 GiB GPU, but offloaded only its
+    embeddings, head and k + 1 blocks do (the blocks stay in host memory): the batch is
+    checked against that plan, and still refused where even that cannot fit."""
+    offloaded = ["model.name=llama-2-7b", "model.dtype=bfloat16", "train.parallel=offload"]
+    seen = []
+    config = load_config(SMOKE, offloaded)
+    preflight.check_batch_fits_memory(config, small_gpu, 4, seen.append, ZO_SGD)
+    assert seen == []  # checked, and fits
+    config = load_config(SMOKE, [*offloaded, "task.max_length=4096"])
+    with pytest.raises(ConfigError, match=r"blocks offloaded\), more than the 8.00 GiB"):
+        preflight.check_batch_fits_memory(config, small_gpu, 64, print, ZO_SGD)
+    lora = load_config(SMOKE, [*offloaded, "trainable.kind=lora"])
+    preflight.check_batch_fits_memory(lora, small_gpu, 4, seen.append, ZO_SGD)
+    assert "no memory model for this run" in seen[0]  # said, never planned as one device

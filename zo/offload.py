@@ -4,8 +4,9 @@ ZO keeps no gradients and no optimizer state, so a model that does not fit on th
 can train if its blocks stay on the host (``home``) and each block's weights are on the
 device only around that block's call. The perturbation engine works on the weights where
 they live: the perturbed copy ``W + eps z`` of a block is drawn at home from the seed and
-copied over; the update is applied at home. Nothing but activations and ``k + 1`` blocks'
-weights (``prefetch`` = k) occupies the device.
+copied over; the update is applied at home. Nothing but activations, the weights outside the
+blocks and ``k + 1`` blocks' weights (``prefetch`` = k) occupies the device, from loading on:
+:func:`offload_blocks` takes the model as loaded, on the host, and moves only the rest.
 
 Three parts, one idea each:
 - :class:`Schedule` (pure): which block is fetched, waited for and released when. While
@@ -300,14 +301,18 @@ def offload_blocks(
     model: nn.Module, device: torch.device, prefetch: int = 1, streams: str = "auto"
 ) -> Offloaded:
     """Keep ``model``'s decoder blocks at home and stream them to ``device``, ``prefetch``
-    blocks ahead; the rest (embeddings, norm, head, the blocks' buffers) stays on ``device``.
+    blocks ahead; the rest (embeddings, norm, head, the blocks' buffers) goes to ``device``.
+
+    ``model`` may be anywhere: as loaded, on the host (its blocks' weights never reach the
+    device, so a model larger than the device trains), or on ``device`` already (its
+    blocks' weights are moved home).
 
     ``streams``: ``auto`` (pinned memory and a copy stream on CUDA; on a CPU device the host
     is the device), ``on`` (ask for them: on a CPU device this is said once, not ignored),
     ``off`` (copies on the compute stream, each waited for: the no-overlap baseline)."""
     global _told_host_is_device
     blocks = decoder_blocks(model)
-    model.to(device)
+    _place_outside_blocks(model, blocks, device)
     if device.type != "cuda":
         if streams == "on" and not _told_host_is_device:
             _told_host_is_device = True
@@ -326,6 +331,26 @@ def offload_blocks(
     if streams == "off":
         return Offloaded(blocks, HostCopies(device), prefetch)
     return Offloaded(blocks, StreamCopies(device, min(prefetch + 1, len(blocks))), prefetch)
+
+
+def _place_outside_blocks(
+    model: nn.Module, blocks: Sequence[nn.Module], device: torch.device
+) -> None:
+    """Move to ``device`` every parameter of ``model`` outside ``blocks`` and every buffer
+    (the blocks' too: small, and read by the blocks' calls), as ``model.to`` would: the
+    parameter objects stay (``.data`` changes), and a tensor shared by several modules stays
+    shared. The blocks' parameters are not touched."""
+    home = {id(param) for block in blocks for param in block.parameters()}
+    params = {id(p): p for p in model.parameters() if id(p) not in home}  # tied: once
+    for param in params.values():
+        param.data = param.data.to(device)
+    moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (kept alive, moved)
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                if id(buffer) not in moved:
+                    moved[id(buffer)] = (buffer, buffer.to(device))
+                module._buffers[name] = moved[id(buffer)][1]
 
 
 # ---------------------------------------------------------------------- run checks

@@ -123,6 +123,7 @@ def check_batch_fits_memory(
     (``EstimatorSpec.planned()``). ``train.check_memory=false`` turns it off."""
     if not config.train.check_memory:
         return
+    from zo.memory.parallel import plan_offloaded
     from zo.memory.shapes import PlanError, resolve_shape
     from zo.memory.step import PlanRequest, plan_memory
 
@@ -154,18 +155,25 @@ def check_batch_fits_memory(
             engine=config.engine,
         )
         plan = plan_memory(request) if available is not None else None
+        # offloaded onto a GPU, the blocks stay in host memory: the device holds the rest
+        offloaded = config.train.parallel == "offload" and device.type == "cuda"
+        if plan is not None and offloaded:
+            peak = plan_offloaded(request, config.train.offload_prefetch).device_peak
+        else:
+            peak = plan.process_total if plan is not None else 0
     except PlanError as error:
         log(f"memory check: zo plan has no memory model for this run ({error}): not checked")
         return
     if plan is None:
         log(f"memory check: no memory figure for {where}: the batch is not checked")
         return
-    if plan.process_total <= available:
+    if peak <= available:
         return
     raise ConfigError(
         f"train.batch_size={config.train.batch_size}: zo plan predicts a peak of "
-        f"{format_bytes(plan.process_total)} for a micro-batch of {sequences} sequences of "
-        f"up to {config.task.max_length} tokens ({plan.peak_phase}), more than the "
+        f"{format_bytes(peak)} for a micro-batch of {sequences} sequences of up to "
+        f"{config.task.max_length} tokens ({plan.peak_phase}"
+        f"{', blocks offloaded' if offloaded else ''}), more than the "
         f"{format_bytes(available)} of {where}. Lower train.batch_size (train.grad_accum "
         "keeps the batch) or task.max_length, or set train.check_memory=false to try anyway"
     )

@@ -239,7 +239,8 @@ def build_setup(config: RunConfig, shard: bool = False, offload: bool = False) -
     if shard:  # before moving: each block reaches the device as this rank's shard only
         model_hash = models.model_fingerprint(model)  # of the whole base, as replay sees it
         units = shard_for_training(model, device)
-    model.to(device).eval()  # eval: no dropout, so a step is a deterministic function of seeds
+    # eval: no dropout, so a step is a deterministic function of seeds; offload: the model
+    (model if offload else model.to(device)).eval()  # stays home, offload_blocks places it
     # A trainable set may draw new tensors (LoRA's A matrices): from the run's seed, so a
     # replay or a resume rebuilds the same start, whatever the global generator holds.
     with seeded(mix_seed(_TRAINABLE_INIT_STREAM, config.train.seed), device):

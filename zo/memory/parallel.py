@@ -10,8 +10,9 @@ offloading changes, as :mod:`zo.sharded` and :mod:`zo.offload` lay memory out:
   written over). Activations, logits and direction scratch are the one-device plan's.
 * **offloaded**: the blocks live in host memory; the device holds the embeddings, norm and
   head, the one-device transients, and ``k + 1`` slots of one block each (``prefetch`` k:
-  the computing block and the k being copied). The host holds the blocks plus the perturbed
-  copies of the k blocks in flight.
+  the computing block and the k being copied). Loading puts no more there (the model loads
+  on the host, and only what is outside the blocks moves), so the training step is the
+  peak. The host holds the blocks plus the perturbed copies of the k blocks in flight.
 
 Only ZO estimators with no per-element state over a full trainable set are planned here
 (what the two modes support today).
