@@ -28,13 +28,14 @@ hook then averages the ranks' batch shards as in plain data parallelism.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from zo.config import ConfigError
-from zo.direction_base import _axpz_job, run_jobs
 from zo.engine import EngineConfig, PerturbationEngine
 
 __all__ = [
@@ -53,11 +54,106 @@ def shard_model(blocks: Sequence[nn.Module], mesh=None) -> None:
     scoring and generation call the backbone and the head separately, which a root unit's
     forward hooks would never see. Each block is its own FSDP root, resharded after every
     forward, so the next (differently perturbed) forward gathers again. Blocks on the meta
-    device stay there (``to_empty`` then materialises only the shards)."""
+    device stay there (``to_empty`` then materialises only the shards). Each block's
+    sharded parameters can take :func:`gradient_hook` s (fused first-order updates)."""
     from torch.distributed.fsdp import fully_shard
 
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
+        _UnitGradientHooks(block)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """A DTensor: an FSDP2 parameter's shard, or a gradient FSDP2 reduce-scattered (already
+    the mean over ranks)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def gradient_hook(param: torch.Tensor, hook: Callable[[torch.Tensor], None]):
+    """``param.register_post_accumulate_grad_hook(hook)``, also for FSDP2-sharded parameters.
+
+    A sharded parameter's gradient is never accumulated by autograd: FSDP2 reduce-scatters
+    its block's gradients after the block's backward and assigns each shard's ``.grad``.
+    For those, ``hook(param)`` runs right after that reduce-scatter, block by block (the
+    same order on every rank), which is what a fused update (LOMO) needs. Returns a handle
+    with ``remove()``."""
+    unit = _UNIT_HOOKS.get(param)
+    if unit is None:
+        return param.register_post_accumulate_grad_hook(hook)
+    return unit.add(param, hook)
+
+
+class _AfterBackward(torch.autograd.Function):
+    """Identity whose backward runs ``callback`` (after FSDP's post-backward: applied to a
+    block's inputs before FSDP wraps them, so its backward comes after FSDP's)."""
+
+    @staticmethod
+    def forward(ctx, callback, *tensors):
+        ctx.callback = callback
+        return tensors if len(tensors) > 1 else tensors[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.callback()
+        return (None, *grads)
+
+
+class _UnitGradientHooks:
+    """The gradient hooks of one FSDP2 unit's sharded parameters (:func:`gradient_hook`)."""
+
+    def __init__(self, unit: nn.Module):
+        self.hooks: dict[int, tuple[torch.Tensor, Callable[[torch.Tensor], None]]] = {}
+        self.params = [p for p in unit.parameters() if is_sharded(p)]
+        for param in self.params:
+            _UNIT_HOOKS[param] = self
+        # prepended after fully_shard: runs before FSDP's pre-forward wraps the inputs
+        unit.register_forward_pre_hook(self._wrap_inputs, prepend=True, with_kwargs=True)
+
+    def add(self, param: torch.Tensor, hook: Callable[[torch.Tensor], None]):
+        key = max(self.hooks, default=-1) + 1
+        self.hooks[key] = (param, hook)
+        return _Handle(lambda: self.hooks.pop(key, None))
+
+    def _wrap_inputs(self, unit: nn.Module, args: tuple, kwargs: dict):
+        if not torch.is_grad_enabled():  # hooks are added for backward: wrap every forward
+            return None
+        args, kwargs = list(args), dict(kwargs)
+        places = [(args, i) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        places += [(kwargs, k) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+        graded = [(c, k) for c, k in places if c[k].requires_grad]
+        if not graded:  # frozen layers below: the input carries the backward (one more grad)
+            floating = [(c, k) for c, k in places if c[k].is_floating_point()]
+            if not floating:
+                raise RuntimeError(
+                    "a fused gradient update on a sharded block needs a floating-point input "
+                    f"tensor to the block ({type(unit).__name__}) to hook its backward"
+                )
+            container, key = floating[0]
+            container[key] = container[key].detach().requires_grad_()
+            graded = [floating[0]]
+        outputs = _AfterBackward.apply(self._fire, *[c[k] for c, k in graded])
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        for (container, key), output in zip(graded, outputs, strict=True):
+            container[key] = output
+        return tuple(args), kwargs
+
+    def _fire(self) -> None:
+        for param, hook in list(self.hooks.values()):
+            if param.grad is None:
+                continue
+            if param.grad.device.type == "cuda":  # FSDP reduce-scatters on its own stream
+                torch.cuda.synchronize(param.grad.device)
+            hook(param)
+
+
+class _Handle:
+    def __init__(self, remove: Callable[[], None]):
+        self.remove = remove
+
+
+_UNIT_HOOKS = WeakIdKeyDictionary()  # tensors compare by value: key them by identity
 
 
 @torch.no_grad()
@@ -106,9 +202,12 @@ class ShardedEngine(PerturbationEngine):
 
     ``params`` are the trainable parameters in the estimator's order (the seed addresses
     use that order, as unsharded); ``units`` are the modules ``fully_shard`` was applied to.
-    Parameters outside every unit (whole on each rank: embeddings, final norm, head) go
-    through the unsharded engine's own perturbed forward (buckets, output-side embedding
-    rows), exactly as in a one-process run.
+    The engine's tensors are the local shards (flat) at their global offsets, so updates,
+    per-element state and :meth:`draw` need nothing of their own here; only forwards do:
+    a shard is written just before FSDP gathers it and restored just after. Parameters
+    outside every unit (whole on each rank: embeddings, final norm, head) go through the
+    unsharded engine's own perturbed forward (buckets, output-side embedding rows), exactly
+    as in a one-process run.
     """
 
     def __init__(
@@ -124,8 +223,8 @@ class ShardedEngine(PerturbationEngine):
         tensors = [
             s if isinstance(p, DTensor) else p for p, (s, _) in zip(params, shards, strict=True)
         ]
-        super().__init__(tensors, config)
-        self.offsets = [offset for _, offset in shards]
+        super().__init__(tensors, config, offsets=[offset for _, offset in shards])
+        self.params = list(params)
         by_param = {id(p): i for i, p in enumerate(params)}
         self.unit_members: list[tuple[nn.Module, list[int]]] = []
         for unit in units:
@@ -141,7 +240,7 @@ class ShardedEngine(PerturbationEngine):
             raise ValueError("a trainable parameter belongs to two fully_shard units")
         self.loose = set(range(len(params))) - set(claimed)
 
-    # ------------------------------------------------------------------ perturbed forwards
+    # ------------------------------------------------------------------ forwards
     @contextlib.contextmanager
     def perturbed(self, seed: int, scale: float | Sequence[float]) -> Iterator[None]:
         scales = (
@@ -151,14 +250,46 @@ class ShardedEngine(PerturbationEngine):
         )
         if len(scales) != len(self.tensors):
             raise ValueError("perturbed() needs one scale per tensor")
+        ones = self._constant((1.0, 1.0), self.device)
+
+        def write(index: int, saved: torch.Tensor, shard: torch.Tensor) -> None:
+            if scales[index] != 0.0:
+                self.axpz_at([saved], [shard], [index], [seed], ones, scales[index])
+
+        whole = [scale if i in self.loose else 0.0 for i, scale in enumerate(scales)]
+        with self._shards_written(write), super().perturbed(seed, whole):
+            yield
+
+    @contextlib.contextmanager
+    def substituted(
+        self, replacement: Callable[[int, torch.Tensor], torch.Tensor | None]
+    ) -> Iterator[None]:
+        """Forwards see ``replacement(i, shard_i)`` (a new flat shard) in place of each local
+        shard, gathered by FSDP, and ``replacement(i, W_i)`` for whole tensors."""
+
+        def write(index: int, saved: torch.Tensor, shard: torch.Tensor) -> None:
+            new = replacement(index, saved)
+            if new is not None:
+                shard.copy_(new.reshape(-1))
+
+        with self._shards_written(write), super().substituted(replacement):
+            yield
+
+    @contextlib.contextmanager
+    def _shards_written(self, write) -> Iterator[None]:
+        """While inside, ``write(i, saved_copy, shard)`` fills each unit's shards just before
+        FSDP gathers them (a pre-hook ahead of FSDP's), and a pre-hook behind FSDP's puts the
+        saved shards back: the gathered weights are the written ones, the stored shards end
+        bit-identical, and the extra memory is one unit's shard."""
         saved: dict[int, list[tuple[int, torch.Tensor]]] = {}
 
+        @torch.no_grad()
         def before_gather(unit: nn.Module, args) -> None:
-            members = [i for i in self._members_of(unit) if scales[i] != 0.0]
-            saved[id(unit)] = [(i, self._flat(i).clone()) for i in members]
-            for i, copy in saved[id(unit)]:
-                self._axpz_shard(copy, self._flat(i), i, [seed], self._ones(), scales[i], False)
+            entries = saved[id(unit)] = [(i, self._flat(i).clone()) for i in self._members_of(unit)]
+            for i, copy in entries:
+                write(i, copy, self._flat(i))
 
+        @torch.no_grad()
         def after_gather(unit: nn.Module, args) -> None:
             for i, copy in saved.pop(id(unit), []):
                 self._flat(i).copy_(copy)
@@ -167,10 +298,8 @@ class ShardedEngine(PerturbationEngine):
         for unit, _ in self.unit_members:
             handles.append(unit.register_forward_pre_hook(before_gather, prepend=True))
             handles.append(unit.register_forward_pre_hook(after_gather))
-        whole = [scale if i in self.loose else 0.0 for i, scale in enumerate(scales)]
         try:
-            with torch.no_grad(), super().perturbed(seed, whole):
-                yield
+            yield
         finally:
             for handle in handles:
                 handle.remove()
@@ -188,50 +317,6 @@ class ShardedEngine(PerturbationEngine):
                 return members
         return []
 
-    def _ones(self) -> torch.Tensor:
-        return self._constant((1.0, 1.0), self.device)
-
-    # ------------------------------------------------------------------ updates
-    def _axpz_in_place(self, seeds, coefficients, decay: bool, indices: list[int]) -> None:
-        with torch.no_grad():
-            for i in indices:
-                self._axpz_shard(self._flat(i), self._flat(i), i, seeds, coefficients, 1.0, decay)
-
-    def _axpz_shard(self, source, target, index, seeds, coefficients, scale, decay) -> None:
-        """:func:`zo.directions.eager_axpz` on one shard, addressed from its global offset."""
-        factors = coefficients[1:] * scale
-        size = self.generator.job_size()
-        offset = self.offsets[index]
-        jobs = [
-            _axpz_job(
-                self.generator,
-                (source[start : start + size], target[start : start + size]),
-                (index, offset + start),
-                seeds,
-                (coefficients, factors),
-                decay,
-            )
-            for start in range(0, target.numel(), size)
-        ]
-        run_jobs(jobs, self.generator.threads)
-
-    # ------------------------------------------------------------------ not sharded (yet)
-    def draw(self, seed, index, chunk, length, device):  # type: ignore[override]
-        raise NotImplementedError(
-            "per-element estimator state (sign, momentum, Adam) is not sharded yet: use zo_sgd "
-            "with train.parallel=fsdp"
-        )
-
-    def direction(self, seed: int, index: int) -> torch.Tensor:
-        """This rank's part of the direction of tensor ``index`` (flat)."""
-        tensor = self.tensors[index]
-        out = torch.empty(tensor.numel(), dtype=torch.float32, device=tensor.device)
-        self.generator.fill(out, seed, index, self.offsets[index])
-        return out
-
-    def updated_copy(self, seeds, coefficients, decay, index):  # type: ignore[override]
-        raise NotImplementedError("a sharded engine updates in place only")
-
 
 def _nested_unit_params(unit: nn.Module, units: Sequence[nn.Module]) -> list[torch.Tensor]:
     """Parameters of the other units nested inside ``unit`` (FSDP manages them there)."""
@@ -243,17 +328,98 @@ def _contains(outer: nn.Module, inner: nn.Module) -> bool:
     return any(module is inner for module in outer.modules())
 
 
-def sharded_estimator(optimizer, units: Sequence[nn.Module]) -> None:
-    """Make a zeroth-order estimator built over FSDP2 parameters perturb and update shards."""
+def sharded_estimator(optimizer, units: Sequence[nn.Module], zeroth_order: bool = True) -> None:
+    """Make an estimator built over FSDP2 parameters work on shards.
+
+    Zeroth-order: its engine perturbs and updates the local shards (:class:`ShardedEngine`),
+    per-element state (momentum, Adam's moments) is kept for the shard only. First-order:
+    FSDP2 reduce-scatters the gradients and torch.optim steps on the DTensor parameters
+    (LOMO's fused update hooks the blocks through :func:`gradient_hook`). Either way
+    ``state_dict()`` holds whole state tensors (gathered, a collective), as one process
+    would save them, and ``load_state_dict`` takes whole ones and keeps this rank's part."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    optimizer.engine = ShardedEngine(params, units, optimizer.engine.config)
+    if zeroth_order:
+        optimizer.engine = ShardedEngine(params, units, optimizer.engine.config)
+    optimizer.register_state_dict_post_hook(functools.partial(_whole_state, params))
+    if not zeroth_order:  # torch.optim's state of a DTensor parameter is a DTensor
+        optimizer.register_load_state_dict_pre_hook(functools.partial(_sharded_state, params))
+
+
+def _whole_state(params: list[torch.Tensor], optimizer, state_dict: dict) -> dict:
+    """Gather each per-element state tensor of a sharded parameter, one at a time; only the
+    checkpoint's writer (rank 0) keeps them (the other ranks' dicts keep their shards)."""
+    keep = torch.distributed.get_rank() == 0
+    state = {}
+    for index, entries in state_dict["state"].items():
+        state[index] = dict(entries)
+        for key, value in entries.items():
+            whole = _gathered(params[index], value)
+            if whole is not None and keep:
+                state[index][key] = whole
+    return {**state_dict, "state": state}
+
+
+def _gathered(param: torch.Tensor, value) -> torch.Tensor | None:
+    """The whole tensor of ``value`` (a DTensor, or the local shard of ``param``'s rows) on
+    the host; None when ``value`` is not per-element state of a sharded parameter."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.full_tensor().cpu()
+    if not (is_sharded(param) and isinstance(value, torch.Tensor) and value.dim() > 0):
+        return None
+    local = param.to_local()
+    if value.numel() != local.numel():
+        return None
+    shard = DTensor.from_local(
+        value.reshape(local.shape),
+        param.device_mesh,
+        param.placements,
+        shape=param.shape,
+        stride=param.stride(),
+    )
+    return shard.full_tensor().cpu()
+
+
+def _sharded_state(params: list[torch.Tensor], optimizer, state_dict: dict) -> dict:
+    """Whole state tensors of sharded parameters as DTensors of this rank's rows."""
+    from torch.distributed.tensor import DTensor
+
+    state = {}
+    for index, entries in state_dict["state"].items():
+        param = params[index]
+        state[index] = dict(entries)
+        for key, value in entries.items():
+            if is_sharded(param) and isinstance(value, torch.Tensor) and value.shape == param.shape:
+                local = param.to_local()
+                part, offset = shard_offset(param)
+                rows = value.reshape(-1)[offset : offset + part.numel()].view(local.shape)
+                state[index][key] = DTensor.from_local(
+                    rows.to(local.device, copy=True),
+                    param.device_mesh,
+                    param.placements,
+                    shape=param.shape,
+                    stride=param.stride(),
+                )
+    return {**state_dict, "state": state}
 
 
 # ---------------------------------------------------------------------- the loop's side
 
-SHARDABLE_ESTIMATORS = ("zo_sgd",)
-"""Estimators whose every pass is a perturbed forward or a linear update (no per-element
-state, no gradients): what :class:`ShardedEngine` carries out on shards today."""
+SHARDABLE_ESTIMATORS = (
+    "zo_sgd",
+    "zo_sgd_sign",
+    "zo_sgd_momentum",
+    "zo_sgd_conservative",
+    "zo_adam",
+    "sgd",
+    "adamw",
+    "lomo",
+)
+"""Estimators that run on shards: zeroth-order ones whose passes are perturbed forwards and
+per-element updates (their state kept for the shard), and the first-order baselines (FSDP2
+reduce-scatters their gradients). Not block_zo (it perturbs one block's whole tensors at a
+time), forward_grad (jvp through FSDP's gathers) or hybrid (both kinds over one model)."""
 SHARDABLE_TRAINABLES = ("full", "names")
 
 
@@ -276,7 +442,7 @@ def check_sharded_run(config, world_size: int) -> None:
     if name not in SHARDABLE_ESTIMATORS:
         raise ShardingError(
             f"estimator {name!r} cannot run sharded yet (train.parallel=fsdp supports "
-            f"{list(SHARDABLE_ESTIMATORS)}: per-element state and gradients are not sharded): "
+            f"{list(SHARDABLE_ESTIMATORS)}): "
             f"use one of those, {fix}"
         )
     if config.trainable.kind not in SHARDABLE_TRAINABLES:

@@ -262,7 +262,7 @@ def build_setup(config: RunConfig, shard: bool = False, offload: bool = False) -
         raise ConfigError(f"estimator {spec.name}: {error}") from None
     check_group_settings(optimizer, groups)
     if shard:
-        sharded_estimator(optimizer, units)
+        sharded_estimator(optimizer, units, spec.zeroth_order)
     return Setup(config, model, tokenizer, task, trainable, optimizer, device, model_hash)
 
 
