@@ -25,15 +25,39 @@ from torch.distributed.tensor import DTensor
 import estimators
 from zo.blocks import decoder_blocks
 from zo.distributed import DataParallel
-from zo.engine import EngineConfig
+from zo.engine import EngineConfig, seeded
 from zo.models import tiny_model
 from zo.sharded import allocate_gather_buffers, full_tensors, shard_model, sharded_estimator
+from zo.sparse_delta import apply_sparse_deltas
+from zo.trainable import add_lora
 
 STEPS = 4
 SETTINGS = {"lr": 1e-2, "eps": 1e-3}
 FIRST_ORDER = {"sgd": {"lr": 1e-1}, "adamw": {"lr": 1e-3}, "lomo": {"lr": 1e-1}}
-VARIANTS = {"clip": {"clip_grad_norm": 0.5}, "queries": {"queries": 2}, "": {}}
-"""``NAME:VARIANT`` settings on top (LOMO's two-pass clipping, two ZO queries)."""
+VARIANTS = {
+    "clip": {"clip_grad_norm": 0.5},
+    "queries": {"queries": 2},
+    "mask": {},
+    "relative": {"scale": "relative"},
+    "lora": {},
+    "": {},
+}
+"""``NAME:VARIANT`` settings on top (LOMO's two-pass clipping, two ZO queries); ``mask``
+trains sparse deltas over the block matrices (:func:`random_mask`), ``lora`` LoRA adapters
+(peft, on q_proj and v_proj; B starts at zero, so A and B both move only from step 2 on)."""
+
+
+def random_mask(model) -> dict[str, torch.Tensor]:
+    """Flat indices of ~5% of each block linear's entries (some layers' counts do not divide
+    by the world size, so shards differ in length)."""
+    generator = torch.Generator().manual_seed(11)
+    indices = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            numel = module.weight.numel()
+            picked = torch.randperm(numel, generator=generator)[: numel // 20 + 1]
+            indices[f"{name}.weight"] = picked.sort().values.to(torch.int32)
+    return indices
 
 
 def batch(rank: int, world: int) -> torch.Tensor:
@@ -78,6 +102,13 @@ def compare(name: str, parallel: DataParallel, base) -> tuple[dict, dict]:
     """Train ``name`` unsharded and sharded; rank 0's tensors and metadata, keyed by name."""
     rank, world = parallel.rank, parallel.world_size
     zeroth_order = estimators.get_estimator(name.partition(":")[0]).zeroth_order
+    if name.endswith(":mask"):
+        base = copy.deepcopy(base)
+        apply_sparse_deltas(base, random_mask(base))
+    if name.endswith(":lora"):
+        base = copy.deepcopy(base)
+        with seeded(5):
+            add_lora(base)
     plain = copy.deepcopy(base)
     plain_opt = build(name, plain, zeroth_order)
     if zeroth_order:
@@ -100,6 +131,7 @@ def compare(name: str, parallel: DataParallel, base) -> tuple[dict, dict]:
     sharded_state = state_tensors(sharded_opt, f"{name}/sharded_state")  # a collective
     tensors = {f"{name}/sharded/{n}": t for n, t in gathered.items()}
     tensors |= {f"{name}/plain/{n}": p.detach().contiguous() for n, p in plain.named_parameters()}
+    tensors |= {f"{name}/base/{n}": p.detach().clone() for n, p in base.named_parameters()}
     tensors |= sharded_state | state_tensors(plain_opt, f"{name}/plain_state")
     metadata = {
         f"{name}/plain_records": json.dumps(plain_records),

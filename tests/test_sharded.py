@@ -130,9 +130,14 @@ def test_an_estimator_that_cannot_shard_is_refused(tmp_path, capsys, monkeypatch
     assert "'block_zo' cannot run sharded" in err
 
 
-def test_a_lora_trainable_set_is_refused_sharded(tmp_path, capsys, monkeypatch):
-    err = refused(tmp_path, capsys, monkeypatch, 2, "trainable=lora")
-    assert "trainable 'lora' cannot run sharded" in err
+def test_a_quantized_base_is_refused_sharded(tmp_path, capsys, monkeypatch):
+    err = refused(tmp_path, capsys, monkeypatch, 2, "model.quant=nf4", "trainable=lora")
+    assert "model.quant=nf4 cannot run sharded" in err
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path, capsys, monkeypatch):
+    err = refused(tmp_path, capsys, monkeypatch, 2, "train.batch_size=3")
+    assert "does not split over 2 processes" in err
 
 
 @pytest.mark.slow

@@ -37,6 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from zo.config import ConfigError
 from zo.engine import EngineConfig, PerturbationEngine
+from zo.trainable import TrainableSet
 
 __all__ = [
     "ShardedEngine",
@@ -420,7 +421,7 @@ SHARDABLE_ESTIMATORS = (
 per-element updates (their state kept for the shard), and the first-order baselines (FSDP2
 reduce-scatters their gradients). Not block_zo (it perturbs one block's whole tensors at a
 time), forward_grad (jvp through FSDP's gathers) or hybrid (both kinds over one model)."""
-SHARDABLE_TRAINABLES = ("full", "names")
+SHARDABLE_TRAINABLES = ("full", "names", "mask", "lora")
 
 
 class ShardingError(ConfigError):
@@ -459,8 +460,12 @@ def check_sharded_run(config, world_size: int) -> None:
         )
 
 
-def shard_for_training(model: nn.Module, device: torch.device) -> list[nn.Module]:
-    """Shard ``model``'s decoder blocks over all ranks; returns them (the FSDP units)."""
+def shard_for_training(
+    model: nn.Module, device: torch.device, trainable: TrainableSet
+) -> tuple[TrainableSet, list[nn.Module]]:
+    """Shard ``model``'s decoder blocks over all ranks, after its trainable set was chosen
+    (a mask's sparse-delta layers and LoRA's adapters shard with their blocks). Returns the
+    trainable set over the sharded parameters (same names and order) and the FSDP units."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from zo.blocks import decoder_blocks
@@ -470,7 +475,8 @@ def shard_for_training(model: nn.Module, device: torch.device) -> list[nn.Module
     blocks = decoder_blocks(model)
     shard_model(blocks, mesh)
     allocate_gather_buffers(blocks)
-    return blocks
+    params = [model.get_parameter(name) for name in trainable.names]
+    return TrainableSet(trainable.names, params), blocks
 
 
 def full_tensors(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:

@@ -236,14 +236,16 @@ def build_setup(config: RunConfig, shard: bool = False, offload: bool = False) -
     attn = "eager" if spec.eager_attention else config.model.attn
     model, tokenizer = load_base_model(config, attn, device)
     model_hash, units = None, []
-    if shard:  # before moving: each block reaches the device as this rank's shard only
-        model_hash = models.model_fingerprint(model)  # of the whole base, as replay sees it
-        units = shard_for_training(model, device)
-    model.to(device).eval()  # eval: no dropout, so a step is a deterministic function of seeds
     # A trainable set may draw new tensors (LoRA's A matrices): from the run's seed, so a
     # replay or a resume rebuilds the same start, whatever the global generator holds.
     with seeded(mix_seed(_TRAINABLE_INIT_STREAM, config.train.seed), device):
+        if not shard:  # sharded: chosen (layers rewrapped), hashed, sharded, then moved
+            model.to(device)
         trainable = select_trainable(model, config.trainable)
+    if shard:  # each block reaches the device as this rank's shard only
+        model_hash = models.model_fingerprint(model)  # of the whole base, as replay sees it
+        trainable, units = shard_for_training(model, device, trainable)
+    model.to(device).eval()  # eval: no dropout, so a step is a deterministic function of seeds
     if config.train.gradient_checkpointing:
         checkpoint_blocks(model)
     if offload:  # after the trainable set: its adapters stream with their blocks
