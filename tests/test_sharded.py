@@ -187,3 +187,31 @@ def test_the_sharded_plan_predicts_each_ranks_weight_bytes(processes):
     offloaded = plan_offloaded(request)
     assert offloaded.resident == sum(p.numel() * 4 for p in model.parameters()) - blocks
     assert offloaded.host_bytes >= blocks
+
+
+def test_the_sharded_plan_shards_optimizer_state_and_refuses_what_fsdp_does_not_run():
+    import estimators
+    from zo.memory.parallel import plan_sharded
+    from zo.memory.shapes import PlanError, shape_from_hf_config
+    from zo.memory.step import PlanRequest
+
+    model, _ = tiny_model("llama")
+    shape = shape_from_hf_config(model.config.to_dict())
+
+    def request(name: str) -> PlanRequest:
+        planned = estimators.get_estimator(name).planned()
+        return PlanRequest(shape=shape, estimator=planned, device="cpu", batch=2, seq_len=16)
+
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    for ranks in (2, 4):
+        plain, adam = (
+            plan_sharded(request("zo_sgd"), ranks),
+            plan_sharded(request("zo_adam"), ranks),
+        )
+        # ZO-Adam's two fp32 moments, sharded like the weights (plus one more g_hat chunk)
+        moments = adam.device_peak - plain.device_peak
+        assert 2 * plain.resident <= moments < 2 * weights
+    peaks = [plan_sharded(request("adamw"), ranks).device_peak for ranks in (1, 2, 4)]
+    assert peaks[0] > peaks[1] > peaks[2]
+    with pytest.raises(PlanError, match="sharded plans cover"):
+        plan_sharded(request("block_zo"), 2)

@@ -17,11 +17,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_sharded import run_worker
+from tests.test_cli import SMOKE, assert_same_tensors, step_records, trained
+from tests.test_sharded import run_worker, torchrun
+from zo.models import tiny_model
 
 FIRST_ORDER_ATOL = 1e-5
 
@@ -103,3 +106,44 @@ def test_more_sharded_estimators_match_their_references_on_two_ranks(tmp_path):
 @pytest.mark.slow
 def test_sharded_estimators_match_their_references_on_four_ranks(tmp_path):
     check_all(4, DEFAULT + SLOW, tmp_path)
+
+
+# ------------------------------------------------------------------ through `zo train`
+def first_order_config(tmp_path, name: str) -> str:
+    """smoke.yaml with a first-order estimator (which takes no eps)."""
+    text = Path(SMOKE).read_text().replace("name: zo_sgd", f"name: {name}")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text.replace("  eps: 1.0e-3\n", ""))
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["zo_adam", "adamw", "lomo"])
+def test_a_resumed_sharded_run_equals_an_uninterrupted_one(tmp_path, estimator):
+    """The checkpoint holds whole weights and whole optimizer state (moments); a resume
+    loads each rank's part and ends where the uninterrupted run ends, bit for bit."""
+    zeroth_order = estimator.startswith("zo_")
+    config = SMOKE if zeroth_order else first_order_config(tmp_path, estimator)
+    extra = [f"estimator.name={estimator}"] if zeroth_order else []
+    common = ["-m", "zo.cli", "train", "--config", config, "train.parallel=fsdp", *extra]
+    common += ["train.save_every=2", "train.progress=false"]
+    resumed, whole = tmp_path / "resumed", tmp_path / "whole"
+    for out, steps, more in ((resumed, 2, []), (resumed, 4, ["resume=true"]), (whole, 4, [])):
+        result = torchrun(2, *common, f"train.out={out}", f"train.steps={steps}", *more)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_tensors(trained(resumed), trained(whole))
+    moments = torch.load(resumed / "checkpoint" / "optimizer.pt", weights_only=False)["state"]
+    model, _ = tiny_model("llama")
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    for index, entries in moments.items():  # whole, as one process saves them
+        for value in entries.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                assert tuple(value.shape) == shapes[index]
+    if zeroth_order:
+        assert step_records(resumed) == step_records(whole)
+        data = tmp_path / "data"
+        command = [*common, f"train.out={data}", "train.steps=4"]
+        result = torchrun(2, *[a.replace("parallel=fsdp", "parallel=data") for a in command])
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert step_records(data) == step_records(whole)
+        assert_same_tensors(trained(data), trained(whole))

@@ -275,7 +275,7 @@ class PerturbationEngine:
         all of it, shaped like the tensor, or a slice's elements (from its offset on)."""
         tensor = self.tensors[index]
         start, flat = self.offsets[index], whole.reshape(-1)
-        if flat.numel() < start + tensor.numel() or (start == 0 and whole.shape != tensor.shape):
+        if flat.numel() < start + tensor.numel():
             raise ValueError(
                 f"a {tuple(whole.shape)} tensor has no part for trainable tensor {index} "
                 f"({tensor.numel()} elements from element {start})"

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from zo.config import ConfigError
 from zo.engine import EngineConfig, PerturbationEngine
@@ -80,10 +80,10 @@ def gradient_hook(param: torch.Tensor, hook: Callable[[torch.Tensor], None]):
     For those, ``hook(param)`` runs right after that reduce-scatter, block by block (the
     same order on every rank), which is what a fused update (LOMO) needs. Returns a handle
     with ``remove()``."""
-    unit = _UNIT_HOOKS.get(param)
-    if unit is None:
-        return param.register_post_accumulate_grad_hook(hook)
-    return unit.add(param, hook)
+    for unit in _UNITS:
+        if id(param) in unit.ids:
+            return unit.add(param, hook)
+    return param.register_post_accumulate_grad_hook(hook)
 
 
 class _AfterBackward(torch.autograd.Function):
@@ -106,9 +106,10 @@ class _UnitGradientHooks:
 
     def __init__(self, unit: nn.Module):
         self.hooks: dict[int, tuple[torch.Tensor, Callable[[torch.Tensor], None]]] = {}
-        self.params = [p for p in unit.parameters() if is_sharded(p)]
-        for param in self.params:
-            _UNIT_HOOKS[param] = self
+        # by identity, which moving the model keeps (a weakref on a parameter would stop
+        # torch from swapping a DTensor's data in place)
+        self.ids = {id(p) for p in unit.parameters() if is_sharded(p)}
+        _UNITS.add(self)
         # prepended after fully_shard: runs before FSDP's pre-forward wraps the inputs
         unit.register_forward_pre_hook(self._wrap_inputs, prepend=True, with_kwargs=True)
 
@@ -154,7 +155,7 @@ class _Handle:
         self.remove = remove
 
 
-_UNIT_HOOKS = WeakIdKeyDictionary()  # tensors compare by value: key them by identity
+_UNITS: weakref.WeakSet[_UnitGradientHooks] = weakref.WeakSet()  # live as their modules
 
 
 @torch.no_grad()
