@@ -21,7 +21,7 @@ from estimators.base import check_hyperparameters, differentiable_loss, mean_ove
 from estimators.registry import register_estimator
 from zo.engine import EngineConfig
 from zo.memory import EstimatorMemory
-from zo.sharded import is_sharded
+from zo.sharded_optim import is_sharded
 
 Closure = Callable[[], torch.Tensor]
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zo.sharded import is_sharded
+from zo.sharded_optim import is_sharded
 
 SCALE_MODES = ("absolute", "relative")
 _RMS_CHUNK = 1 << 20
