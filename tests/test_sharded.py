@@ -1,5 +1,6 @@
-"""Sharded ZO on FSDP2 (gloo, CPU): equal to data parallelism bit for bit, replayable in one
-process, ~1/N of the blocks per rank; and the refusals of what it does not do."""
+"""Sharded ZO-SGD on FSDP2 (gloo, CPU): equal to data parallelism bit for bit, replayable in
+one process, ~1/N of the blocks per rank; the sharded plans; and the refusals of what
+train.parallel=fsdp does not do (the other estimators: tests/test_sharded_estimators.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Sharded zeroth-order training on FSDP2: each rank perturbs and updates its own shard.
+"""Sharded training on FSDP2: each rank perturbs and updates its own shard.
+
+Zeroth-order estimators run through :class:`ShardedEngine` (below); first-order ones
+(sgd, adamw, lomo) through FSDP2's own gradient reduce-scatter, with what both need from an
+optimizer over shards in :mod:`zo.sharded_optim` (gradient hooks, whole state in
+``state_dict``). For zeroth order:
 
 ``fully_shard`` (``torch.distributed.fsdp``) cuts every parameter along dim 0 into one
 contiguous row range per rank and all-gathers a unit's (decoder block's, or the root's)
@@ -13,7 +18,9 @@ parameters just before that unit's forward. ZO needs nothing else from it:
   shard ends bit-identical, and the extra memory is one unit's shard. The perturbed values
   come from the same pass, in the same arithmetic, as the unsharded engine's copies, so a
   sharded run's weights equal the unsharded run's bit for bit.
-* The update is the unsharded update restricted to the rank's rows.
+* The update is the unsharded update restricted to the rank's rows, and per-element state
+  (momentum, ZO-Adam's moments) is kept for those rows only: the engine's tensors are the
+  local shards at their global offsets (:meth:`PerturbationEngine.axpz_at`).
 
 One exception to bit-equality: the unsharded engine perturbs a block's linear layer of more
 than ``engine.offload_threshold`` elements through its output when the input has at most
