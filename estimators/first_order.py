@@ -21,6 +21,7 @@ from estimators.base import check_hyperparameters, differentiable_loss, mean_ove
 from estimators.registry import register_estimator
 from zo.engine import EngineConfig
 from zo.memory import EstimatorMemory
+from zo.sharded_optim import is_sharded
 
 Closure = Callable[[], torch.Tensor]
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
@@ -72,8 +73,8 @@ class FirstOrderMixin:
                 for p in group["params"]:
                     if p.grad is None:
                         continue
-                    if self.reduce_gradient is not None:
-                        self.reduce_gradient(p.grad)
+                    if self.reduce_gradient is not None and not is_sharded(p.grad):
+                        self.reduce_gradient(p.grad)  # FSDP2 reduce-scattered a sharded one
                     if count > 1:
                         p.grad.div_(count)
         if self.reduce_gradient is not None:

@@ -38,6 +38,7 @@ from estimators.base import check_hyperparameters, differentiable_loss, mean_ove
 from estimators.registry import register_estimator
 from zo.engine import EngineConfig
 from zo.memory import EstimatorMemory
+from zo.sharded_optim import gradient_hook, is_sharded
 
 Closure = Callable[[], torch.Tensor]
 
@@ -188,7 +189,7 @@ class LOMO(torch.optim.Optimizer):
     @contextlib.contextmanager
     def _hooks(self, hook: Callable[[dict[str, Any], torch.Tensor], None]) -> Iterator[None]:
         handles = [
-            p.register_post_accumulate_grad_hook(functools.partial(hook, group))
+            gradient_hook(p, functools.partial(hook, group))  # FSDP2 shards: after reduce
             for group in self.param_groups
             for p in group["params"]
         ]
@@ -204,7 +205,8 @@ class LOMO(torch.optim.Optimizer):
         param.grad = None
         # fp32 gradients are modified in place: nothing else holds them once .grad is cleared
         grad = grad if grad.dtype == torch.float32 else grad.float()
-        if self.reduce_gradient is not None:  # every rank fires its hooks in the same order
+        # every rank fires its hooks in the same order; FSDP2 reduce-scattered a sharded one
+        if self.reduce_gradient is not None and not is_sharded(grad):
             self.reduce_gradient(grad)
         if self._scale != 1.0:
             grad.div_(self._scale)
@@ -214,7 +216,8 @@ class LOMO(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _measure(self, norms: list[torch.Tensor], group: dict[str, Any], param: torch.Tensor):
-        norms.append(torch.linalg.vector_norm(self._take_gradient(param)))
+        norm = torch.linalg.vector_norm(self._take_gradient(param))
+        norms.append(norm.full_tensor() if is_sharded(norm) else norm)  # over all shards
 
     @torch.no_grad()
     def _update(self, group: dict[str, Any], param: torch.Tensor) -> None:

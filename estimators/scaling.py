@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from zo.sharded_optim import is_sharded
+
 SCALE_MODES = ("absolute", "relative")
 _RMS_CHUNK = 1 << 20
 
@@ -49,8 +51,9 @@ def check_scale(mode: str, floor: float) -> None:
 
 
 def rms(tensor: torch.Tensor) -> float:
-    """Root mean square in fp64, chunk by chunk (no tensor-sized temporary)."""
-    flat = tensor.detach().reshape(-1)
+    """Root mean square in fp64, chunk by chunk (no tensor-sized temporary but, for an FSDP2
+    shard, the gathered tensor: the same sum in the same order as one process's)."""
+    flat = (tensor.full_tensor() if is_sharded(tensor) else tensor).detach().reshape(-1)
     if flat.numel() == 0:
         return 0.0
     total = torch.zeros((), dtype=torch.float64, device=flat.device)

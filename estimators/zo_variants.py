@@ -113,26 +113,39 @@ class ElementwiseZO(ZOOptimizer):
         return out
 
     # ------------------------------------------------------------------ state
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
     def _state_buffers(self, index: int) -> list[torch.Tensor]:
-        """This tensor's fp32 state buffers, created as zeros on first use."""
-        param = self.engine.tensors[index]
-        state = self.state[param]
+        """This tensor's fp32 state buffers, created as zeros on first use: shaped like the
+        engine's tensor ``index`` (the parameter, or its local shard when sharded), kept under
+        the parameter as torch.optim keeps state."""
+        tensor = self.engine.tensors[index]
+        state = self.state[self._params()[index]]
         for key in self.state_keys:
             if key not in state:
-                state[key] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+                state[key] = torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
         return [state[key] for key in self.state_keys]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch.optim casts floating state to the parameter's dtype on load; the buffers
-        # are fp32 whatever the weights are, so put the saved values back uncast.
-        saved = state_dict["state"]
-        super().load_state_dict(state_dict)
-        for index, param in enumerate(self.engine.tensors):
+        # are fp32 whatever the weights are, so put the saved values back uncast. Saved
+        # buffers are whole; a sharded engine's tensor keeps its shard's part.
+        saved = {
+            index: {
+                key: self.engine.local_part(index, value) if key in self.state_keys else value
+                for key, value in entries.items()
+            }
+            for index, entries in state_dict["state"].items()
+        }
+        super().load_state_dict({**state_dict, "state": saved})
+        for index, param in enumerate(self._params()):
+            tensor = self.engine.tensors[index]
             for key in self.state_keys:
                 if key in saved.get(index, {}):
                     value = saved[index][key]
                     self.state[param][key] = value.to(
-                        device=param.device, dtype=torch.float32, copy=True
+                        device=tensor.device, dtype=torch.float32, copy=True
                     )
 
 

@@ -1,13 +1,17 @@
-"""Per-rank memory and step time of sharded (FSDP2) vs data-parallel ZO-SGD, random weights.
+"""Per-rank memory and step time of sharded (FSDP2) vs data-parallel training, random weights.
 
     torchrun --standalone --nproc_per_node N experiments/bench_sharded_memory.py \
-        --mode fsdp|data [--hidden 1024 --layers 16 --inter 2816 --vocab 32000]
+        --mode fsdp|data [--estimator zo_sgd|zo_adam|adamw|sgd|lomo] \
+        [--hidden 1024 --layers 16 --inter 2816 --vocab 32000]
 
 Each rank builds a Llama of the given shape with random weights. ``fsdp`` builds it on the
 meta device, shards the decoder blocks and materialises only this rank's rows (what a
-sharded loader does), so the peak RSS is the run's, not a whole-model build's. Rank 0 prints
-one JSON line: per-rank resident parameter bytes, peak RSS (max over ranks) and seconds per
-ZO-SGD step (mean of the steps after the first).
+sharded loader does), so the peak RSS is the run's, not a whole-model build's; the
+estimator then runs as ``train.parallel=fsdp`` runs it (:func:`zo.sharded.sharded_estimator`).
+Rank 0 prints one JSON line: per-rank resident parameter bytes, peak RSS (max over ranks),
+the planner's per-rank prediction (:func:`zo.memory.parallel.plan_sharded`, or
+``plan_memory`` for data parallelism) and seconds per step (mean of the steps after the
+first).
 """
 
 from __future__ import annotations
@@ -23,16 +27,22 @@ from torch.distributed.device_mesh import init_device_mesh
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from estimators.zo_sgd import ZOSGD
+import estimators
 from zo.blocks import decoder_blocks
 from zo.distributed import DataParallel
 from zo.engine import EngineConfig
 from zo.memory import return_large_frees_to_os
+from zo.memory.parallel import plan_sharded
+from zo.memory.shapes import shape_from_hf_config
+from zo.memory.step import PlanRequest, plan_memory
 from zo.sharded import allocate_gather_buffers, shard_model, sharded_estimator
 
+SETTINGS = {"lr": 1e-6}
+ZO_SETTINGS = {"lr": 1e-6, "eps": 1e-3}
 
-def build(options, sharded: bool):
-    config = LlamaConfig(
+
+def llama_config(options) -> LlamaConfig:
+    return LlamaConfig(
         hidden_size=options.hidden,
         num_hidden_layers=options.layers,
         intermediate_size=options.inter,
@@ -41,6 +51,10 @@ def build(options, sharded: bool):
         vocab_size=options.vocab,
         tie_word_embeddings=False,
     )
+
+
+def build(options, sharded: bool):
+    config = llama_config(options)
     if not sharded:
         return LlamaForCausalLM(config).eval(), []
     with torch.device("meta"):
@@ -57,9 +71,25 @@ def build(options, sharded: bool):
     return model.eval(), units
 
 
+def predicted(options, ranks: int) -> int:
+    spec = estimators.get_estimator(options.estimator)
+    request = PlanRequest(
+        shape=shape_from_hf_config(llama_config(options).to_dict()),
+        estimator=spec.planned(),
+        device="cpu",
+        batch=options.batch,
+        seq_len=options.seq,
+        logits="full",
+    )
+    if options.mode == "data":
+        return plan_memory(request).process_total
+    return plan_sharded(request, ranks).device_peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["fsdp", "data"], required=True)
+    parser.add_argument("--estimator", default="zo_sgd")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--inter", type=int, default=2816)
@@ -72,9 +102,13 @@ def main() -> None:
     parallel = DataParallel.from_environment()
     parallel.start(torch.device("cpu"))
     model, units = build(options, options.mode == "fsdp")
-    optimizer = ZOSGD(model.parameters(), lr=1e-6, eps=1e-3, engine=EngineConfig(threads=1))
+    spec = estimators.get_estimator(options.estimator)
+    config = spec.config_class(**(ZO_SETTINGS if spec.zeroth_order else SETTINGS))
+    optimizer = estimators.build_estimator(
+        spec.name, list(model.parameters()), config, engine=EngineConfig(threads=1)
+    )
     if units:
-        sharded_estimator(optimizer, units)
+        sharded_estimator(optimizer, units, spec.zeroth_order)
     parallel.attach(optimizer)
     local = sum(
         (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
@@ -92,13 +126,17 @@ def main() -> None:
     if parallel.is_main:
         total = sum(p.numel() for p in model.parameters())
         blocks = sum(p.numel() for b in decoder_blocks(model) for p in b.parameters())
+        prediction = predicted(options, parallel.world_size)
         result = {
             "mode": options.mode,
+            "estimator": spec.name,
             "ranks": parallel.world_size,
             "parameters": total,
             "block_parameters": blocks,
             "rank0_parameter_bytes": local,
             "peak_rss_bytes_max_rank": int(peak),
+            "predicted_peak_bytes": prediction,
+            "error": round(prediction / int(peak) - 1, 4),
             "seconds_per_step": sum(times[1:]) / max(1, len(times) - 1),
         }
         print(json.dumps(result))

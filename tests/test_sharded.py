@@ -1,5 +1,6 @@
-"""Sharded ZO on FSDP2 (gloo, CPU): equal to data parallelism bit for bit, replayable in one
-process, ~1/N of the blocks per rank; and the refusals of what it does not do."""
+"""Sharded ZO-SGD on FSDP2 (gloo, CPU): equal to data parallelism bit for bit, replayable in
+one process, ~1/N of the blocks per rank; the sharded plans; and the refusals of what
+train.parallel=fsdp does not do (the other estimators: tests/test_sharded_estimators.py)."""
 
 from __future__ import annotations
 
@@ -39,8 +40,10 @@ def torchrun(processes: int, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def run_worker(processes: int, out: Path) -> tuple[dict, dict]:
-    result = torchrun(processes, WORKER, str(out))
+def run_worker(processes: int, out: Path, *names: str) -> tuple[dict, dict]:
+    """Run tests/sharded_worker.py for ``names`` (one launch for all); its metadata and
+    tensors."""
+    result = torchrun(processes, WORKER, str(out), ",".join(names or ["zo_sgd"]))
     assert result.returncode == 0, result.stderr[-3000:]
     with safe_open(str(out), "pt") as saved:
         metadata = saved.metadata()
@@ -60,24 +63,26 @@ def expected_local_bytes(processes: int) -> int:
 
 
 def check_sharded_run(processes: int, tmp_path: Path) -> None:
-    metadata, tensors = run_worker(processes, tmp_path / "out.safetensors")
-    names = [key.removeprefix("plain/") for key in tensors if key.startswith("plain/")]
+    metadata, tensors = run_worker(processes, tmp_path / "out.safetensors", "zo_sgd")
+    names = [key.removeprefix("base/") for key in tensors if key.startswith("base/")]
+    records = json.loads(metadata["zo_sgd/sharded_records"])
     # the sharded run took the data-parallel run's steps and ends at its weights, bit for bit
-    assert json.loads(metadata["sharded_records"]) == json.loads(metadata["plain_records"])
+    assert records == json.loads(metadata["zo_sgd/plain_records"])
     for name in names:
-        assert torch.equal(tensors[f"sharded/{name}"], tensors[f"plain/{name}"]), name
-        assert not torch.equal(tensors[f"sharded/{name}"], tensors[f"base/{name}"]), name
+        sharded = tensors[f"zo_sgd/sharded/{name}"]
+        assert torch.equal(sharded, tensors[f"zo_sgd/plain/{name}"]), name
+        assert not torch.equal(sharded, tensors[f"base/{name}"]), name
     # one process replays the sharded run's trajectory to the same weights
     model, _ = tiny_model("llama")
     model.load_state_dict({name: tensors[f"base/{name}"] for name in names}, strict=False)
     replay = ZOSGD(model.parameters(), lr=1e-2, eps=1e-3, seed=3, engine=EngineConfig(threads=1))
-    for record in json.loads(metadata["sharded_records"]):
+    for record in records:
         replay.apply_record(StepRecord.from_dict(record))
     for name, param in model.named_parameters():
-        assert torch.equal(param.detach(), tensors[f"sharded/{name}"]), name
+        assert torch.equal(param.detach(), tensors[f"zo_sgd/sharded/{name}"]), name
     # each rank holds its rows of the blocks, and the embeddings / norm / head whole
-    assert int(metadata["local_bytes"]) == expected_local_bytes(processes)
-    assert int(metadata["local_bytes"]) < int(metadata["full_bytes"])
+    assert int(metadata["zo_sgd/local_bytes"]) == expected_local_bytes(processes)
+    assert int(metadata["zo_sgd/local_bytes"]) < int(metadata["full_bytes"])
 
 
 def test_two_sharded_ranks_end_at_the_data_parallel_weights_and_replay(tmp_path):
@@ -121,14 +126,19 @@ def test_fsdp_without_a_launcher_exits_2(tmp_path, capsys, monkeypatch):
     assert "launch with `torchrun" in refused(tmp_path, capsys, monkeypatch, 1)
 
 
-def test_an_estimator_with_per_element_state_is_refused_sharded(tmp_path, capsys, monkeypatch):
-    err = refused(tmp_path, capsys, monkeypatch, 2, "estimator.name=zo_adam")
-    assert "'zo_adam' cannot run sharded" in err
+def test_an_estimator_that_cannot_shard_is_refused(tmp_path, capsys, monkeypatch):
+    err = refused(tmp_path, capsys, monkeypatch, 2, "estimator.name=block_zo")
+    assert "'block_zo' cannot run sharded" in err
 
 
-def test_a_lora_trainable_set_is_refused_sharded(tmp_path, capsys, monkeypatch):
-    err = refused(tmp_path, capsys, monkeypatch, 2, "trainable=lora")
-    assert "trainable 'lora' cannot run sharded" in err
+def test_a_quantized_base_is_refused_sharded(tmp_path, capsys, monkeypatch):
+    err = refused(tmp_path, capsys, monkeypatch, 2, "model.quant=nf4", "trainable=lora")
+    assert "model.quant=nf4 cannot run sharded" in err
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path, capsys, monkeypatch):
+    err = refused(tmp_path, capsys, monkeypatch, 2, "train.batch_size=3")
+    assert "does not split over 2 processes" in err
 
 
 @pytest.mark.slow
@@ -178,3 +188,31 @@ def test_the_sharded_plan_predicts_each_ranks_weight_bytes(processes):
     offloaded = plan_offloaded(request)
     assert offloaded.resident == sum(p.numel() * 4 for p in model.parameters()) - blocks
     assert offloaded.host_bytes >= blocks
+
+
+def test_the_sharded_plan_shards_optimizer_state_and_refuses_what_fsdp_does_not_run():
+    import estimators
+    from zo.memory.parallel import plan_sharded
+    from zo.memory.shapes import PlanError, shape_from_hf_config
+    from zo.memory.step import PlanRequest
+
+    model, _ = tiny_model("llama")
+    shape = shape_from_hf_config(model.config.to_dict())
+
+    def request(name: str) -> PlanRequest:
+        planned = estimators.get_estimator(name).planned()
+        return PlanRequest(shape=shape, estimator=planned, device="cpu", batch=2, seq_len=16)
+
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    for ranks in (2, 4):
+        plain, adam = (
+            plan_sharded(request("zo_sgd"), ranks),
+            plan_sharded(request("zo_adam"), ranks),
+        )
+        # ZO-Adam's two fp32 moments, sharded like the weights (plus one more g_hat chunk)
+        moments = adam.device_peak - plain.device_peak
+        assert 2 * plain.resident <= moments < 2 * weights
+    peaks = [plan_sharded(request("adamw"), ranks).device_peak for ranks in (1, 2, 4)]
+    assert peaks[0] > peaks[1] > peaks[2]
+    with pytest.raises(PlanError, match="sharded plans cover"):
+        plan_sharded(request("block_zo"), 2)

@@ -112,15 +112,18 @@ class DirectionGenerator(ABC):
         coefficients: torch.Tensor,
         scale: float,
         decay: bool,
+        starts: Sequence[int] | None = None,
     ) -> None:
-        """``targets[k] = d * sources[k] + sum_q (scale * c_q) z(seeds[q], indices[k])``.
+        """``targets[k] = d * sources[k] + sum_q (scale * c_q) z(seeds[q], indices[k])``,
+        the direction read from element ``starts[k]`` of tensor ``indices[k]`` on (0 when
+        ``starts`` is None: the targets are whole tensors; a shard's rows start further on).
 
         ``coefficients`` is ``[d, c_1 .. c_Q]`` in fp32 on the targets' device (a device
         tensor: an update needs no host read); ``d`` applies only when ``decay``. Sources
         and targets are flat and pairwise of one length; a target may be its own source (an
         in-place update). Each target is computed in fp32 and rounded once.
         """
-        eager_axpz(self, sources, targets, indices, seeds, coefficients, scale, decay)
+        eager_axpz(self, sources, targets, indices, seeds, coefficients, scale, decay, starts)
 
     def job_size(self) -> int:
         """Elements per job of a pass: a multiple of :attr:`block` near 1 Mi."""
@@ -138,19 +141,22 @@ def _scratch(length: int, device: torch.device) -> torch.Tensor:
     return buffer[:length]
 
 
-def eager_axpz(generator, sources, targets, indices, seeds, coefficients, scale, decay) -> None:
+def eager_axpz(
+    generator, sources, targets, indices, seeds, coefficients, scale, decay, starts=None
+) -> None:
     """:meth:`DirectionGenerator.axpz` in torch ops, job by job on the generator's threads."""
     factors = coefficients[1:] * scale
     jobs = []
     size = generator.job_size()
-    for source, target, index in zip(sources, targets, indices, strict=True):
+    offsets = [0] * len(targets) if starts is None else starts
+    for source, target, index, offset in zip(sources, targets, indices, offsets, strict=True):
         for start in range(0, target.numel(), size):
             stop = min(start + size, target.numel())
             jobs.append(
                 _axpz_job(
                     generator,
                     (source[start:stop], target[start:stop]),
-                    (index, start),
+                    (index, offset + start),
                     seeds,
                     (coefficients, factors),
                     decay,

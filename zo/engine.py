@@ -165,13 +165,27 @@ class PerturbationEngine:
 
     The tensor order is part of the seed address: tensor ``i`` of a run always draws
     with index ``i``. Keep the list (the trainable set's manifest) stable to replay.
+
+    ``offsets[i]`` (default 0) is the global element offset of ``tensors[i]``'s first element:
+    a tensor may be a contiguous slice of the trainable tensor ``i`` (a rank's shard of it,
+    :mod:`zo.sharded`), and every pass then draws exactly that slice's part of ``z``. Such a
+    slice is perturbed and updated through :meth:`axpz_at` and :meth:`update`; a perturbed
+    forward (:meth:`perturbed`) only sees whole tensors that modules own.
     """
 
-    def __init__(self, tensors: Sequence[torch.Tensor], config: EngineConfig | None = None):
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        config: EngineConfig | None = None,
+        offsets: Sequence[int] | None = None,
+    ):
         self.config = config or EngineConfig()
         if self.config.generator == LEGACY_GENERATOR:
             raise ValueError("torch-chunks-v1 is version 1's engine: build it with build_engine")
         self.tensors = list(tensors)
+        self.offsets = [0] * len(self.tensors) if offsets is None else [int(o) for o in offsets]
+        if len(self.offsets) != len(self.tensors) or min(self.offsets, default=0) < 0:
+            raise ValueError("offsets needs one non-negative element offset per tensor")
         self.positions = _check_perturbable(self.tensors)
         self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
         self.generator_name = resolve_generator(self.config, self.device)
@@ -222,14 +236,15 @@ class PerturbationEngine:
         if buffer is None or buffer.numel() < length:
             buffer = buffers[device] = torch.empty(length, dtype=torch.float32, device=device)
         out = buffer[:length]
-        self.generator.fill(out, seed, index, chunk * self._chunk_len(index))
+        self.generator.fill(out, seed, index, self.offsets[index] + chunk * self._chunk_len(index))
         return out
 
     def direction(self, seed: int, index: int) -> torch.Tensor:
-        """The full fp32 direction of tensor ``index`` (for tests, jvp tangents, analysis)."""
+        """The fp32 direction of tensor ``index`` (for tests, jvp tangents, analysis): of its
+        slice, for a tensor at an offset."""
         tensor = self.tensors[index]
         flat = torch.empty(tensor.numel(), dtype=torch.float32, device=tensor.device)
-        self._fill(flat, seed, index, 0)
+        self._fill(flat, seed, index, self.offsets[index])
         return flat.view(tensor.shape)
 
     def _fill(self, out: torch.Tensor, seed: int, index: int, start: int) -> None:
@@ -255,6 +270,18 @@ class PerturbationEngine:
                 job()
         else:
             run_jobs(jobs, self._threads)
+
+    def local_part(self, index: int, whole: torch.Tensor) -> torch.Tensor:
+        """What tensor ``index`` holds of ``whole`` (shaped like the whole trainable tensor):
+        all of it, shaped like the tensor, or a slice's elements (from its offset on)."""
+        tensor = self.tensors[index]
+        start, flat = self.offsets[index], whole.reshape(-1)
+        if flat.numel() < start + tensor.numel():
+            raise ValueError(
+                f"a {tuple(whole.shape)} tensor has no part for trainable tensor {index} "
+                f"({tensor.numel()} elements from element {start})"
+            )
+        return flat[start : start + tensor.numel()].view(tensor.shape)
 
     def _constant(self, values: tuple[float, ...], device: torch.device) -> torch.Tensor:
         """A small fp32 tensor of fixed values on ``device``, created once."""
@@ -304,10 +331,9 @@ class PerturbationEngine:
         tensor = self.tensors[index].detach()
         out = torch.empty_like(tensor)
         values = self._coefficients(float(decay), coefficients, tensor.device)
-        with torch.no_grad():
-            self.generator.axpz(
-                [tensor.reshape(-1)], [out.view(-1)], [index], seeds, values, 1.0, decay != 1.0
-            )
+        self.axpz_at(
+            [tensor.reshape(-1)], [out.view(-1)], [index], seeds, values, decay=decay != 1.0
+        )
         return out
 
     @staticmethod
@@ -328,8 +354,33 @@ class PerturbationEngine:
 
     def _axpz_in_place(self, seeds, coefficients, decay: bool, indices: list[int]) -> None:
         flat = [self.tensors[i].detach().view(-1) for i in indices]
+        self.axpz_at(flat, flat, indices, seeds, coefficients, decay=decay)
+
+    def axpz_at(
+        self,
+        sources: Sequence[torch.Tensor],
+        targets: Sequence[torch.Tensor],
+        indices: Sequence[int],
+        seeds: Sequence[int],
+        coefficients: torch.Tensor,
+        scale: float = 1.0,
+        decay: bool = False,
+        starts: Sequence[int] | None = None,
+    ) -> None:
+        """``targets[k] = d * sources[k] + sum_q (scale * c_q) z(seeds[q], indices[k])`` over
+        a slice: ``targets[k]`` (flat, a target may be its own source) holds the elements of
+        tensor ``indices[k]`` from its element ``starts[k]`` on, counted in the whole tensor
+        (default: :attr:`offsets`, where this engine's tensor ``indices[k]`` starts).
+
+        ``coefficients`` is ``[d, c_1 .. c_Q]`` in fp32 on the targets' device; ``d`` applies
+        only with ``decay``. Computed in fp32, rounded once: a slice gets exactly the values
+        the whole tensor's pass gives those elements, wherever the slice starts."""
+        if starts is None:
+            starts = [self.offsets[i] for i in indices]
         with torch.no_grad():
-            self.generator.axpz(flat, flat, indices, seeds, coefficients, 1.0, decay)
+            self.generator.axpz(
+                sources, targets, indices, seeds, coefficients, scale, decay, starts
+            )
 
     def perturbed_copy(self, seed: int, index: int, scale: float) -> torch.Tensor:
         """A new tensor ``W + scale * z`` (computed in fp32, rounded once); W untouched."""
@@ -358,14 +409,13 @@ class PerturbationEngine:
             by_scale.setdefault(float(scale), []).append(position)
         with torch.no_grad():
             for scale, positions in by_scale.items():
-                self.generator.axpz(
+                self.axpz_at(
                     [tensors[p].detach().reshape(-1) for p in positions],
                     [views[p] for p in positions],
                     [indices[p] for p in positions],
                     [seed],
                     one,
                     scale,
-                    False,
                 )
         return {i: v.view(t.shape) for i, v, t in zip(indices, views, tensors, strict=True)}
 

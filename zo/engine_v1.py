@@ -120,6 +120,10 @@ class EngineV1:
         for chunk, start in enumerate(range(0, max(numel, 1), step)):
             yield chunk, start, min(start + step, numel)
 
+    def local_part(self, index: int, whole: torch.Tensor) -> torch.Tensor:
+        """``whole`` shaped like tensor ``index`` (version 1 draws whole tensors only)."""
+        return whole.view(self.tensors[index].shape)
+
     def direction(self, seed: int, index: int) -> torch.Tensor:
         """The full fp32 direction of tensor ``index`` (for tests, jvp tangents, analysis)."""
         tensor = self.tensors[index]

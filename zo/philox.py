@@ -137,7 +137,9 @@ class PhiloxGenerator(DirectionGenerator):
     def rows_add(self, out, ids, seed, index, shape, scale) -> None:
         torch.ops.zo.philox_rows_add(out, ids, seed, index, shape[1], scale, self.distribution)
 
-    def axpz(self, sources, targets, indices, seeds, coefficients, scale, decay) -> None:
+    def axpz(
+        self, sources, targets, indices, seeds, coefficients, scale, decay, starts=None
+    ) -> None:
         torch.ops.zo.philox_axpz(
             list(sources),
             list(targets),
@@ -148,6 +150,7 @@ class PhiloxGenerator(DirectionGenerator):
             decay,
             self.distribution,
             self.threads,
+            [0] * len(targets) if starts is None else list(starts),
         )
 
     def job_size(self) -> int:
@@ -164,15 +167,18 @@ class _EagerPhilox(PhiloxGenerator):
         if ids.numel():
             add_scaled(out, _philox_rows(ids, seed, index, shape[1], self.distribution), scale)
 
-    def axpz(self, sources, targets, indices, seeds, coefficients, scale, decay) -> None:
-        eager_axpz(self, sources, targets, indices, seeds, coefficients, scale, decay)
+    def axpz(
+        self, sources, targets, indices, seeds, coefficients, scale, decay, starts=None
+    ) -> None:
+        eager_axpz(self, sources, targets, indices, seeds, coefficients, scale, decay, starts)
 
 
 def _register_philox_operators() -> torch.library.Library:
     library = torch.library.Library("zo", "DEF")
     library.define(
         "philox_axpz(Tensor[] sources, Tensor(a!)[] targets, int[] indices, int[] seeds, "
-        "Tensor coefficients, float scale, bool decay, str distribution, int threads) -> ()"
+        "Tensor coefficients, float scale, bool decay, str distribution, int threads, "
+        "int[] starts) -> ()"
     )
     library.define(
         "philox_fill(Tensor(a!) out, int seed, int index, int start, str distribution, "
@@ -183,9 +189,11 @@ def _register_philox_operators() -> torch.library.Library:
         "str distribution) -> ()"
     )
 
-    def axpz_cpu(sources, targets, indices, seeds, coefficients, scale, decay, law, threads):
+    def axpz_cpu(
+        sources, targets, indices, seeds, coefficients, scale, decay, law, threads, starts
+    ):
         _EagerPhilox(law, threads).axpz(
-            sources, targets, indices, seeds, coefficients, scale, decay
+            sources, targets, indices, seeds, coefficients, scale, decay, starts
         )
 
     def fill_cpu(out, seed, index, start, law, threads):
@@ -194,10 +202,14 @@ def _register_philox_operators() -> torch.library.Library:
     def rows_cpu(out, ids, seed, index, row, scale, law):
         _EagerPhilox(law).rows_add(out, ids, seed, index, (0, row), scale)
 
-    def axpz_cuda(sources, targets, indices, seeds, coefficients, scale, decay, law, threads):
+    def axpz_cuda(
+        sources, targets, indices, seeds, coefficients, scale, decay, law, threads, starts
+    ):
         from zo import philox_triton
 
-        philox_triton.axpz(sources, targets, indices, seeds, coefficients, scale, decay, law)
+        philox_triton.axpz(
+            sources, targets, indices, seeds, coefficients, scale, decay, law, starts
+        )
 
     def fill_cuda(out, seed, index, start, law, threads):
         from zo import philox_triton

@@ -1,4 +1,9 @@
-"""Sharded zeroth-order training on FSDP2: each rank perturbs and updates its own shard.
+"""Sharded training on FSDP2: each rank perturbs and updates its own shard.
+
+Zeroth-order estimators run through :class:`ShardedEngine` (below); first-order ones
+(sgd, adamw, lomo) through FSDP2's own gradient reduce-scatter, with what both need from an
+optimizer over shards in :mod:`zo.sharded_optim` (gradient hooks, whole state in
+``state_dict``). For zeroth order:
 
 ``fully_shard`` (``torch.distributed.fsdp``) cuts every parameter along dim 0 into one
 contiguous row range per rank and all-gathers a unit's (decoder block's, or the root's)
@@ -13,7 +18,9 @@ parameters just before that unit's forward. ZO needs nothing else from it:
   shard ends bit-identical, and the extra memory is one unit's shard. The perturbed values
   come from the same pass, in the same arithmetic, as the unsharded engine's copies, so a
   sharded run's weights equal the unsharded run's bit for bit.
-* The update is the unsharded update restricted to the rank's rows.
+* The update is the unsharded update restricted to the rank's rows, and per-element state
+  (momentum, ZO-Adam's moments) is kept for those rows only: the engine's tensors are the
+  local shards at their global offsets (:meth:`PerturbationEngine.axpz_at`).
 
 One exception to bit-equality: the unsharded engine perturbs a block's linear layer of more
 than ``engine.offload_threshold`` elements through its output when the input has at most
@@ -28,14 +35,16 @@ hook then averages the ranks' batch shards as in plain data parallelism.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from zo.config import ConfigError
-from zo.direction_base import _axpz_job, run_jobs
 from zo.engine import EngineConfig, PerturbationEngine
+from zo.sharded_optim import UnitGradientHooks, shard_offset, sharded_state, whole_state
+from zo.trainable import TrainableSet
 
 __all__ = [
     "ShardedEngine",
@@ -53,11 +62,13 @@ def shard_model(blocks: Sequence[nn.Module], mesh=None) -> None:
     scoring and generation call the backbone and the head separately, which a root unit's
     forward hooks would never see. Each block is its own FSDP root, resharded after every
     forward, so the next (differently perturbed) forward gathers again. Blocks on the meta
-    device stay there (``to_empty`` then materialises only the shards)."""
+    device stay there (``to_empty`` then materialises only the shards). Each block's
+    sharded parameters can take :func:`gradient_hook` s (fused first-order updates)."""
     from torch.distributed.fsdp import fully_shard
 
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
+        UnitGradientHooks(block)
 
 
 @torch.no_grad()
@@ -72,43 +83,17 @@ def allocate_gather_buffers(blocks: Sequence[nn.Module]) -> None:
         block.reshard()
 
 
-def shard_offset(param: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """This rank's local shard of ``param`` (a flat view that writes through) and the global
-    element offset of its first element. A plain tensor is its own whole shard."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    if not isinstance(param, DTensor):
-        return param.detach().view(-1), 0
-    placements = tuple(param.placements)
-    if len(placements) != 1 or placements[0] != Shard(0):
-        raise ValueError(
-            f"sharded ZO supports parameters sharded on dim 0 over one mesh dimension (FSDP2's "
-            f"default); got placements {placements}"
-        )
-    local = param.to_local().detach()
-    rows = param.shape[0]
-    world = param.device_mesh.size()
-    rank = param.device_mesh.get_local_rank()
-    per_rank = -(-rows // world)  # torch.chunk's split, which FSDP2 uses
-    first_row = min(rank * per_rank, rows)
-    expected = max(0, min(per_rank, rows - first_row))
-    if local.shape[0] != expected or not local.is_contiguous():
-        raise ValueError(
-            f"rank {rank}'s shard has {local.shape[0]} rows, torch.chunk would give {expected}: "
-            "sharded ZO cannot address this layout"
-        )
-    row_numel = param[0].numel() if rows else 0
-    return local.view(-1), first_row * row_numel
-
-
 class ShardedEngine(PerturbationEngine):
     """:class:`PerturbationEngine`'s passes over the local shards of FSDP2 parameters.
 
     ``params`` are the trainable parameters in the estimator's order (the seed addresses
     use that order, as unsharded); ``units`` are the modules ``fully_shard`` was applied to.
-    Parameters outside every unit (whole on each rank: embeddings, final norm, head) go
-    through the unsharded engine's own perturbed forward (buckets, output-side embedding
-    rows), exactly as in a one-process run.
+    The engine's tensors are the local shards (flat) at their global offsets, so updates,
+    per-element state and :meth:`draw` need nothing of their own here; only forwards do:
+    a shard is written just before FSDP gathers it and restored just after. Parameters
+    outside every unit (whole on each rank: embeddings, final norm, head) go through the
+    unsharded engine's own perturbed forward (buckets, output-side embedding rows), exactly
+    as in a one-process run.
     """
 
     def __init__(
@@ -124,8 +109,8 @@ class ShardedEngine(PerturbationEngine):
         tensors = [
             s if isinstance(p, DTensor) else p for p, (s, _) in zip(params, shards, strict=True)
         ]
-        super().__init__(tensors, config)
-        self.offsets = [offset for _, offset in shards]
+        super().__init__(tensors, config, offsets=[offset for _, offset in shards])
+        self.params = list(params)
         by_param = {id(p): i for i, p in enumerate(params)}
         self.unit_members: list[tuple[nn.Module, list[int]]] = []
         for unit in units:
@@ -141,7 +126,7 @@ class ShardedEngine(PerturbationEngine):
             raise ValueError("a trainable parameter belongs to two fully_shard units")
         self.loose = set(range(len(params))) - set(claimed)
 
-    # ------------------------------------------------------------------ perturbed forwards
+    # ------------------------------------------------------------------ forwards
     @contextlib.contextmanager
     def perturbed(self, seed: int, scale: float | Sequence[float]) -> Iterator[None]:
         scales = (
@@ -151,14 +136,46 @@ class ShardedEngine(PerturbationEngine):
         )
         if len(scales) != len(self.tensors):
             raise ValueError("perturbed() needs one scale per tensor")
+        ones = self._constant((1.0, 1.0), self.device)
+
+        def write(index: int, saved: torch.Tensor, shard: torch.Tensor) -> None:
+            if scales[index] != 0.0:
+                self.axpz_at([saved], [shard], [index], [seed], ones, scales[index])
+
+        whole = [scale if i in self.loose else 0.0 for i, scale in enumerate(scales)]
+        with self._shards_written(write), super().perturbed(seed, whole):
+            yield
+
+    @contextlib.contextmanager
+    def substituted(
+        self, replacement: Callable[[int, torch.Tensor], torch.Tensor | None]
+    ) -> Iterator[None]:
+        """Forwards see ``replacement(i, shard_i)`` (a new flat shard) in place of each local
+        shard, gathered by FSDP, and ``replacement(i, W_i)`` for whole tensors."""
+
+        def write(index: int, saved: torch.Tensor, shard: torch.Tensor) -> None:
+            new = replacement(index, saved)
+            if new is not None:
+                shard.copy_(new.reshape(-1))
+
+        with self._shards_written(write), super().substituted(replacement):
+            yield
+
+    @contextlib.contextmanager
+    def _shards_written(self, write) -> Iterator[None]:
+        """While inside, ``write(i, saved_copy, shard)`` fills each unit's shards just before
+        FSDP gathers them (a pre-hook ahead of FSDP's), and a pre-hook behind FSDP's puts the
+        saved shards back: the gathered weights are the written ones, the stored shards end
+        bit-identical, and the extra memory is one unit's shard."""
         saved: dict[int, list[tuple[int, torch.Tensor]]] = {}
 
+        @torch.no_grad()
         def before_gather(unit: nn.Module, args) -> None:
-            members = [i for i in self._members_of(unit) if scales[i] != 0.0]
-            saved[id(unit)] = [(i, self._flat(i).clone()) for i in members]
-            for i, copy in saved[id(unit)]:
-                self._axpz_shard(copy, self._flat(i), i, [seed], self._ones(), scales[i], False)
+            entries = saved[id(unit)] = [(i, self._flat(i).clone()) for i in self._members_of(unit)]
+            for i, copy in entries:
+                write(i, copy, self._flat(i))
 
+        @torch.no_grad()
         def after_gather(unit: nn.Module, args) -> None:
             for i, copy in saved.pop(id(unit), []):
                 self._flat(i).copy_(copy)
@@ -167,10 +184,8 @@ class ShardedEngine(PerturbationEngine):
         for unit, _ in self.unit_members:
             handles.append(unit.register_forward_pre_hook(before_gather, prepend=True))
             handles.append(unit.register_forward_pre_hook(after_gather))
-        whole = [scale if i in self.loose else 0.0 for i, scale in enumerate(scales)]
         try:
-            with torch.no_grad(), super().perturbed(seed, whole):
-                yield
+            yield
         finally:
             for handle in handles:
                 handle.remove()
@@ -188,50 +203,6 @@ class ShardedEngine(PerturbationEngine):
                 return members
         return []
 
-    def _ones(self) -> torch.Tensor:
-        return self._constant((1.0, 1.0), self.device)
-
-    # ------------------------------------------------------------------ updates
-    def _axpz_in_place(self, seeds, coefficients, decay: bool, indices: list[int]) -> None:
-        with torch.no_grad():
-            for i in indices:
-                self._axpz_shard(self._flat(i), self._flat(i), i, seeds, coefficients, 1.0, decay)
-
-    def _axpz_shard(self, source, target, index, seeds, coefficients, scale, decay) -> None:
-        """:func:`zo.directions.eager_axpz` on one shard, addressed from its global offset."""
-        factors = coefficients[1:] * scale
-        size = self.generator.job_size()
-        offset = self.offsets[index]
-        jobs = [
-            _axpz_job(
-                self.generator,
-                (source[start : start + size], target[start : start + size]),
-                (index, offset + start),
-                seeds,
-                (coefficients, factors),
-                decay,
-            )
-            for start in range(0, target.numel(), size)
-        ]
-        run_jobs(jobs, self.generator.threads)
-
-    # ------------------------------------------------------------------ not sharded (yet)
-    def draw(self, seed, index, chunk, length, device):  # type: ignore[override]
-        raise NotImplementedError(
-            "per-element estimator state (sign, momentum, Adam) is not sharded yet: use zo_sgd "
-            "with train.parallel=fsdp"
-        )
-
-    def direction(self, seed: int, index: int) -> torch.Tensor:
-        """This rank's part of the direction of tensor ``index`` (flat)."""
-        tensor = self.tensors[index]
-        out = torch.empty(tensor.numel(), dtype=torch.float32, device=tensor.device)
-        self.generator.fill(out, seed, index, self.offsets[index])
-        return out
-
-    def updated_copy(self, seeds, coefficients, decay, index):  # type: ignore[override]
-        raise NotImplementedError("a sharded engine updates in place only")
-
 
 def _nested_unit_params(unit: nn.Module, units: Sequence[nn.Module]) -> list[torch.Tensor]:
     """Parameters of the other units nested inside ``unit`` (FSDP manages them there)."""
@@ -243,18 +214,40 @@ def _contains(outer: nn.Module, inner: nn.Module) -> bool:
     return any(module is inner for module in outer.modules())
 
 
-def sharded_estimator(optimizer, units: Sequence[nn.Module]) -> None:
-    """Make a zeroth-order estimator built over FSDP2 parameters perturb and update shards."""
+def sharded_estimator(optimizer, units: Sequence[nn.Module], zeroth_order: bool = True) -> None:
+    """Make an estimator built over FSDP2 parameters work on shards.
+
+    Zeroth-order: its engine perturbs and updates the local shards (:class:`ShardedEngine`),
+    per-element state (momentum, Adam's moments) is kept for the shard only. First-order:
+    FSDP2 reduce-scatters the gradients and torch.optim steps on the DTensor parameters
+    (LOMO's fused update hooks the blocks through :func:`gradient_hook`). Either way
+    ``state_dict()`` holds whole state tensors (gathered, a collective), as one process
+    would save them, and ``load_state_dict`` takes whole ones and keeps this rank's part."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    optimizer.engine = ShardedEngine(params, units, optimizer.engine.config)
+    if zeroth_order:
+        optimizer.engine = ShardedEngine(params, units, optimizer.engine.config)
+    optimizer.register_state_dict_post_hook(functools.partial(whole_state, params))
+    if not zeroth_order:  # torch.optim's state of a DTensor parameter is a DTensor
+        optimizer.register_load_state_dict_pre_hook(functools.partial(sharded_state, params))
 
 
 # ---------------------------------------------------------------------- the loop's side
 
-SHARDABLE_ESTIMATORS = ("zo_sgd",)
-"""Estimators whose every pass is a perturbed forward or a linear update (no per-element
-state, no gradients): what :class:`ShardedEngine` carries out on shards today."""
-SHARDABLE_TRAINABLES = ("full", "names")
+SHARDABLE_ESTIMATORS = (
+    "zo_sgd",
+    "zo_sgd_sign",
+    "zo_sgd_momentum",
+    "zo_sgd_conservative",
+    "zo_adam",
+    "sgd",
+    "adamw",
+    "lomo",
+)
+"""Estimators that run on shards: zeroth-order ones whose passes are perturbed forwards and
+per-element updates (their state kept for the shard), and the first-order baselines (FSDP2
+reduce-scatters their gradients). Not block_zo (it perturbs one block's whole tensors at a
+time), forward_grad (jvp through FSDP's gathers) or hybrid (both kinds over one model)."""
+SHARDABLE_TRAINABLES = ("full", "names", "mask", "lora")
 
 
 class ShardingError(ConfigError):
@@ -276,7 +269,7 @@ def check_sharded_run(config, world_size: int) -> None:
     if name not in SHARDABLE_ESTIMATORS:
         raise ShardingError(
             f"estimator {name!r} cannot run sharded yet (train.parallel=fsdp supports "
-            f"{list(SHARDABLE_ESTIMATORS)}: per-element state and gradients are not sharded): "
+            f"{list(SHARDABLE_ESTIMATORS)}): "
             f"use one of those, {fix}"
         )
     if config.trainable.kind not in SHARDABLE_TRAINABLES:
@@ -293,8 +286,12 @@ def check_sharded_run(config, world_size: int) -> None:
         )
 
 
-def shard_for_training(model: nn.Module, device: torch.device) -> list[nn.Module]:
-    """Shard ``model``'s decoder blocks over all ranks; returns them (the FSDP units)."""
+def shard_for_training(
+    model: nn.Module, device: torch.device, trainable: TrainableSet
+) -> tuple[TrainableSet, list[nn.Module]]:
+    """Shard ``model``'s decoder blocks over all ranks, after its trainable set was chosen
+    (a mask's sparse-delta layers and LoRA's adapters shard with their blocks). Returns the
+    trainable set over the sharded parameters (same names and order) and the FSDP units."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from zo.blocks import decoder_blocks
@@ -304,7 +301,8 @@ def shard_for_training(model: nn.Module, device: torch.device) -> list[nn.Module
     blocks = decoder_blocks(model)
     shard_model(blocks, mesh)
     allocate_gather_buffers(blocks)
-    return blocks
+    params = [model.get_parameter(name) for name in trainable.names]
+    return TrainableSet(trainable.names, params), blocks
 
 
 def full_tensors(tensors: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:

@@ -236,15 +236,16 @@ def build_setup(config: RunConfig, shard: bool = False, offload: bool = False) -
     attn = "eager" if spec.eager_attention else config.model.attn
     model, tokenizer = load_base_model(config, attn, device)
     model_hash, units = None, []
-    if shard:  # before moving: each block reaches the device as this rank's shard only
-        model_hash = models.model_fingerprint(model)  # of the whole base, as replay sees it
-        units = shard_for_training(model, device)
-    # eval: no dropout, so a step is a deterministic function of seeds; offload: the model
-    (model if offload else model.to(device)).eval()  # stays home, offload_blocks places it
     # A trainable set may draw new tensors (LoRA's A matrices): from the run's seed, so a
     # replay or a resume rebuilds the same start, whatever the global generator holds.
     with seeded(mix_seed(_TRAINABLE_INIT_STREAM, config.train.seed), device):
+        if not (shard or offload):  # sharded: chosen, hashed, sharded, then moved; offload:
+            model.to(device)  # stays home, offload_blocks places it
         trainable = select_trainable(model, config.trainable)
+    if shard:  # each block reaches the device as this rank's shard only
+        model_hash = models.model_fingerprint(model)  # of the whole base, as replay sees it
+        trainable, units = shard_for_training(model, device, trainable)
+    (model if offload else model.to(device)).eval()  # eval: a step is a function of seeds
     if config.train.gradient_checkpointing:
         checkpoint_blocks(model)
     if offload:  # after the trainable set: its adapters stream with their blocks
@@ -263,7 +264,7 @@ def build_setup(config: RunConfig, shard: bool = False, offload: bool = False) -
         raise ConfigError(f"estimator {spec.name}: {error}") from None
     check_group_settings(optimizer, groups)
     if shard:
-        sharded_estimator(optimizer, units)
+        sharded_estimator(optimizer, units, spec.zeroth_order)
     return Setup(config, model, tokenizer, task, trainable, optimizer, device, model_hash)
 
 

@@ -14,8 +14,10 @@ offloading changes, as :mod:`zo.sharded` and :mod:`zo.offload` lay memory out:
   on the host, and only what is outside the blocks moves), so the training step is the
   peak. The host holds the blocks plus the perturbed copies of the k blocks in flight.
 
-Only ZO estimators with no per-element state over a full trainable set are planned here
-(what the two modes support today).
+Sharded plans cover every estimator ``train.parallel=fsdp`` runs over a full trainable set:
+per-element state (ZO-Adam's moments, momentum; AdamW's) and gradients are sharded like the
+weights, and a first-order step adds the gathered layer's unsharded gradient before FSDP
+reduce-scatters it. Offloaded plans cover ZO-SGD only (what that mode runs).
 """
 
 from __future__ import annotations
@@ -56,24 +58,44 @@ def _check(request: PlanRequest) -> None:
     stateless_zo = request.estimator.memory == EstimatorMemory()  # ZO-SGD's memory
     if not stateless_zo or request.trainable != "full" or request.quant != "none":
         raise PlanError(
-            "sharded and offloaded plans cover a zeroth-order estimator without per-element "
-            "state (ZO-SGD) over trainable full without quantization (what "
-            "train.parallel=fsdp|offload runs today)"
+            "offloaded plans cover a zeroth-order estimator without per-element state "
+            "(ZO-SGD) over trainable full without quantization (what train.parallel=offload "
+            "runs today)"
+        )
+
+
+def _check_sharded(request: PlanRequest) -> None:
+    memory = request.estimator.memory
+    shardable = memory.gradients in ("none", "all", "one") and not (
+        memory.tangents or memory.kept_hidden_states
+    )
+    if not shardable or request.trainable != "full" or request.quant != "none":
+        raise PlanError(
+            "sharded plans cover the estimators train.parallel=fsdp runs (ZO-SGD and its "
+            "per-element variants, ZO-Adam, sgd, adamw, lomo) over trainable full without "
+            "quantization"
         )
 
 
 def plan_sharded(request: PlanRequest, ranks: int) -> ParallelPlan:
     """Per-rank peak of ``train.parallel=fsdp`` over ``ranks`` processes."""
-    _check(request)
+    _check_sharded(request)
     if ranks < 1:
         raise PlanError(f"ranks must be >= 1, got {ranks}")
     one = plan_memory(request)
     wb = DTYPE_BYTES[request.dtype]
     blocks, rest, layer, _ = _split(one)
-    transient = one.peak_allocated - one.component("dense weights")
-    resident = (-(-blocks // ranks) + rest) * wb
+    local = -(-blocks // ranks) + rest
+    fraction = local / (blocks + rest)  # of any per-element tensor over the trainable set
+    state = one.component("optimizer state")
+    transient = one.peak_allocated - one.component("dense weights") - state
+    if one.peak_phase == "optimizer step":  # every gradient (and the step's temporaries)
+        transient = round(transient * fraction)
+    resident = local * wb
     gathered = layer * wb + 2 * (-(-layer // ranks)) * wb
-    peak = resident + transient + gathered + one.overhead.bytes
+    if request.estimator.memory.backward:  # the gathered layer's gradient, before its scatter
+        gathered += layer * wb
+    peak = resident + round(state * fraction) + transient + gathered + one.overhead.bytes
     return ParallelPlan("fsdp", ranks, peak, resident=resident)
 
 
