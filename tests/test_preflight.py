@@ -270,3 +270,15 @@ def test_offloaded_the_gpu_memory_bounds_what_is_outside_the_blocks(small_gpu):
     lora = load_config(SMOKE, [*offloaded, "trainable.kind=lora"])
     preflight.check_batch_fits_memory(lora, small_gpu, 4, seen.append, ZO_SGD)
     assert "no memory model for this run" in seen[0]  # said, never planned as one device
+
+
+def test_sharded_each_gpu_holds_its_ranks_rows(small_gpu):
+    """Llama-2-7B's 12.6 GiB of bf16 weights do not fit one 8 GiB GPU, but sharded over 4
+    ranks each holds a quarter of the blocks: checked against the per-rank plan."""
+    sharded = ["model.name=llama-2-7b", "model.dtype=bfloat16", "train.parallel=fsdp"]
+    config = load_config(SMOKE, sharded)
+    seen = []
+    preflight.check_batch_fits_memory(config, small_gpu, 4, seen.append, ZO_SGD, ranks=4)
+    assert seen == []  # checked, and fits
+    with pytest.raises(ConfigError, match=r"blocks sharded over 1 ranks\), more than the 8.00"):
+        preflight.check_batch_fits_memory(config, small_gpu, 4, print, ZO_SGD, ranks=1)

@@ -110,20 +110,25 @@ def check_batch_fits_data(config: RunConfig, examples: int) -> None:
     )
 
 
+_MODE_NOTE = {"offload": ", blocks offloaded", "fsdp": ", blocks sharded over {ranks} ranks"}
+
+
 def check_batch_fits_memory(
     config: RunConfig,
     device: torch.device,
     sequences: int,
     log: Callable[[str], None],
     estimator: PlannedEstimator,
+    ranks: int = 1,
 ) -> None:
     """Refuse a micro-batch of ``sequences`` sequences that ``zo plan`` predicts cannot fit
     in ``device``'s memory; say once why nothing was checked when the planner has no
     memory model for this run. ``estimator`` is the run's, as its registration declares it
-    (``EstimatorSpec.planned()``). ``train.check_memory=false`` turns it off."""
+    (``EstimatorSpec.planned()``); ``ranks``: the processes a ``train.parallel=fsdp`` run
+    shards over. ``train.check_memory=false`` turns it off."""
     if not config.train.check_memory:
         return
-    from zo.memory.parallel import plan_offloaded
+    from zo.memory.parallel import plan_offloaded, plan_sharded
     from zo.memory.shapes import PlanError, resolve_shape
     from zo.memory.step import PlanRequest, plan_memory
 
@@ -155,12 +160,17 @@ def check_batch_fits_memory(
             engine=config.engine,
         )
         plan = plan_memory(request) if available is not None else None
-        # offloaded onto a GPU, the blocks stay in host memory: the device holds the rest
-        offloaded = config.train.parallel == "offload" and device.type == "cuda"
-        if plan is not None and offloaded:
+        # offloaded onto a GPU, the blocks stay in host memory: the device holds the rest;
+        # sharded, each GPU holds its rank's rows of the blocks
+        mode = config.train.parallel if device.type == "cuda" else "data"
+        if plan is None:
+            peak = 0
+        elif mode == "offload":
             peak = plan_offloaded(request, config.train.offload_prefetch).device_peak
+        elif mode == "fsdp":
+            peak = plan_sharded(request, ranks).device_peak
         else:
-            peak = plan.process_total if plan is not None else 0
+            peak = plan.process_total
     except PlanError as error:
         log(f"memory check: zo plan has no memory model for this run ({error}): not checked")
         return
@@ -173,7 +183,7 @@ def check_batch_fits_memory(
         f"train.batch_size={config.train.batch_size}: zo plan predicts a peak of "
         f"{format_bytes(peak)} for a micro-batch of {sequences} sequences of up to "
         f"{config.task.max_length} tokens ({plan.peak_phase}"
-        f"{', blocks offloaded' if offloaded else ''}), more than the "
+        f"{_MODE_NOTE.get(mode, '').format(ranks=ranks)}), more than the "
         f"{format_bytes(available)} of {where}. Lower train.batch_size (train.grad_accum "
         "keeps the batch) or task.max_length, or set train.check_memory=false to try anyway"
     )

@@ -425,7 +425,7 @@ def preflight(config: RunConfig, parallel: DataParallel, log) -> list[tasks.Exam
     per_rank = config.train.batch_size // parallel.world_size
     estimator = estimators.get_estimator(str(config.estimator.get("name"))).planned()
     sequences = per_rank * _sequences_per_example(task, examples)
-    check_batch_fits_memory(config, device, sequences, log, estimator)
+    check_batch_fits_memory(config, device, sequences, log, estimator, parallel.world_size)
     return examples
 
 
