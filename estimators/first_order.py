@@ -17,12 +17,11 @@ from typing import Any
 
 import torch
 
-from estimators.base import check_hyperparameters, differentiable_loss, mean_over_ranks
+from estimators.base import Closure, Estimate, GradientEstimator
 from estimators.registry import register_estimator
-from zo.engine import EngineConfig
+from estimators.settings import configured
 from zo.memory import EstimatorMemory
 
-Closure = Callable[[], torch.Tensor]
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 
@@ -36,7 +35,7 @@ def _unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
     return step.__wrapped__ if getattr(step, "hooked", False) else step
 
 
-class FirstOrderMixin:
+class FirstOrderMixin(GradientEstimator):
     """The estimate/step split over a torch optimizer's gradient step (``_base``)."""
 
     _base: type[torch.optim.Optimizer]
@@ -44,20 +43,16 @@ class FirstOrderMixin:
 
     def _init_first_order(self) -> None:
         self.step_count = 0
-        self.last_record = None  # gradient steps are not seed-replayable
         self._pending_losses: list[float] = []
-        self.reduce_gradient: Callable[[torch.Tensor], None] | None = None
-        """Data-parallel hook: replaces a tensor (each gradient, then the loss) by its mean
-        over ranks, in place."""
 
-    def estimate(self, closure: Closure) -> float:
-        """Forward and backward on the closure's batch; returns the loss. No weight changes."""
+    def estimate(self, closure: Closure) -> Estimate:
+        """Forward and backward on the closure's batch; no weight changes."""
         if not self._pending_losses:  # gradients from outside the loop must not leak in
             self.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
-        loss, value = differentiable_loss(closure, self.step_count)
+        loss, value = self._differentiable_loss(closure)
         loss.backward()
         self._pending_losses.append(value)
-        return value
+        return self._estimate(value)
 
     def step(self, closure: Closure | None = None) -> float:
         """``step(closure)`` = ``estimate(closure)`` then apply; returns the mean loss."""
@@ -72,17 +67,15 @@ class FirstOrderMixin:
                 for p in group["params"]:
                     if p.grad is None:
                         continue
-                    if self.reduce_gradient is not None:
-                        self.reduce_gradient(p.grad)
+                    if self.reducer is not None:
+                        self.reducer.mean_(p.grad)
                     if count > 1:
                         p.grad.div_(count)
-        if self.reduce_gradient is not None:
-            loss = mean_over_ranks(loss, self.reduce_gradient)
         _unhooked(self._base.step)(self)
         self.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
         self._pending_losses.clear()
         self.step_count += 1
-        return loss
+        return self._mean_loss(loss)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()  # type: ignore[misc]
@@ -110,26 +103,19 @@ class SGDConfig:
     """L2 decay added to the gradient, as ``torch.optim.SGD`` does."""
 
 
-@register_estimator(
-    "sgd", SGDConfig, zeroth_order=False, memory=EstimatorMemory(gradients="all", forward_passes=3)
-)
 class SGD(FirstOrderMixin, torch.optim.SGD):
+    config_class = SGDConfig
     _base = torch.optim.SGD
 
-    def __init__(
-        self,
-        params: Params,
-        lr: float = 1e-3,
-        momentum: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        engine: EngineConfig | None = None,
-    ):
-        del seed, engine  # deterministic, and nothing is perturbed
-        check_hyperparameters(lr=lr, momentum=momentum, weight_decay=weight_decay)
+    def __init__(self, params: Params, config: SGDConfig | None = None, **settings: Any):
+        c = configured(SGDConfig, config, settings, "SGD")
         torch.optim.SGD.__init__(
-            self, params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
+            self,
+            params,
+            lr=c.lr,
+            momentum=c.momentum,
+            nesterov=c.nesterov,
+            weight_decay=c.weight_decay,
         )
         self._init_first_order()
 
@@ -149,36 +135,35 @@ class AdamWConfig:
     """Decoupled weight decay (torch's default is 0.01; 0 matches the other estimators)."""
 
 
-@register_estimator(
-    "adamw",
-    AdamWConfig,
-    zeroth_order=False,
-    memory=EstimatorMemory(gradients="all", state_copies=2, foreach_temp=True, forward_passes=3),
-)
 class AdamW(FirstOrderMixin, torch.optim.AdamW):
+    config_class = AdamWConfig
     _base = torch.optim.AdamW
 
-    def __init__(
-        self,
-        params: Params,
-        lr: float = 1e-5,
-        beta1: float = 0.9,
-        beta2: float = 0.999,
-        adam_eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        engine: EngineConfig | None = None,
-    ):
-        del seed, engine
-        check_hyperparameters(
-            lr=lr, beta1=beta1, beta2=beta2, adam_eps=adam_eps, weight_decay=weight_decay
-        )
+    def __init__(self, params: Params, config: AdamWConfig | None = None, **settings: Any):
+        c = configured(AdamWConfig, config, settings, "AdamW")
         torch.optim.AdamW.__init__(
             self,
             params,
-            lr=lr,
-            betas=(beta1, beta2),
-            eps=adam_eps,
-            weight_decay=weight_decay,
+            lr=c.lr,
+            betas=(c.beta1, c.beta2),
+            eps=c.adam_eps,
+            weight_decay=c.weight_decay,
         )
         self._init_first_order()
+
+
+_GRADIENTS = dict(zeroth_order=False, replayable=False, seeded=False)
+register_estimator(
+    "sgd",
+    SGDConfig,
+    SGD,
+    **_GRADIENTS,
+    memory=EstimatorMemory(gradients="all", forward_passes=3),
+)
+register_estimator(
+    "adamw",
+    AdamWConfig,
+    AdamW,
+    **_GRADIENTS,
+    memory=EstimatorMemory(gradients="all", state_copies=2, foreach_temp=True, forward_passes=3),
+)

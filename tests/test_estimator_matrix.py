@@ -98,7 +98,9 @@ def test_state_dict_round_trip_resumes_bit_exactly(name: str) -> None:
         assert torch.equal(p, uninterrupted[n]), f"{name}: {n} differs after resume"
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if estimators.get_estimator(n).zeroth_order])
+@pytest.mark.parametrize(
+    "name", [n for n in ALL if estimators.get_estimator(n).traits.zeroth_order]
+)
 def test_seed_replayable_estimators_replay_from_their_records(name: str) -> None:
     model, tokenizer, optimizer = _build(name, "llama")
     records = []
@@ -114,7 +116,7 @@ def test_seed_replayable_estimators_replay_from_their_records(name: str) -> None
 
 def test_first_order_estimators_leave_no_trajectory() -> None:
     for name in ALL:
-        if estimators.get_estimator(name).zeroth_order:
+        if estimators.get_estimator(name).traits.zeroth_order:
             continue
         model, tokenizer, optimizer = _build(name, "llama")
         _train(model, optimizer, _batches(tokenizer, 1))
