@@ -515,22 +515,21 @@ class ZOOptimizer(DataParallelHook, torch.optim.Optimizer):
         self.last_record = record
         return record
 
-    def _skipped(self, record: StepRecord) -> bool:
-        """True, with the step spent, when ``record`` is a skipped step (:meth:`skip_step`)."""
-        if "skipped" not in record.extra:
-            return False
+    def _opens(self, record: StepRecord) -> bool:
+        """Whether ``record``, this step's (else ValueError), updates: a skipped step
+        (:meth:`skip_step`) is spent here, with nothing changed."""
         if record.step != self.step_count:
             raise ValueError(f"record for step {record.step} applied at step {self.step_count}")
-        self.step_count += 1
+        if "skipped" in record.extra:
+            self.step_count += 1
+            return False
         return True
 
     @torch.no_grad()
     def apply_record(self, record: StepRecord) -> None:
         """Apply one recorded update; training and replay both go through here."""
-        if self._skipped(record):
+        if not self._opens(record):
             return
-        if record.step != self.step_count:
-            raise ValueError(f"record for step {record.step} applied at step {self.step_count}")
         for group_index, indices in enumerate(self._group_indices):
             lr = record.lrs[group_index]
             decay = 1.0 - lr * record.weight_decays[group_index]

@@ -322,10 +322,8 @@ class BlockZO(ZOOptimizer):
     @torch.no_grad()
     def apply_record(self, record: StepRecord) -> None:
         """Update the recorded unit only: ``W_g <- decay W_g - lr_g (eps_g/eps_r) mean_q g_q z_q``."""
-        if self._skipped(record):
+        if not self._opens(record):
             return
-        if record.step != self.step_count:
-            raise ValueError(f"record for step {record.step} applied at step {self.step_count}")
         unit = self._recorded_unit(record)
         eps = record.extra.get("eps") or [group["eps"] for group in self.param_groups]
         reference = eps[unit.reference_group]

@@ -11,9 +11,10 @@ because ``eps`` means the finite-difference scale everywhere else in this projec
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -36,14 +37,23 @@ def _unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class FirstOrderMixin(GradientEstimator):
-    """The estimate/step split over a torch optimizer's gradient step (``_base``)."""
+    """The estimate/step split over a torch optimizer's gradient step (``_base``), built from
+    the config dataclass (``config_class``) whose fields :meth:`_base_settings` translates."""
 
+    config_class: ClassVar[type]
     _base: type[torch.optim.Optimizer]
     param_groups: list[dict[str, Any]]
 
-    def _init_first_order(self) -> None:
+    def __init__(self, params: Params, config: Any = None, **settings: Any):
+        config = configured(self.config_class, config, settings, type(self).__name__)
+        self._base.__init__(self, params, **self._base_settings(config))  # type: ignore[arg-type]
         self.step_count = 0
         self._pending_losses: list[float] = []
+
+    @staticmethod
+    def _base_settings(config: Any) -> dict[str, Any]:
+        """The torch optimizer's keyword arguments."""
+        return dataclasses.asdict(config)
 
     def estimate(self, closure: Closure) -> Estimate:
         """Forward and backward on the closure's batch; no weight changes."""
@@ -104,20 +114,10 @@ class SGDConfig:
 
 
 class SGD(FirstOrderMixin, torch.optim.SGD):
+    """``torch.optim.SGD``: the config's fields are its keyword arguments."""
+
     config_class = SGDConfig
     _base = torch.optim.SGD
-
-    def __init__(self, params: Params, config: SGDConfig | None = None, **settings: Any):
-        c = configured(SGDConfig, config, settings, "SGD")
-        torch.optim.SGD.__init__(
-            self,
-            params,
-            lr=c.lr,
-            momentum=c.momentum,
-            nesterov=c.nesterov,
-            weight_decay=c.weight_decay,
-        )
-        self._init_first_order()
 
 
 @dataclass
@@ -139,17 +139,14 @@ class AdamW(FirstOrderMixin, torch.optim.AdamW):
     config_class = AdamWConfig
     _base = torch.optim.AdamW
 
-    def __init__(self, params: Params, config: AdamWConfig | None = None, **settings: Any):
-        c = configured(AdamWConfig, config, settings, "AdamW")
-        torch.optim.AdamW.__init__(
-            self,
-            params,
-            lr=c.lr,
-            betas=(c.beta1, c.beta2),
-            eps=c.adam_eps,
-            weight_decay=c.weight_decay,
-        )
-        self._init_first_order()
+    @staticmethod
+    def _base_settings(config: AdamWConfig) -> dict[str, Any]:  # type: ignore[override]
+        return {
+            "lr": config.lr,
+            "betas": (config.beta1, config.beta2),
+            "eps": config.adam_eps,
+            "weight_decay": config.weight_decay,
+        }
 
 
 _GRADIENTS = dict(zeroth_order=False, replayable=False, seeded=False)

@@ -30,6 +30,7 @@ import torch
 from estimators.base import Closure, StepRecord, ZOOptimizer, _as_float, call_closure
 from estimators.registry import register_estimator
 from estimators.zo_sgd import ZOSGD, ZOSGDConfig
+from zo.engine import thread_scratch
 from zo.memory import EstimatorMemory
 
 ChunkRule = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor], float], None]
@@ -55,10 +56,8 @@ class ElementwiseZO(ZOOptimizer):
     # ------------------------------------------------------------------ updates
     @torch.no_grad()
     def apply_record(self, record: StepRecord) -> None:
-        if self._skipped(record):
+        if not self._opens(record):
             return
-        if record.step != self.step_count:
-            raise ValueError(f"record for step {record.step} applied at step {self.step_count}")
         jobs: list[Callable[[], None]] = []
         for group_index, indices in enumerate(self._group_indices):
             scale = self.direction_scale(group_index) / len(record.scalars)
@@ -97,12 +96,7 @@ class ElementwiseZO(ZOOptimizer):
 
         Like :meth:`PerturbationEngine.draw`, the buffer is reused by the thread's next job.
         """
-        device = torch.device(device)
-        buffers = self._accumulators.__dict__
-        buffer = buffers.get(device)
-        if buffer is None or buffer.numel() < length:
-            buffer = buffers[device] = torch.empty(length, dtype=torch.float32, device=device)
-        out = buffer[:length]
+        out = thread_scratch(self._accumulators, length, device)
         for query, (seed, coefficient) in enumerate(zip(seeds, coefficients, strict=True)):
             z = self.engine.draw(seed, index, chunk, length, device)
             if query == 0:
@@ -317,19 +311,15 @@ class ZOSGDConservative(ZOSGD):
 
     @torch.no_grad()
     def apply_record(self, record: StepRecord) -> None:
-        if self._skipped(record):
-            return
         choice = record.extra.get("choice")
-        if choice not in CANDIDATES:
+        if "skipped" not in record.extra and choice not in CANDIDATES:
             raise ValueError(
                 f"a zo_sgd_conservative record needs extra['choice'] in {list(CANDIDATES)}, "
                 f"got {choice!r}; was the trajectory written by another estimator?"
             )
         if choice != "keep":
-            super().apply_record(record)
-        elif record.step != self.step_count:
-            raise ValueError(f"record for step {record.step} applied at step {self.step_count}")
-        else:
+            super().apply_record(record)  # a skipped step too
+        elif self._opens(record):
             self.step_count += 1
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
