@@ -212,8 +212,9 @@ def scored_loss(model, backbone, head, ids, mask):
 
 def worker(case: Case) -> dict:
     import torch
-    from tasks.lm import backbone_and_head
     from torch.profiler import ProfilerActivity, profile
+
+    from tasks.lm import backbone_and_head
 
     torch.set_num_threads(1)  # the profiler counts allocations of profiled threads only
     model, config = build_model(case)
