@@ -1,9 +1,16 @@
-"""What every zeroth-order estimator shares: seeds, the estimate/step split, replay records.
+"""The estimator contract, and the one two-point loop every zeroth-order estimator shares.
+
+:class:`Estimator` is what the training loop, data parallelism, sharding, replay and the
+transformers integration may call on an estimator; every registered estimator, first-order
+ones included, implements it (``tests/test_estimator_contract.py`` checks each one). The
+split form is ``estimate(closure)`` per micro-batch (no weight changes), then ``step()``;
+``step(closure)`` does both. Every ``estimate`` returns an :class:`Estimate`.
 
 A ZO gradient is a handful of ``(seed, scalar)`` pairs: the direction ``z`` is regenerated
 from the seed by the engine, the scalar is the projected gradient ``<grad, z>`` estimated
-from forward passes. Gradient accumulation averages the scalars of one seed over
-micro-batches; data parallelism all-reduces them; a run's trajectory lists them.
+from forward passes (:class:`ZOOptimizer`). Gradient accumulation averages the scalars of one
+seed over micro-batches; data parallelism all-reduces them; a run's trajectory lists the
+steps' :class:`StepRecord`, which ``apply_record`` replays bit for bit.
 """
 
 from __future__ import annotations
@@ -11,25 +18,38 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol, TypeAlias, runtime_checkable
 
 import torch
 
-from estimators.scaling import tensor_scales
+from estimators.scaling import ScaleConfig, tensor_scales
+from estimators.settings import configured
 from zo.engine import EngineConfig, build_engine, mix_seed
 
-Closure = Callable[[], "torch.Tensor | float"]
+Closure: TypeAlias = Callable[[], "torch.Tensor | float"]
+"""What every estimator evaluates: the loss of one micro-batch at the current weights. It
+never calls ``backward()``; first-order estimators call it under ``torch.enable_grad()``
+and run backward themselves, zeroth-order ones under ``torch.no_grad()``."""
 
 
 @dataclass
-class ZOEstimate:
-    """One estimate on one micro-batch: no weight has changed yet."""
+class Estimate:
+    """One estimate on one micro-batch: no weight has changed yet.
+
+    The one type every estimator's ``estimate`` returns. Zeroth-order estimators fill
+    ``seeds`` and ``scalars`` (the whole gradient); first-order ones leave them empty (their
+    gradient is in ``.grad``, or already applied by LOMO) and report the loss only.
+    """
 
     step: int
     seeds: list[int]
     scalars: list[float]
     """Projected-gradient estimate ``<grad, z_q>`` per query."""
     loss: float
+
+
+ZOEstimate = Estimate
+"""The name :class:`Estimate` had while only zeroth-order estimators returned one."""
 
 
 @dataclass
@@ -51,6 +71,121 @@ class StepRecord:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepRecord:
         return cls(**data)
+
+
+class Reducer(Protocol):
+    """How data parallelism averages over ranks (``zo.distributed.DataParallel`` is one)."""
+
+    def mean(self, values: Sequence[float]) -> list[float]:
+        """The mean over ranks of each value (a few floats: ZO scalars, losses)."""
+        ...
+
+    def mean_(self, tensor: torch.Tensor) -> None:
+        """Replace ``tensor`` (a gradient) by its mean over ranks, in place."""
+        ...
+
+
+@runtime_checkable
+class Estimator(Protocol):
+    """The estimator contract: what the loop and everything around it may call.
+
+    Registration traits (``estimators.registry``) say which optional parts hold: a
+    ``replayable`` estimator's ``last_record`` is a :class:`StepRecord` after every step,
+    and ``apply_record`` / ``skip_step`` work; on the others ``last_record`` stays None and
+    those two raise :class:`NotReplayableError`.
+    """
+
+    param_groups: list[dict[str, Any]]
+    defaults: dict[str, Any]
+    """The settings a param group may override (torch.optim's)."""
+    step_count: int
+    """Steps taken (the seeds of a zeroth-order step derive from it)."""
+    last_record: StepRecord | None
+    """The last step's record (replayable estimators), None otherwise or before a step."""
+
+    def estimate(self, closure: Closure) -> Estimate:
+        """Estimate on one micro-batch; no weight changes until :meth:`step`."""
+        ...
+
+    def step(self, closure: Closure | None = None) -> float:
+        """Apply what was estimated since the last step (``closure``: estimate it first);
+        returns the step's mean loss."""
+        ...
+
+    def apply_record(self, record: StepRecord) -> None:
+        """Replay one recorded step (training goes through here too)."""
+        ...
+
+    def skip_step(self, reason: str) -> StepRecord:
+        """Spend the step without an update (``train.on_nonfinite=skip``); its record."""
+        ...
+
+    def attach_data_parallel(self, reducer: Reducer) -> None:
+        """Average over ranks from now on: ZO scalars and losses, or gradients."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+class NotReplayableError(TypeError):
+    """A replay-only call on an estimator whose steps use gradients (not seed-replayable)."""
+
+
+class DataParallelHook:
+    """``attach_data_parallel``: every estimator keeps the reducer it is given."""
+
+    reducer: Reducer | None = None
+    """None in one process: nothing to average (and ZO-SGD's sync-free step stays on)."""
+
+    def attach_data_parallel(self, reducer: Reducer) -> None:
+        self.reducer = reducer
+
+
+class GradientEstimator(DataParallelHook):
+    """The contract's side of estimators that update from gradients: no replay records."""
+
+    step_count: int
+    last_record: StepRecord | None = None  # a gradient step is not seed-replayable
+
+    def apply_record(self, record: StepRecord) -> None:
+        raise NotReplayableError(self._not_replayable())
+
+    def skip_step(self, reason: str) -> StepRecord:
+        raise NotReplayableError(self._not_replayable())
+
+    def _not_replayable(self) -> str:
+        return (
+            f"{type(self).__name__} updates from gradients, which no record reproduces: it "
+            "neither replays nor skips steps (resume from its checkpoint instead)"
+        )
+
+    def _differentiable_loss(self, closure: Closure) -> tuple[Any, float]:
+        """The closure's loss with grad enabled, and its value; raises when it is non-finite
+        or has no graph back to a trainable tensor."""
+        with torch.enable_grad():
+            loss = closure()
+        value = float(loss.detach())  # type: ignore[union-attr]
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"the closure returned a non-finite loss ({value}) at step {self.step_count}; "
+                "lower lr or check the batch"
+            )
+        if not loss.requires_grad:
+            raise ValueError(
+                "the closure's loss does not require grad: no trainable tensor reached it "
+                "(are the parameters frozen, or did the closure run under torch.no_grad()?)"
+            )
+        return loss, value
+
+    def _estimate(self, loss: float) -> Estimate:
+        """A first-order estimate: the loss only (the gradient is in ``.grad`` or applied)."""
+        return Estimate(self.step_count, [], [], loss)
+
+    def _mean_loss(self, loss: float) -> float:
+        """The loss averaged over ranks (as it is in one process)."""
+        return loss if self.reducer is None else self.reducer.mean([loss])[0]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -78,77 +213,8 @@ def call_closure(closure: Closure) -> torch.Tensor | float:
         ) from error
 
 
-_AT_LEAST_0 = (">= 0 and finite", lambda v: 0 <= v < math.inf)
-_ABOVE_0 = ("> 0 and finite", lambda v: 0 < v < math.inf)
-_UNIT = ("in [0, 1)", lambda v: 0 <= v < 1)
-_COUNT = ("an integer >= 1", lambda v: float(v).is_integer() and v >= 1)
-
-HYPERPARAMETER_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
-    "lr": _AT_LEAST_0,
-    "first_order_lr": _AT_LEAST_0,
-    "eps": _ABOVE_0,
-    "scale_floor": _ABOVE_0,
-    "weight_decay": _AT_LEAST_0,
-    "first_order_weight_decay": _AT_LEAST_0,
-    "beta1": _UNIT,
-    "beta2": _UNIT,
-    "momentum": _UNIT,
-    "adam_eps": _ABOVE_0,
-    "clip_grad_norm": _ABOVE_0,
-    "clip_grad_value": _ABOVE_0,
-    "initial_loss_scale": _ABOVE_0,
-    "min_loss_scale": _ABOVE_0,
-    "queries": _COUNT,
-    "loss_scale_window": _COUNT,
-}
-"""The range of every numeric estimator setting, by its name in the configs and the
-constructors (NaN and infinity are in none of them). ``None`` stays allowed where a
-setting is optional (the clip thresholds: off)."""
-
-
-def check_hyperparameters(**values: Any) -> None:
-    """Raise ValueError naming the first setting outside its range (unknown names pass)."""
-    for name, value in values.items():
-        if name not in HYPERPARAMETER_RANGES or value is None:
-            continue
-        rule, valid = HYPERPARAMETER_RANGES[name]
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or math.isnan(value) or not valid(value):
-            raise ValueError(f"{name} must be {rule}, got {value!r}")
-
-
-def mean_over_ranks(value: float, reduce: Callable[[torch.Tensor], None]) -> float:
-    """``value`` averaged over data-parallel ranks by an in-place tensor ``reduce`` hook."""
-    tensor = torch.tensor([value], dtype=torch.float64)
-    reduce(tensor)
-    return float(tensor)
-
-
 def _as_float(value: torch.Tensor | float) -> float:
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-
-
-def differentiable_loss(
-    closure: Callable[[], torch.Tensor], step: int
-) -> tuple[torch.Tensor, float]:
-    """Run a first-order estimator's closure with grad enabled: the loss and its value.
-
-    Raises when the loss is non-finite or has no graph back to a trainable tensor.
-    """
-    with torch.enable_grad():
-        loss = closure()
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise NonFiniteLossError(
-            f"the closure returned a non-finite loss ({value}) at step {step}; "
-            "lower lr or check the batch"
-        )
-    if not loss.requires_grad:
-        raise ValueError(
-            "the closure's loss does not require grad: no trainable tensor reached it "
-            "(are the parameters frozen, or did the closure run under torch.no_grad()?)"
-        )
-    return loss, value
 
 
 @dataclass
@@ -160,7 +226,7 @@ class _Measured:
     scalars: torch.Tensor
     losses: torch.Tensor
 
-    def read(self) -> ZOEstimate:
+    def read(self) -> Estimate:
         """Read once (one device-to-host copy); a non-finite value raises."""
         values = torch.cat([self.scalars, self.losses]).tolist()
         scalars, losses = values[: len(self.seeds)], values[len(self.seeds) :]
@@ -170,7 +236,7 @@ class _Measured:
                 f"the closure returned a non-finite loss or estimate ({bad}) at step "
                 f"{self.step}; lower eps or lr, or check the batch"
             )
-        return ZOEstimate(self.step, self.seeds, scalars, sum(losses) / len(losses))
+        return Estimate(self.step, self.seeds, scalars, sum(losses) / len(losses))
 
 
 def _as_fp64(values: list[torch.Tensor | float]) -> torch.Tensor:
@@ -198,36 +264,50 @@ def _identity_coefficients(queries: int, device: torch.device) -> torch.Tensor:
     return _IDENTITY[key]
 
 
-class ZOOptimizer(torch.optim.Optimizer):
+@dataclass
+class ZOConfig(ScaleConfig):
+    """The finite-difference settings of the two-point loop, which every ZO estimator's config
+    extends (each declares its own ``lr``: its default differs by method)."""
+
+    eps: float = 1e-3
+    """Perturbation scale of the finite difference."""
+    weight_decay: float = 0.0
+    """Decoupled L2 decay, folded into the update pass: ``W *= 1 - lr * weight_decay``."""
+    queries: int = 1
+    """Directions per step; the update averages them (O(1) memory: seeds are replayed)."""
+    one_point: bool = False
+    """``(L(W + eps z) - L(W)) / eps`` instead of the symmetric two-point difference."""
+
+
+class ZOOptimizer(DataParallelHook, torch.optim.Optimizer):
     """Base class: two-point (or one-point) seed-replay estimates over param groups.
 
-    Subclasses decide how the averaged scalars become an update by overriding
-    :meth:`_group_coefficients` (and may keep state, e.g. momentum).
+    Built from its config dataclass (:attr:`config_class`), keyword overrides of its fields,
+    or both: ``ZOSGD(params, lr=1e-6, eps=1e-3, seed=0)``. Subclasses decide how the
+    averaged scalars become an update by overriding :meth:`_group_coefficients` (and may
+    keep state, e.g. momentum, declared as per-group settings in :meth:`_group_defaults`).
     """
+
+    config_class: ClassVar[type]
+    """The config dataclass whose fields are this estimator's settings."""
 
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        weight_decay: float = 0.0,
-        queries: int = 1,
-        one_point: bool = False,
+        config: Any = None,
+        *,
         seed: int = 0,
         engine: EngineConfig | None = None,
-        scale: str = "absolute",
-        scale_floor: float = 1e-3,
+        **settings: Any,
     ):
-        check_hyperparameters(
-            lr=lr, eps=eps, weight_decay=weight_decay, queries=queries, scale_floor=scale_floor
-        )
-        super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
-        self.queries = queries
-        self.one_point = one_point
+        self.config = configured(self.config_class, config, settings, type(self).__name__)
+        super().__init__(params, self._group_defaults(self.config))
+        self.queries = self.config.queries
+        self.one_point = self.config.one_point
         self.run_seed = seed
         tensors = [p for group in self.param_groups for p in group["params"]]
         self.engine = build_engine(tensors, engine)
-        self.tensor_scales = tensor_scales(tensors, scale, scale_floor)
+        self.tensor_scales = tensor_scales(tensors, self.config.scale, self.config.scale_floor)
         """``estimator.scale=relative``: each tensor's fixed scale (estimators/scaling.py)."""
         self._group_indices: list[list[int]] = []
         start = 0
@@ -235,10 +315,12 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._group_indices.append(list(range(start, start + len(group["params"]))))
             start += len(group["params"])
         self.step_count = 0
-        self._pending: list[ZOEstimate] = []
+        self._pending: list[Estimate] = []
         self.last_record: StepRecord | None = None
-        self.reduce_scalars: Callable[[list[float], float], tuple[list[float], float]] | None = None
-        """Data-parallel hook: maps (local scalars, local loss) to global means."""
+
+    def _group_defaults(self, config: Any) -> dict[str, Any]:
+        """What each param group holds, and may override (torch.optim's ``defaults``)."""
+        return {"lr": config.lr, "eps": config.eps, "weight_decay": config.weight_decay}
 
     # ------------------------------------------------------------------ estimates
     def seeds_for(self, step: int) -> list[int]:
@@ -291,7 +373,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Run the estimate's forwards; scalars and losses stay device tensors (fp64, with
         Python's float arithmetic, so a read gives what host arithmetic would)."""
         seeds = self.seeds_for(self.step_count)
-        eps = self.param_groups[0]["eps"]  # groups scale z by their own eps ratio below
+        eps = self._reference_eps()
         if self.one_point:
             base = self._loss(closure, None, 0.0)
             values = [self._loss(closure, seed, 1.0) for seed in seeds]
@@ -309,8 +391,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             losses = (plus + minus) / _scalar_like(2.0, plus)
         return _Measured(self.step_count, seeds, scalars, losses)
 
+    def _reference_eps(self) -> float:
+        """The eps the finite difference divides by: group 0's (the other groups scale z by
+        their eps ratio to it, :meth:`direction_scale`)."""
+        return self.param_groups[0]["eps"]
+
     @torch.no_grad()
-    def estimate(self, closure: Closure) -> ZOEstimate:
+    def estimate(self, closure: Closure) -> Estimate:
         """Estimate the projected gradients on the closure's batch; weights do not change.
 
         Call it once per micro-batch, then :meth:`step` once: every micro-batch of a step
@@ -326,15 +413,15 @@ class ZOOptimizer(torch.optim.Optimizer):
         n = len(self._pending)
         scalars = [sum(e.scalars[q] for e in self._pending) / n for q in range(self.queries)]
         loss = sum(e.loss for e in self._pending) / n
-        if self.reduce_scalars is not None:
-            scalars, loss = self.reduce_scalars(scalars, loss)
+        if self.reducer is not None:
+            *scalars, loss = self.reducer.mean([*scalars, loss])
         return scalars, loss
 
     # ------------------------------------------------------------------ updates
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
         """``step(closure)`` = ``estimate(closure)`` then apply; ``step()`` applies the pending ones."""
-        fused = self._fused_step and not self._pending and self.reduce_scalars is None
+        fused = self._fused_step and not self._pending and self.reducer is None
         if closure is not None and fused:
             return self._step_without_sync(closure)
         if closure is not None:
@@ -428,22 +515,21 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.last_record = record
         return record
 
-    def _skipped(self, record: StepRecord) -> bool:
-        """True, with the step spent, when ``record`` is a skipped step (:meth:`skip_step`)."""
-        if "skipped" not in record.extra:
-            return False
+    def _opens(self, record: StepRecord) -> bool:
+        """Whether ``record``, this step's (else ValueError), updates: a skipped step
+        (:meth:`skip_step`) is spent here, with nothing changed."""
         if record.step != self.step_count:
             raise ValueError(f"record for step {record.step} applied at step {self.step_count}")
-        self.step_count += 1
+        if "skipped" in record.extra:
+            self.step_count += 1
+            return False
         return True
 
     @torch.no_grad()
     def apply_record(self, record: StepRecord) -> None:
         """Apply one recorded update; training and replay both go through here."""
-        if self._skipped(record):
+        if not self._opens(record):
             return
-        if record.step != self.step_count:
-            raise ValueError(f"record for step {record.step} applied at step {self.step_count}")
         for group_index, indices in enumerate(self._group_indices):
             lr = record.lrs[group_index]
             decay = 1.0 - lr * record.weight_decays[group_index]

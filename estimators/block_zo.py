@@ -39,11 +39,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from estimators.base import Closure, StepRecord, ZOEstimate, ZOOptimizer
+from estimators.base import Closure, StepRecord, ZOOptimizer, _Measured
 from estimators.registry import register_estimator
 from estimators.zo_sgd import ZOSGDConfig
 from zo.blocks import NoBlocksError, decoder_blocks
-from zo.engine import EngineConfig, mix_seed
+from zo.engine import mix_seed
 from zo.memory import EstimatorMemory
 
 OUTSIDE = "outside blocks"
@@ -233,13 +233,6 @@ class PrefixReplay:
 
 
 # ---------------------------------------------------------------------------- estimator
-@register_estimator(
-    "block_zo",
-    BlockZOConfig,
-    zeroth_order=True,
-    needs_model=True,
-    memory=EstimatorMemory(kept_hidden_states=2, forward_passes=1.5),
-)
 class BlockZO(ZOOptimizer):
     """ZO-SGD on one block per step; the blocks before it are computed once per estimate.
 
@@ -247,40 +240,23 @@ class BlockZO(ZOOptimizer):
     trainable tensors, plain, named, or as param groups with their own lr/eps/weight_decay.
     """
 
+    config_class = BlockZOConfig
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | Iterable[dict],
+        config: BlockZOConfig | None = None,
+        *,
         model: nn.Module,
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        weight_decay: float = 0.0,
-        queries: int = 1,
-        one_point: bool = False,
-        order: str = "cycle",
-        reuse_activations: bool = True,
-        seed: int = 0,
-        engine: EngineConfig | None = None,
-        scale: str = "absolute",
-        scale_floor: float = 1e-3,
+        **settings: Any,
     ):
-        check_order(order)
         self.blocks = find_blocks(model)
-        super().__init__(
-            params,
-            lr=lr,
-            eps=eps,
-            weight_decay=weight_decay,
-            queries=queries,
-            one_point=one_point,
-            seed=seed,
-            engine=engine,
-            scale=scale,
-            scale_floor=scale_floor,
-        )
-        self.order = order
-        self.reuse_activations = reuse_activations
+        super().__init__(params, config, **settings)
+        self.order = self.config.order
+        self.reuse_activations = self.config.reuse_activations
         self.units = partition_units(model, self.blocks, self.engine.tensors, self._group_indices)
         self._unit: Unit | None = None  # the unit being estimated, read by _scales
+        self._prefix: PrefixReplay | None = None  # its activation reuse, told of each forward
 
     # ------------------------------------------------------------------ choice
     def unit_position(self, step: int) -> int:
@@ -300,40 +276,23 @@ class BlockZO(ZOOptimizer):
                 scales[index] = sign * self.param_groups[group_index]["eps"]
         return self._relative(scales)
 
-    def _prefix(self, unit: Unit) -> PrefixReplay:
+    def _reference_eps(self) -> float:
+        return self.param_groups[self._unit.reference_group]["eps"]  # type: ignore[union-attr]
+
+    def _measure(self, closure: Closure) -> _Measured:
+        """The base loop over the step's unit, with the blocks before it run once."""
+        self._unit = unit = self.unit_at(self.step_count)
         stop = unit.block if self.reuse_activations and unit.block is not None else 0
-        return PrefixReplay(self.blocks, stop)
-
-    @torch.no_grad()
-    def estimate(self, closure: Closure) -> ZOEstimate:
-        """Projected gradients of the step's block on the closure's batch; no weight changes."""
-        unit = self.unit_at(self.step_count)
-        seeds = self.seeds_for(self.step_count)
-        eps = self.param_groups[unit.reference_group]["eps"]
-        scalars, losses = [], []
-        self._unit = unit
         try:
-            with self._prefix(unit).installed() as prefix:
-
-                def loss_at(seed: int | None, sign: float) -> float:
-                    loss = self._evaluate(closure, seed, sign)
-                    prefix.pass_done()
-                    return loss
-
-                if self.one_point:
-                    base = loss_at(None, 0.0)
-                    losses.append(base)
-                    scalars += [(loss_at(seed, 1.0) - base) / eps for seed in seeds]
-                else:
-                    for seed in seeds:
-                        plus, minus = loss_at(seed, 1.0), loss_at(seed, -1.0)
-                        scalars.append((plus - minus) / (2 * eps))
-                        losses.append((plus + minus) / 2)
+            with PrefixReplay(self.blocks, stop).installed() as self._prefix:
+                return super()._measure(closure)
         finally:
-            self._unit = None
-        estimate = ZOEstimate(self.step_count, seeds, scalars, sum(losses) / len(losses))
-        self._pending.append(estimate)
-        return estimate
+            self._unit, self._prefix = None, None
+
+    def _loss(self, closure: Closure, seed: int | None, sign: float) -> torch.Tensor | float:
+        value = super()._loss(closure, seed, sign)
+        self._prefix.pass_done()  # type: ignore[union-attr]
+        return value
 
     # ------------------------------------------------------------------ updates
     def _record_extra(self, record: StepRecord) -> dict[str, Any]:
@@ -363,10 +322,8 @@ class BlockZO(ZOOptimizer):
     @torch.no_grad()
     def apply_record(self, record: StepRecord) -> None:
         """Update the recorded unit only: ``W_g <- decay W_g - lr_g (eps_g/eps_r) mean_q g_q z_q``."""
-        if self._skipped(record):
+        if not self._opens(record):
             return
-        if record.step != self.step_count:
-            raise ValueError(f"record for step {record.step} applied at step {self.step_count}")
         unit = self._recorded_unit(record)
         eps = record.extra.get("eps") or [group["eps"] for group in self.param_groups]
         reference = eps[unit.reference_group]
@@ -394,3 +351,15 @@ class BlockZO(ZOOptimizer):
                 f"{len(self.units)}; keep the order and the trainable set when resuming"
             )
         super().load_state_dict(state_dict)
+
+
+register_estimator(
+    "block_zo",
+    BlockZOConfig,
+    BlockZO,
+    zeroth_order=True,
+    replayable=True,
+    seeded=True,
+    needs_model=True,
+    memory=EstimatorMemory(kept_hidden_states=2, forward_passes=1.5),
+)

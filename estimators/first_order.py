@@ -11,19 +11,19 @@ because ``eps`` means the finite-difference scale everywhere else in this projec
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from estimators.base import check_hyperparameters, differentiable_loss, mean_over_ranks
+from estimators.base import Closure, Estimate, GradientEstimator
 from estimators.registry import register_estimator
-from zo.engine import EngineConfig
+from estimators.settings import configured
 from zo.memory import EstimatorMemory
 from zo.sharded_optim import is_sharded
 
-Closure = Callable[[], torch.Tensor]
 Params = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 
 
@@ -37,28 +37,33 @@ def _unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
     return step.__wrapped__ if getattr(step, "hooked", False) else step
 
 
-class FirstOrderMixin:
-    """The estimate/step split over a torch optimizer's gradient step (``_base``)."""
+class FirstOrderMixin(GradientEstimator):
+    """The estimate/step split over a torch optimizer's gradient step (``_base``), built from
+    the config dataclass (``config_class``) whose fields :meth:`_base_settings` translates."""
 
+    config_class: ClassVar[type]
     _base: type[torch.optim.Optimizer]
     param_groups: list[dict[str, Any]]
 
-    def _init_first_order(self) -> None:
+    def __init__(self, params: Params, config: Any = None, **settings: Any):
+        config = configured(self.config_class, config, settings, type(self).__name__)
+        self._base.__init__(self, params, **self._base_settings(config))  # type: ignore[arg-type]
         self.step_count = 0
-        self.last_record = None  # gradient steps are not seed-replayable
         self._pending_losses: list[float] = []
-        self.reduce_gradient: Callable[[torch.Tensor], None] | None = None
-        """Data-parallel hook: replaces a tensor (each gradient, then the loss) by its mean
-        over ranks, in place."""
 
-    def estimate(self, closure: Closure) -> float:
-        """Forward and backward on the closure's batch; returns the loss. No weight changes."""
+    @staticmethod
+    def _base_settings(config: Any) -> dict[str, Any]:
+        """The torch optimizer's keyword arguments."""
+        return dataclasses.asdict(config)
+
+    def estimate(self, closure: Closure) -> Estimate:
+        """Forward and backward on the closure's batch; no weight changes."""
         if not self._pending_losses:  # gradients from outside the loop must not leak in
             self.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
-        loss, value = differentiable_loss(closure, self.step_count)
+        loss, value = self._differentiable_loss(closure)
         loss.backward()
         self._pending_losses.append(value)
-        return value
+        return self._estimate(value)
 
     def step(self, closure: Closure | None = None) -> float:
         """``step(closure)`` = ``estimate(closure)`` then apply; returns the mean loss."""
@@ -73,17 +78,15 @@ class FirstOrderMixin:
                 for p in group["params"]:
                     if p.grad is None:
                         continue
-                    if self.reduce_gradient is not None and not is_sharded(p.grad):
-                        self.reduce_gradient(p.grad)  # FSDP2 reduce-scattered a sharded one
+                    if self.reducer is not None and not is_sharded(p.grad):
+                        self.reducer.mean_(p.grad)  # FSDP2 reduce-scattered a sharded one
                     if count > 1:
                         p.grad.div_(count)
-        if self.reduce_gradient is not None:
-            loss = mean_over_ranks(loss, self.reduce_gradient)
         _unhooked(self._base.step)(self)
         self.zero_grad(set_to_none=True)  # type: ignore[attr-defined]
         self._pending_losses.clear()
         self.step_count += 1
-        return loss
+        return self._mean_loss(loss)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()  # type: ignore[misc]
@@ -111,28 +114,11 @@ class SGDConfig:
     """L2 decay added to the gradient, as ``torch.optim.SGD`` does."""
 
 
-@register_estimator(
-    "sgd", SGDConfig, zeroth_order=False, memory=EstimatorMemory(gradients="all", forward_passes=3)
-)
 class SGD(FirstOrderMixin, torch.optim.SGD):
-    _base = torch.optim.SGD
+    """``torch.optim.SGD``: the config's fields are its keyword arguments."""
 
-    def __init__(
-        self,
-        params: Params,
-        lr: float = 1e-3,
-        momentum: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        engine: EngineConfig | None = None,
-    ):
-        del seed, engine  # deterministic, and nothing is perturbed
-        check_hyperparameters(lr=lr, momentum=momentum, weight_decay=weight_decay)
-        torch.optim.SGD.__init__(
-            self, params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay
-        )
-        self._init_first_order()
+    config_class = SGDConfig
+    _base = torch.optim.SGD
 
 
 @dataclass
@@ -150,36 +136,32 @@ class AdamWConfig:
     """Decoupled weight decay (torch's default is 0.01; 0 matches the other estimators)."""
 
 
-@register_estimator(
-    "adamw",
-    AdamWConfig,
-    zeroth_order=False,
-    memory=EstimatorMemory(gradients="all", state_copies=2, foreach_temp=True, forward_passes=3),
-)
 class AdamW(FirstOrderMixin, torch.optim.AdamW):
+    config_class = AdamWConfig
     _base = torch.optim.AdamW
 
-    def __init__(
-        self,
-        params: Params,
-        lr: float = 1e-5,
-        beta1: float = 0.9,
-        beta2: float = 0.999,
-        adam_eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        engine: EngineConfig | None = None,
-    ):
-        del seed, engine
-        check_hyperparameters(
-            lr=lr, beta1=beta1, beta2=beta2, adam_eps=adam_eps, weight_decay=weight_decay
-        )
-        torch.optim.AdamW.__init__(
-            self,
-            params,
-            lr=lr,
-            betas=(beta1, beta2),
-            eps=adam_eps,
-            weight_decay=weight_decay,
-        )
-        self._init_first_order()
+    @staticmethod
+    def _base_settings(config: AdamWConfig) -> dict[str, Any]:  # type: ignore[override]
+        return {
+            "lr": config.lr,
+            "betas": (config.beta1, config.beta2),
+            "eps": config.adam_eps,
+            "weight_decay": config.weight_decay,
+        }
+
+
+_GRADIENTS = dict(zeroth_order=False, replayable=False, seeded=False)
+register_estimator(
+    "sgd",
+    SGDConfig,
+    SGD,
+    **_GRADIENTS,
+    memory=EstimatorMemory(gradients="all", forward_passes=3),
+)
+register_estimator(
+    "adamw",
+    AdamWConfig,
+    AdamW,
+    **_GRADIENTS,
+    memory=EstimatorMemory(gradients="all", state_copies=2, foreach_temp=True, forward_passes=3),
+)

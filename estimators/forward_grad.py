@@ -21,15 +21,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from estimators.base import Closure, NonFiniteLossError, ZOEstimate, check_hyperparameters
+from estimators.base import Closure, Estimate, NonFiniteLossError
 from estimators.registry import register_estimator
 from estimators.scaling import ScaleConfig
 from estimators.zo_sgd import ZOSGD
-from zo.engine import EngineConfig
 from zo.jvp import directional_derivative
 from zo.memory import EstimatorMemory
 
@@ -45,15 +44,9 @@ class ForwardGradConfig(ScaleConfig):
     eps: float | None = None
     """Accepted so that one estimator section reads the same across methods, and ignored
     with a warning: the derivative is exact, there is no perturbation to scale."""
+    one_point: ClassVar[bool] = False  # what the base loop reads: no finite difference here
 
 
-@register_estimator(
-    "forward_grad",
-    ForwardGradConfig,
-    zeroth_order=True,
-    eager_attention=True,
-    memory=EstimatorMemory(tangents=True, forward_passes=3),
-)
 class ForwardGrad(ZOSGD):
     """ZO-SGD whose scalars are exact directional derivatives from forward-mode AD.
 
@@ -62,36 +55,21 @@ class ForwardGrad(ZOSGD):
     along its own part of the same direction ``v`` (there is no per-group ``eps``).
     """
 
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 1e-6,
-        weight_decay: float = 0.0,
-        queries: int = 1,
-        seed: int = 0,
-        engine: EngineConfig | None = None,
-        eps: float | None = None,
-        scale: str = "absolute",
-        scale_floor: float = 1e-3,
-    ):
-        if eps is not None:
-            check_hyperparameters(eps=eps)  # ignored, but a bad value is still refused
+    config_class = ForwardGradConfig
+
+    def __init__(self, params: Any, config: ForwardGradConfig | None = None, **settings: Any):
+        super().__init__(params, config, **settings)
+        if self.config.eps is not None:  # range-checked with the other settings
             warnings.warn(
-                f"forward_grad ignores eps={eps}: its directional derivatives are exact "
-                "(forward-mode AD), there is no perturbation to scale; drop estimator.eps",
+                f"forward_grad ignores eps={self.config.eps}: its directional derivatives are "
+                "exact (forward-mode AD), there is no perturbation to scale; drop estimator.eps",
                 UserWarning,
                 stacklevel=2,
             )
-        super().__init__(
-            params,
-            lr=lr,
-            weight_decay=weight_decay,
-            queries=queries,
-            seed=seed,
-            engine=engine,
-            scale=scale,
-            scale_floor=scale_floor,
-        )
+
+    def _group_defaults(self, config: ForwardGradConfig) -> dict[str, Any]:
+        # eps is never read (direction_scale is 1); groups keep ZO-SGD's, as saved states hold
+        return {"lr": config.lr, "eps": 1e-3, "weight_decay": config.weight_decay}
 
     _fused_step = False  # its estimate reads each directional derivative
 
@@ -99,7 +77,7 @@ class ForwardGrad(ZOSGD):
         return 1.0  # tangents are the raw directions in every group
 
     @torch.no_grad()
-    def estimate(self, closure: Closure) -> ZOEstimate:  # type: ignore[override]
+    def estimate(self, closure: Closure) -> Estimate:  # type: ignore[override]
         """Directional derivatives along the step's directions; weights do not change."""
         seeds = self.seeds_for(self.step_count)
         losses, scalars = [], []
@@ -114,6 +92,18 @@ class ForwardGrad(ZOSGD):
                 )
             losses.append(loss)
             scalars.append(derivative)
-        estimate = ZOEstimate(self.step_count, seeds, scalars, sum(losses) / len(losses))
+        estimate = Estimate(self.step_count, seeds, scalars, sum(losses) / len(losses))
         self._pending.append(estimate)
         return estimate
+
+
+register_estimator(
+    "forward_grad",
+    ForwardGradConfig,
+    ForwardGrad,
+    zeroth_order=True,
+    replayable=True,
+    seeded=True,
+    eager_attention=True,
+    memory=EstimatorMemory(tangents=True, forward_passes=3),
+)

@@ -35,14 +35,15 @@ from typing import Any
 
 import torch
 
-from estimators.base import Closure, StepRecord, ZOEstimate, check_hyperparameters
+from estimators.base import Closure, Estimate, GradientEstimator, Reducer, StepRecord
 from estimators.first_order import SGD, AdamW
 from estimators.registry import register_estimator
+from estimators.settings import configured, narrowed
 from estimators.zo_sgd import ZOSGD, ZOSGDConfig
 from zo.engine import EngineConfig
 from zo.memory import EstimatorMemory
 
-FIRST_ORDER_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": SGD, "adamw": AdamW}
+FIRST_ORDER_OPTIMIZERS: dict[str, type[SGD] | type[AdamW]] = {"sgd": SGD, "adamw": AdamW}
 """The first-order part's optimizer by name; each takes ``lr`` and ``weight_decay`` (the
 rest keep the estimator's defaults: AdamW's betas 0.9/0.999, SGD without momentum)."""
 
@@ -145,13 +146,7 @@ def gradients_only_for(wanted: list[torch.Tensor], others: list[torch.Tensor]) -
             p.requires_grad_(flag)
 
 
-@register_estimator(
-    "hybrid",
-    HybridConfig,
-    zeroth_order=False,
-    memory=EstimatorMemory(gradients="part", forward_passes=5),
-)
-class Hybrid(torch.optim.Optimizer):
+class Hybrid(GradientEstimator, torch.optim.Optimizer):
     """ZO-SGD over the ZO part (:attr:`zeroth`) and SGD/AdamW over the first-order part
     (:attr:`first`) in one ``estimate``/``step``.
 
@@ -160,56 +155,35 @@ class Hybrid(torch.optim.Optimizer):
     ``lr`` and ``first_order_lr`` alike. Groups cannot be added after construction.
     """
 
+    config_class = HybridConfig
+
     def __init__(
         self,
         params: Iterable[tuple[str, torch.Tensor]] | Iterable[dict[str, Any]],
-        first_order: list[str] | tuple[str, ...] = (),
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        weight_decay: float = 0.0,
-        queries: int = 1,
-        one_point: bool = False,
-        first_order_optimizer: str = "sgd",
-        first_order_lr: float = 1e-3,
-        first_order_weight_decay: float = 0.0,
+        config: HybridConfig | None = None,
+        *,
         seed: int = 0,
         engine: EngineConfig | None = None,
-        scale: str = "absolute",
-        scale_floor: float = 1e-3,
+        **settings: Any,
     ):
-        patterns = list(first_order)
+        c = configured(HybridConfig, config, settings, "Hybrid")
+        patterns = list(c.first_order)
         if not patterns:
             raise HybridSplitError(
                 "hybrid needs first_order patterns naming the part trained with gradients, "
                 "e.g. first_order: ['lm_head.*']; with none it is zo_sgd"
             )
-        check_optimizer(first_order_optimizer)
-        check_hyperparameters(
-            first_order_lr=first_order_lr, first_order_weight_decay=first_order_weight_decay
-        )
         super().__init__(params, {})  # normalises tensors / named pairs / dicts into groups
         zeroth_groups, first_groups = split_groups(self.param_groups, patterns)
         self.first_order_patterns = patterns
-        self.zeroth = ZOSGD(
-            zeroth_groups,
-            lr=lr,
-            eps=eps,
-            weight_decay=weight_decay,
-            queries=queries,
-            one_point=one_point,
-            seed=seed,
-            engine=engine,
-            scale=scale,
-            scale_floor=scale_floor,
+        self.zeroth = ZOSGD(zeroth_groups, narrowed(c, ZOSGDConfig), seed=seed, engine=engine)
+        self.first = FIRST_ORDER_OPTIMIZERS[c.first_order_optimizer](
+            first_groups, lr=c.first_order_lr, weight_decay=c.first_order_weight_decay
         )
-        self.first = FIRST_ORDER_OPTIMIZERS[first_order_optimizer](
-            first_groups, lr=first_order_lr, weight_decay=first_order_weight_decay
-        )
-        self.first_order_optimizer = first_order_optimizer
+        self.first_order_optimizer = c.first_order_optimizer
         self._zeroth_tensors = [p for g in self.zeroth.param_groups for p in g["params"]]
         self._first_tensors = [p for g in self.first.param_groups for p in g["params"]]
-        self.step_count = 0
-        self.last_record: StepRecord | None = None  # not seed-replayable: see zo_record
+        self.step_count = 0  # last_record stays None (not seed-replayable): see zo_record
         self.zo_record: StepRecord | None = None
         """The ZO part's record of the last step (its seeds and scalars)."""
         self._share_groups()
@@ -222,29 +196,17 @@ class Hybrid(torch.optim.Optimizer):
             raise NotImplementedError("hybrid splits its groups once, at construction")
         super().add_param_group(param_group)
 
-    # Data parallel: the ZO part averages its scalars, the first-order part its gradients.
-    @property
-    def reduce_scalars(self) -> Any:
-        return self.zeroth.reduce_scalars
-
-    @reduce_scalars.setter
-    def reduce_scalars(self, hook: Any) -> None:
-        self.zeroth.reduce_scalars = hook
-
-    @property
-    def reduce_gradient(self) -> Any:
-        return self.first.reduce_gradient
-
-    @reduce_gradient.setter
-    def reduce_gradient(self, hook: Any) -> None:
-        self.first.reduce_gradient = hook
+    def attach_data_parallel(self, reducer: Reducer) -> None:
+        """The ZO part averages its scalars, the first-order part its gradients."""
+        self.zeroth.attach_data_parallel(reducer)
+        self.first.attach_data_parallel(reducer)
 
     # ------------------------------------------------------------------ estimate / step
-    def estimate(self, closure: Closure) -> ZOEstimate:
+    def estimate(self, closure: Closure) -> Estimate:
         """ZO estimate of the ZO part, then forward + backward for the first-order part."""
         estimate = self.zeroth.estimate(closure)
         with gradients_only_for(self._first_tensors, self._zeroth_tensors):
-            self.first.estimate(closure)  # type: ignore[attr-defined]
+            self.first.estimate(closure)
         return estimate
 
     def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
@@ -289,3 +251,14 @@ class Hybrid(torch.optim.Optimizer):
     @staticmethod
     def _names(optimizer: torch.optim.Optimizer) -> list[str]:
         return [n for g in optimizer.param_groups for n in g["param_names"]]
+
+
+register_estimator(
+    "hybrid",
+    HybridConfig,
+    Hybrid,
+    zeroth_order=False,  # its first-order part calls backward
+    replayable=False,  # that part's update uses gradients; the ZO part's: zo_record
+    seeded=True,
+    memory=EstimatorMemory(gradients="part", forward_passes=5),
+)

@@ -34,13 +34,11 @@ from typing import Any, Literal
 
 import torch
 
-from estimators.base import check_hyperparameters, differentiable_loss, mean_over_ranks
+from estimators.base import Closure, Estimate, GradientEstimator
 from estimators.registry import register_estimator
-from zo.engine import EngineConfig
+from estimators.settings import configured
 from zo.memory import EstimatorMemory
 from zo.sharded_optim import gradient_hook, is_sharded
-
-Closure = Callable[[], torch.Tensor]
 
 
 class GradientOverflowError(FloatingPointError):
@@ -95,14 +93,7 @@ class DynamicLossScaler:
             self.clean_steps = 0
 
 
-@register_estimator(
-    "lomo",
-    LOMOConfig,
-    zeroth_order=False,
-    grad_accum=False,
-    memory=EstimatorMemory(gradients="one", forward_passes=3),
-)
-class LOMO(torch.optim.Optimizer):
+class LOMO(GradientEstimator, torch.optim.Optimizer):
     """``estimate(closure)`` runs forward, backward and the fused update; ``step()`` closes it.
 
     There is nothing to accumulate (each gradient is gone once applied), so a second
@@ -111,49 +102,33 @@ class LOMO(torch.optim.Optimizer):
     have ``requires_grad=False``, else their gradients accumulate as usual.
     """
 
+    config_class = LOMOConfig
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        clip_grad_norm: float | None = None,
-        clip_grad_value: float | None = None,
-        loss_scale: str = "auto",
-        initial_loss_scale: float = 2.0**16,
-        loss_scale_window: int = 1000,
-        min_loss_scale: float = 1.0,
-        seed: int = 0,
-        engine: EngineConfig | None = None,
+        config: LOMOConfig | None = None,
+        **settings: Any,
     ):
-        del seed, engine  # no randomness and no perturbations
-        check_hyperparameters(
-            lr=lr,
-            weight_decay=weight_decay,
-            clip_grad_norm=clip_grad_norm,  # None: off
-            clip_grad_value=clip_grad_value,
-            initial_loss_scale=initial_loss_scale,
-            min_loss_scale=min_loss_scale,
-            loss_scale_window=loss_scale_window,
-        )
-        if loss_scale not in ("auto", "dynamic", "off"):
-            raise ValueError(f"loss_scale must be 'auto', 'dynamic' or 'off', got {loss_scale!r}")
-        if not 0 < min_loss_scale <= initial_loss_scale:
+        c = configured(LOMOConfig, config, settings, "LOMO")
+        if c.loss_scale not in ("auto", "dynamic", "off"):
+            raise ValueError(f"loss_scale must be 'auto', 'dynamic' or 'off', got {c.loss_scale!r}")
+        if not 0 < c.min_loss_scale <= c.initial_loss_scale:
             raise ValueError(
-                f"need 0 < min_loss_scale <= initial_loss_scale, got {min_loss_scale} and "
-                f"{initial_loss_scale}"
+                f"need 0 < min_loss_scale <= initial_loss_scale, got {c.min_loss_scale} and "
+                f"{c.initial_loss_scale}"
             )
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": c.lr, "weight_decay": c.weight_decay})
         self._check_params_require_grad()
-        self.clip_grad_norm = clip_grad_norm
-        self.clip_grad_value = clip_grad_value
+        self.clip_grad_norm = c.clip_grad_norm
+        self.clip_grad_value = c.clip_grad_value
         has_fp16 = any(p.dtype == torch.float16 for p in self._params())
         self.scaler = (
-            DynamicLossScaler(initial_loss_scale, loss_scale_window, min_loss_scale)
-            if loss_scale == "dynamic" or (loss_scale == "auto" and has_fp16)
+            DynamicLossScaler(c.initial_loss_scale, c.loss_scale_window, c.min_loss_scale)
+            if c.loss_scale == "dynamic" or (c.loss_scale == "auto" and has_fp16)
             else None
         )
         self.step_count = 0
-        self.last_record = None
         self.last_grad_norm: float | None = None
         """Global gradient norm (unscaled, after value clipping) when the first pass ran."""
         self.last_step_skipped = False
@@ -161,9 +136,6 @@ class LOMO(torch.optim.Optimizer):
         self._pending_loss: float | None = None
         self._clip_coefficient: torch.Tensor | None = None
         self._scale = 1.0
-        self.reduce_gradient: Callable[[torch.Tensor], None] | None = None
-        """Data-parallel hook: replaces a tensor (each gradient inside backward, before its
-        fused update; then the loss) by its mean over ranks, in place."""
 
     # ------------------------------------------------------------------ plumbing
     def _params(self) -> Iterator[torch.Tensor]:
@@ -206,8 +178,8 @@ class LOMO(torch.optim.Optimizer):
         # fp32 gradients are modified in place: nothing else holds them once .grad is cleared
         grad = grad if grad.dtype == torch.float32 else grad.float()
         # every rank fires its hooks in the same order; FSDP2 reduce-scattered a sharded one
-        if self.reduce_gradient is not None and not is_sharded(grad):
-            self.reduce_gradient(grad)
+        if self.reducer is not None and not is_sharded(grad):
+            self.reducer.mean_(grad)
         if self._scale != 1.0:
             grad.div_(self._scale)
         if self.clip_grad_value is not None:
@@ -234,8 +206,8 @@ class LOMO(torch.optim.Optimizer):
             param.copy_(weight)
 
     # ------------------------------------------------------------------ the step
-    def estimate(self, closure: Closure) -> float:
-        """Forward, backward and the update fused into it; returns the (unscaled) loss."""
+    def estimate(self, closure: Closure) -> Estimate:
+        """Forward, backward and the update fused into it; the (unscaled) loss."""
         if self._pending_loss is not None:
             raise RuntimeError(
                 "LOMO updates the weights inside backward and cannot accumulate estimates: "
@@ -243,7 +215,7 @@ class LOMO(torch.optim.Optimizer):
             )
         for p in self._params():  # stale gradients from elsewhere must not leak into the step
             p.grad = None
-        loss, value = differentiable_loss(closure, self.step_count)
+        loss, value = self._differentiable_loss(closure)
         self._scale = self.scaler.scale if self.scaler is not None else 1.0
         scaled = loss.float() * self._scale if self.scaler is not None else loss
         self.last_step_skipped = False
@@ -259,7 +231,7 @@ class LOMO(torch.optim.Optimizer):
         finally:
             self._clip_coefficient = None
         self._pending_loss = value
-        return value
+        return self._estimate(value)
 
     def _first_pass(self, scaled: torch.Tensor) -> bool:
         """Measure the global norm without updating; False when the step must be skipped."""
@@ -291,10 +263,8 @@ class LOMO(torch.optim.Optimizer):
         if self._pending_loss is None:
             raise RuntimeError("step() without a closure needs an estimate() first")
         loss, self._pending_loss = self._pending_loss, None
-        if self.reduce_gradient is not None:
-            loss = mean_over_ranks(loss, self.reduce_gradient)
         self.step_count += 1
-        return loss
+        return self._mean_loss(loss)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -322,3 +292,15 @@ class LOMO(torch.optim.Optimizer):
         if scaler_state is not None:
             self.scaler = DynamicLossScaler(**scaler_state)
         self._pending_loss = None
+
+
+register_estimator(
+    "lomo",
+    LOMOConfig,
+    LOMO,
+    zeroth_order=False,
+    replayable=False,
+    seeded=False,
+    grad_accum=False,
+    memory=EstimatorMemory(gradients="one", forward_passes=3),
+)

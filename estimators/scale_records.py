@@ -3,27 +3,25 @@ and replay (kept apart from :mod:`estimators.scaling`, which the estimators impo
 
 from __future__ import annotations
 
-import torch
-
-from estimators.base import ZOOptimizer
+from estimators.base import Estimator, ZOOptimizer
 from estimators.hybrid import Hybrid
 from estimators.scaling import check_header_entry, header_entry
 
 
-def optimizer_scales(optimizer: torch.optim.Optimizer) -> list[float] | None:
+def optimizer_scales(optimizer: Estimator) -> list[float] | None:
     """The ZO part's per-tensor scales under ``estimator.scale=relative`` (else None)."""
     zeroth = optimizer.zeroth if isinstance(optimizer, Hybrid) else optimizer
     return zeroth.tensor_scales if isinstance(zeroth, ZOOptimizer) else None
 
 
-def scales_header(optimizer: torch.optim.Optimizer) -> dict:
+def scales_header(optimizer: Estimator) -> dict:
     """The trajectory header's ``tensor_scales`` entry (empty under scale=absolute)."""
     entry = header_entry(optimizer_scales(optimizer))
     return {} if entry is None else {"tensor_scales": entry}
 
 
 def check_recorded_scales(
-    header: dict, trajectory: object, optimizer: torch.optim.Optimizer, error: type[Exception]
+    header: dict, trajectory: object, optimizer: Estimator, error: type[Exception]
 ) -> None:
     """The scales a relative-scale run recorded in its ``trajectory`` header are the ones
     these weights give (resume, replay); a damaged or mismatched record is refused, naming

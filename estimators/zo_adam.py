@@ -13,42 +13,30 @@ from typing import Any
 
 import torch
 
-from estimators.base import StepRecord, check_hyperparameters
+from estimators.base import StepRecord, ZOConfig
 from estimators.registry import register_estimator
-from estimators.scaling import ScaleConfig
 from estimators.zo_variants import ChunkRule, ElementwiseZO, recorded
 from zo.memory import EstimatorMemory
 
 
 @dataclass
-class ZOAdamConfig(ScaleConfig):
+class ZOAdamConfig(ZOConfig):
+    """The finite-difference settings (``eps`` is the perturbation, not Adam's epsilon: see
+    adam_eps; weight decay is decoupled as in AdamW and ZO-SGD), plus Adam's:"""
+
     lr: float = 1e-5
     """Adam step size: each entry moves by about ``lr`` per step (less under ZO noise)."""
-    eps: float = 1e-3
-    """Perturbation scale of the finite difference (not Adam's epsilon: see adam_eps)."""
     beta1: float = 0.9
     """Decay of the first moment (mean of g_hat)."""
     beta2: float = 0.999
     """Decay of the second moment (mean of g_hat squared)."""
     adam_eps: float = 1e-8
     """Adam's denominator term, ``sqrt(v_hat) + adam_eps``."""
-    weight_decay: float = 0.0
-    """Decoupled decay as in AdamW and ZO-SGD: ``W *= 1 - lr * weight_decay``."""
-    queries: int = 1
-    """Directions per step, averaged into g_hat (seeds replayed per chunk)."""
-    one_point: bool = False
-    """``(L(W + eps z) - L(W)) / eps`` instead of the symmetric two-point difference."""
 
 
 HYPERPARAMETERS = ("beta1", "beta2", "adam_eps")
 
 
-@register_estimator(
-    "zo_adam",
-    ZOAdamConfig,
-    zeroth_order=True,
-    memory=EstimatorMemory(state_copies=2, accumulator=True),
-)
 class ZOAdam(ElementwiseZO):
     """``torch.optim.AdamW`` on ``g_hat``, rebuilt chunk by chunk from the step's seeds.
 
@@ -61,23 +49,12 @@ class ZOAdam(ElementwiseZO):
     trainable tensors only; the update itself needs one chunk per worker thread.
     """
 
+    config_class = ZOAdamConfig
     state_keys = ("exp_avg", "exp_avg_sq")
 
-    def __init__(
-        self,
-        params,
-        *,
-        beta1: float = 0.9,
-        beta2: float = 0.999,
-        adam_eps: float = 1e-8,
-        **kwargs: Any,
-    ):
-        check_hyperparameters(beta1=beta1, beta2=beta2, adam_eps=adam_eps)
-        super().__init__(params, **kwargs)
-        for group in self.param_groups:
-            group.setdefault("beta1", beta1)
-            group.setdefault("beta2", beta2)
-            group.setdefault("adam_eps", adam_eps)
+    def _group_defaults(self, config: ZOAdamConfig) -> dict[str, Any]:
+        adam = {key: getattr(config, key) for key in HYPERPARAMETERS}
+        return {**super()._group_defaults(config), **adam}
 
     def _record_extra(self, record: StepRecord) -> dict[str, Any]:
         return {key: [group[key] for group in self.param_groups] for key in HYPERPARAMETERS}
@@ -103,3 +80,14 @@ class ZOAdam(ElementwiseZO):
             weights.addcdiv_(exp_avg, denom, value=-step_size * scale)
 
         return rule
+
+
+register_estimator(
+    "zo_adam",
+    ZOAdamConfig,
+    ZOAdam,
+    zeroth_order=True,
+    replayable=True,
+    seeded=True,
+    memory=EstimatorMemory(state_copies=2, accumulator=True),
+)

@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from estimators.base import Closure, StepRecord, _as_float, call_closure, check_hyperparameters
+from estimators.base import Closure, StepRecord, ZOOptimizer, _as_float, call_closure
 from estimators.registry import register_estimator
-from estimators.scaling import ScaleConfig
-from estimators.zo_sgd import ZOSGD, ZOOptimizer, ZOSGDConfig
+from estimators.zo_sgd import ZOSGD, ZOSGDConfig
+from zo.engine import thread_scratch
 from zo.memory import EstimatorMemory
 
 ChunkRule = Callable[[torch.Tensor, torch.Tensor, list[torch.Tensor], float], None]
@@ -56,10 +56,8 @@ class ElementwiseZO(ZOOptimizer):
     # ------------------------------------------------------------------ updates
     @torch.no_grad()
     def apply_record(self, record: StepRecord) -> None:
-        if self._skipped(record):
+        if not self._opens(record):
             return
-        if record.step != self.step_count:
-            raise ValueError(f"record for step {record.step} applied at step {self.step_count}")
         jobs: list[Callable[[], None]] = []
         for group_index, indices in enumerate(self._group_indices):
             scale = self.direction_scale(group_index) / len(record.scalars)
@@ -98,12 +96,7 @@ class ElementwiseZO(ZOOptimizer):
 
         Like :meth:`PerturbationEngine.draw`, the buffer is reused by the thread's next job.
         """
-        device = torch.device(device)
-        buffers = self._accumulators.__dict__
-        buffer = buffers.get(device)
-        if buffer is None or buffer.numel() < length:
-            buffer = buffers[device] = torch.empty(length, dtype=torch.float32, device=device)
-        out = buffer[:length]
+        out = thread_scratch(self._accumulators, length, device)
         for query, (seed, coefficient) in enumerate(zip(seeds, coefficients, strict=True)):
             z = self.engine.draw(seed, index, chunk, length, device)
             if query == 0:
@@ -156,11 +149,10 @@ class ZOSGDSignConfig(ZOSGDConfig):
     and the sign is taken of the average over ``queries`` directions."""
 
 
-@register_estimator(
-    "zo_sgd_sign", ZOSGDSignConfig, zeroth_order=True, memory=EstimatorMemory(accumulator=True)
-)
 class ZOSGDSign(ElementwiseZO):
     """ZO-SignSGD: ``W <- (1 - lr wd) W - lr * sign(g_hat)``; no state."""
+
+    config_class = ZOSGDSignConfig
 
     def _chunk_rule(self, record: StepRecord, group_index: int) -> ChunkRule:
         lr = record.lrs[group_index]
@@ -176,27 +168,14 @@ class ZOSGDSign(ElementwiseZO):
 
 # ---------------------------------------------------------------------------- momentum
 @dataclass
-class ZOSGDMomentumConfig(ScaleConfig):
-    lr: float = 1e-6
-    """Step size on the momentum buffer (effective step ~ lr / (1 - momentum))."""
-    eps: float = 1e-3
-    """Perturbation scale of the finite difference."""
+class ZOSGDMomentumConfig(ZOSGDConfig):
+    """ZO-SGD's options (``lr`` is the step on the momentum buffer: the effective step is
+    about ``lr / (1 - momentum)``; weight decay is decoupled and does not enter m), plus:"""
+
     momentum: float = 0.9
     """``beta`` in ``m <- beta m + g_hat`` (torch.optim.SGD's convention, no dampening)."""
-    weight_decay: float = 0.0
-    """Decoupled decay as in ZO-SGD, ``W *= 1 - lr * weight_decay``; it does not enter m."""
-    queries: int = 1
-    """Directions per step, averaged into g_hat (seeds replayed per chunk)."""
-    one_point: bool = False
-    """``(L(W + eps z) - L(W)) / eps`` instead of the symmetric two-point difference."""
 
 
-@register_estimator(
-    "zo_sgd_momentum",
-    ZOSGDMomentumConfig,
-    zeroth_order=True,
-    memory=EstimatorMemory(state_copies=1, accumulator=True),
-)
 class ZOSGDMomentum(ElementwiseZO):
     """ZO-SGD with heavy-ball momentum, torch.optim.SGD's convention:
 
@@ -209,13 +188,11 @@ class ZOSGDMomentum(ElementwiseZO):
     buffer holds only ZO gradients and ``momentum=0`` is ZO-SGD.
     """
 
+    config_class = ZOSGDMomentumConfig
     state_keys = ("momentum_buffer",)
 
-    def __init__(self, params, *, momentum: float = 0.9, **kwargs: Any):
-        check_hyperparameters(momentum=momentum)
-        super().__init__(params, **kwargs)
-        for group in self.param_groups:
-            group.setdefault("momentum", momentum)
+    def _group_defaults(self, config: ZOSGDMomentumConfig) -> dict[str, Any]:
+        return {**super()._group_defaults(config), "momentum": config.momentum}
 
     def _record_extra(self, record: StepRecord) -> dict[str, Any]:
         return {"momentum": [group["momentum"] for group in self.param_groups]}
@@ -252,12 +229,6 @@ CANDIDATES: dict[str, float] = {"descend": 1.0, "keep": 0.0, "ascend": -1.0}
 """Multiplier of the ZO-SGD update per candidate, in order of preference on a tie."""
 
 
-@register_estimator(
-    "zo_sgd_conservative",
-    ZOSGDConservativeConfig,
-    zeroth_order=True,
-    memory=EstimatorMemory(forward_passes=5),  # two-point estimate + three candidates
-)
 class ZOSGDConservative(ZOSGD):
     """ZO-SGD that moves only where the step's own batch says it helps (ZO-Bench's ZO-SGD-Cons).
 
@@ -280,10 +251,11 @@ class ZOSGDConservative(ZOSGD):
     micro-batch's closure until :meth:`step` so the candidates see the same batches.
     """
 
+    config_class = ZOSGDConservativeConfig
     _fused_step = False  # the choice is made on the host from the candidates' losses
 
-    def __init__(self, params, **kwargs: Any):
-        super().__init__(params, **kwargs)
+    def __init__(self, params, config: ZOSGDConservativeConfig | None = None, **settings: Any):
+        super().__init__(params, config, **settings)
         self._batches: list[tuple[Closure, float | None]] = []
 
     @torch.no_grad()
@@ -300,8 +272,8 @@ class ZOSGDConservative(ZOSGD):
                 totals[name] += self._candidate_loss(closure, record, CANDIDATES[name])
         losses = [totals[name] / len(self._batches) for name in CANDIDATES]
         self._batches.clear()
-        if self.reduce_scalars is not None:  # data parallel: the mean over ranks' batches
-            losses, _ = self.reduce_scalars(losses, 0.0)
+        if self.reducer is not None:  # data parallel: the mean over ranks' batches
+            losses = self.reducer.mean(losses)
         best = min(range(len(losses)), key=losses.__getitem__)  # first minimum: tie order
         return {
             "choice": list(CANDIDATES)[best],
@@ -352,21 +324,41 @@ class ZOSGDConservative(ZOSGD):
 
     @torch.no_grad()
     def apply_record(self, record: StepRecord) -> None:
-        if self._skipped(record):
-            return
         choice = record.extra.get("choice")
-        if choice not in CANDIDATES:
+        if "skipped" not in record.extra and choice not in CANDIDATES:
             raise ValueError(
                 f"a zo_sgd_conservative record needs extra['choice'] in {list(CANDIDATES)}, "
                 f"got {choice!r}; was the trajectory written by another estimator?"
             )
         if choice != "keep":
-            super().apply_record(record)
-        elif record.step != self.step_count:
-            raise ValueError(f"record for step {record.step} applied at step {self.step_count}")
-        else:
+            super().apply_record(record)  # a skipped step too
+        elif self._opens(record):
             self.step_count += 1
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._batches.clear()
+
+
+_SEED_REPLAYED = dict(zeroth_order=True, replayable=True, seeded=True)
+register_estimator(
+    "zo_sgd_sign",
+    ZOSGDSignConfig,
+    ZOSGDSign,
+    **_SEED_REPLAYED,
+    memory=EstimatorMemory(accumulator=True),
+)
+register_estimator(
+    "zo_sgd_momentum",
+    ZOSGDMomentumConfig,
+    ZOSGDMomentum,
+    **_SEED_REPLAYED,
+    memory=EstimatorMemory(state_copies=1, accumulator=True),
+)
+register_estimator(
+    "zo_sgd_conservative",
+    ZOSGDConservativeConfig,
+    ZOSGDConservative,
+    **_SEED_REPLAYED,
+    memory=EstimatorMemory(forward_passes=5),  # two-point estimate + three candidates
+)

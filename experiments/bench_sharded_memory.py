@@ -103,12 +103,12 @@ def main() -> None:
     parallel.start(torch.device("cpu"))
     model, units = build(options, options.mode == "fsdp")
     spec = estimators.get_estimator(options.estimator)
-    config = spec.config_class(**(ZO_SETTINGS if spec.zeroth_order else SETTINGS))
+    config = spec.config_class(**(ZO_SETTINGS if spec.traits.zeroth_order else SETTINGS))
     optimizer = estimators.build_estimator(
         spec.name, list(model.parameters()), config, engine=EngineConfig(threads=1)
     )
     if units:
-        sharded_estimator(optimizer, units, spec.zeroth_order)
+        sharded_estimator(optimizer, units, spec.traits.zeroth_order)
     parallel.attach(optimizer)
     local = sum(
         (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()

@@ -47,7 +47,7 @@ METHODS = (
     *(
         Method(f"{name}", name)
         for name in estimators.available_estimators()
-        if estimators.get_estimator(name).zeroth_order
+        if estimators.get_estimator(name).traits.zeroth_order
     ),
     Method("NF4 + 0.1% mask (zo_sgd)", "zo_sgd", "mask:0.001", "nf4"),
 )
@@ -62,7 +62,7 @@ def predicted(model: str, method: Method, **settings) -> int:
         trainable=method.trainable,
         quant=method.quant,
         gradient_checkpointing=method.checkpointing,
-        attention="eager" if spec.eager_attention else settings.pop("attention", "sdpa"),
+        attention="eager" if spec.traits.eager_attention else settings.pop("attention", "sdpa"),
         **settings,
     )
     return plan_memory(request).peak_allocated

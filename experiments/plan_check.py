@@ -196,7 +196,7 @@ def request_for(case: Case, shape: ModelShape) -> PlanRequest:
 
 
 def scored_loss(model, backbone, head, ids, mask):
-    """The project's loss shape (tasks.scoring): hidden states gathered at the scored
+    """The project's loss shape (tasks.lm): hidden states gathered at the scored
     positions, the head there only, fp32 log-softmax, NLL of the next tokens."""
     import torch
 
@@ -212,8 +212,9 @@ def scored_loss(model, backbone, head, ids, mask):
 
 def worker(case: Case) -> dict:
     import torch
-    from tasks.scoring import backbone_and_head
     from torch.profiler import ProfilerActivity, profile
+
+    from tasks.lm import backbone_and_head
 
     torch.set_num_threads(1)  # the profiler counts allocations of profiled threads only
     model, config = build_model(case)

@@ -101,7 +101,7 @@ def _local(param: torch.Tensor) -> torch.Tensor:
 def compare(name: str, parallel: DataParallel, base) -> tuple[dict, dict]:
     """Train ``name`` unsharded and sharded; rank 0's tensors and metadata, keyed by name."""
     rank, world = parallel.rank, parallel.world_size
-    zeroth_order = estimators.get_estimator(name.partition(":")[0]).zeroth_order
+    zeroth_order = estimators.get_estimator(name.partition(":")[0]).traits.zeroth_order
     if name.endswith(":mask"):
         base = copy.deepcopy(base)
         apply_sparse_deltas(base, random_mask(base))

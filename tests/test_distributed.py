@@ -128,16 +128,19 @@ def test_one_process_attaches_nothing():
     model, _, _ = regression_problem()
     optimizer = estimators.build_estimator("zo_sgd", model.parameters())
     DataParallel().attach(optimizer)
-    assert optimizer.reduce_scalars is None
+    assert optimizer.reducer is None
     assert DataParallel().mean([1.0, 2.0]) == [1.0, 2.0]
 
 
-def test_hybrid_routes_scalars_to_its_zo_part_and_gradients_to_its_first_order_part():
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_attach_hands_the_estimator_the_reducer(name):
+    """One declared method of the contract, no probing; hybrid's two parts both get it."""
     model, _, _ = regression_problem()
-    hybrid = Hybrid(list(model.named_parameters()), first_order=["2.*"])
-    scalars, gradient = object(), object()
-    hybrid.reduce_scalars, hybrid.reduce_gradient = scalars, gradient
-    assert hybrid.zeroth.reduce_scalars is scalars and hybrid.first.reduce_gradient is gradient
+    optimizer = estimators.build_estimator(name, list(model.named_parameters()), **SETTINGS[name])
+    parallel = DataParallel(0, 2)  # enabled (no collective runs here)
+    parallel.attach(optimizer)
+    parts = [optimizer.zeroth, optimizer.first] if isinstance(optimizer, Hybrid) else [optimizer]
+    assert all(part.reducer is parallel for part in parts)
 
 
 # ------------------------------------------------------------------ torchrun end to end

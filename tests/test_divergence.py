@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import estimators
 import zo.train as loop
-from estimators.base import HYPERPARAMETER_RANGES
+from estimators.settings import HYPERPARAMETER_RANGES
 from tests.test_cli import SMOKE, step_records, trained, zo
 from tests.tiny import fresh_tiny
 from zo.commands.common import DIVERGED_EXIT, EXIT_CODES

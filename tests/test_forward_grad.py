@@ -244,7 +244,7 @@ def test_a_loss_without_a_tangent_is_an_error_not_a_zero():
 
 def test_registered_as_a_seed_replayable_eager_attention_estimator():
     spec = estimators.get_estimator("forward_grad")
-    assert spec.zeroth_order and spec.eager_attention and spec.grad_accum
+    assert spec.traits.zeroth_order and spec.traits.eager_attention and spec.traits.grad_accum
     optimizer = estimators.build_estimator("forward_grad", TiedLM().named_parameters(), seed=3)
     assert isinstance(optimizer, ForwardGrad) and optimizer.run_seed == 3
     with pytest.raises(ValueError, match="queries"):

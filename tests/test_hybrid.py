@@ -202,7 +202,7 @@ def test_bad_splits_are_clear_errors():
 
 def test_registered_and_built_from_its_config():
     spec = estimators.get_estimator("hybrid")
-    assert not spec.zeroth_order and spec.grad_accum
+    assert not spec.traits.zeroth_order and spec.traits.grad_accum
     config = build(HybridConfig, {"first_order": ["proj.*"], "first_order_lr": "1e-2"})
     optimizer = estimators.build_estimator("hybrid", TiedLM().named_parameters(), config, seed=4)
     assert isinstance(optimizer, Hybrid) and optimizer.zeroth.run_seed == 4

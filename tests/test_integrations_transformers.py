@@ -238,7 +238,7 @@ def test_every_other_registered_estimator_trains(tmp_path, estimator):
     run.train()
     assert run.estimator.step_count == 1
     assert not all(torch.equal(a, b) for a, b in zip(before, run.model.parameters(), strict=True))
-    if estimators.get_estimator(estimator).zeroth_order:
+    if estimators.get_estimator(estimator).traits.zeroth_order:
         assert all(p.grad is None for p in run.model.parameters())
 
 

@@ -281,7 +281,8 @@ def test_split_api_and_its_errors():
     for _ in range(2):
         loss_a = opt_a.step(lambda: lm_loss(a))
         estimate = opt_b.estimate(lambda: lm_loss(b))
-        assert opt_b.step() == loss_a == estimate
+        assert opt_b.step() == loss_a == estimate.loss
+        assert estimate.seeds == estimate.scalars == []  # a gradient, not seeds and scalars
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
     assert opt_a.last_record is None and opt_a.step_count == 2
@@ -292,7 +293,7 @@ def test_split_api_and_its_errors():
     with pytest.raises(RuntimeError, match="needs an estimate"):
         opt_a.step()
     spec = estimators.get_estimator("lomo")
-    assert not spec.zeroth_order and not spec.grad_accum
+    assert not spec.traits.zeroth_order and not spec.traits.grad_accum
 
 
 def test_hooks_are_gone_after_a_step():

@@ -185,11 +185,11 @@ def test_every_registered_estimator_has_a_memory_trait_the_planner_uses():
     """Adding an estimator needs nothing in the planner: its registration carries it."""
     for name in estimators.available_estimators():
         spec = estimators.get_estimator(name)
-        assert isinstance(spec.memory, EstimatorMemory), name
-        attention = "eager" if spec.eager_attention else "sdpa"
+        assert isinstance(spec.traits.memory, EstimatorMemory), name
+        attention = "eager" if spec.traits.eager_attention else "sdpa"
         plan = zp.plan_memory(replace(CPU, estimator=spec.planned(), attention=attention))
         assert plan.peak_allocated > 0 and plan.request.estimator.name == name
-        assert spec.memory.backward == (not spec.zeroth_order), name
+        assert spec.traits.memory.backward == (not spec.traits.zeroth_order), name
 
 
 def test_the_planner_names_no_estimator():

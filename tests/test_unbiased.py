@@ -23,7 +23,7 @@ def _unbiased_cases() -> list[tuple[str, bool]]:
     cases = []
     for name in estimators.available_estimators():
         spec = estimators.get_estimator(name)
-        if not spec.zeroth_order or spec.needs_model:
+        if not spec.traits.zeroth_order or spec.traits.needs_model:
             continue
         fields = {f.name for f in dataclasses.fields(spec.config_class)}
         cases += [

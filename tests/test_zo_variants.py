@@ -321,9 +321,9 @@ def test_step_with_closure_equals_estimate_then_step(name):
 @pytest.mark.parametrize("name", ["zo_sgd_sign", "zo_sgd_momentum", "zo_sgd_conservative"])
 def test_registered_with_a_documented_config(name):
     spec = estimators.get_estimator(name)
-    assert spec.zeroth_order and spec.grad_accum
+    assert spec.traits.zeroth_order and spec.traits.grad_accum
     optimizer = estimators.build_estimator(name, TiedLM().named_parameters(), seed=3)
-    assert isinstance(optimizer, spec.optimizer_class) and optimizer.run_seed == 3
+    assert isinstance(optimizer, spec.impl) and optimizer.run_seed == 3
     with pytest.raises(ValueError, match="momentum"):
         ZOSGDMomentum(TiedLM().parameters(), momentum=1.0)
 

@@ -2,11 +2,13 @@
 
 Every rank holds the whole model and draws the same seeds. A step's global batch is cut
 into equal contiguous shards, one per rank. Each rank estimates on its own shard, and the
-ranks then average what the estimator needs:
+ranks then average what the estimator needs, through the :class:`DataParallel` that
+:meth:`DataParallel.attach` hands to the estimator (``attach_data_parallel``, part of the
+estimator contract):
 - zeroth-order estimators: their projected-gradient scalars and loss, a few floats per step
-  (``reduce_scalars``);
-- first-order ones: each gradient as it completes (``reduce_gradient``; LOMO does this
-  inside backward, before its fused update).
+  (:meth:`DataParallel.mean`);
+- first-order ones: each gradient as it completes (:meth:`DataParallel.mean_`; LOMO does
+  this inside backward, before its fused update).
 
 All ranks then apply the same update. For a loss that is a mean over examples
 (classification), this equals one process on the whole batch, up to float rounding. A
@@ -21,6 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -59,6 +62,12 @@ def refuse_accelerate_settings(environment: Mapping[str, str]) -> None:
             "(no --use_fsdp/--mixed_precision, or `accelerate config` without them) and set "
             "them in the zo config"
         )
+
+
+class DataParallelEstimator(Protocol):
+    """The part of the estimator contract (``estimators.base.Estimator``) attached here."""
+
+    def attach_data_parallel(self, reducer: DataParallel) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -166,20 +175,8 @@ class DataParallel:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Make ``optimizer`` average over ranks: its scalars (ZO) or gradients (first-order)."""
-        if not self.enabled:
-            return
-        if hasattr(optimizer, "reduce_scalars"):
-            optimizer.reduce_scalars = self._reduce_scalars
-        if hasattr(optimizer, "reduce_gradient"):
-            optimizer.reduce_gradient = self.mean_
-        if not (hasattr(optimizer, "reduce_scalars") or hasattr(optimizer, "reduce_gradient")):
-            raise DataParallelError(
-                f"{type(optimizer).__name__} has no data-parallel hook (reduce_scalars or "
-                "reduce_gradient); run it in one process"
-            )
-
-    def _reduce_scalars(self, scalars: list[float], loss: float) -> tuple[list[float], float]:
-        *means, mean_loss = self.mean([*scalars, loss])
-        return means, mean_loss
+    def attach(self, estimator: DataParallelEstimator) -> None:
+        """Make ``estimator`` average over ranks: its scalars (ZO) or gradients (first-order).
+        One process attaches nothing (ZO-SGD keeps its sync-free step)."""
+        if self.enabled:
+            estimator.attach_data_parallel(self)

@@ -160,6 +160,17 @@ def _check_perturbable(tensors: Sequence[torch.Tensor]) -> dict[int, int]:
     return positions
 
 
+def thread_scratch(local: threading.local, length: int, device) -> torch.Tensor:
+    """``length`` fp32 elements of this thread's buffer on ``device`` (held in ``local``,
+    grown when too small): valid until the thread's next call with the same ``local``."""
+    device = torch.device(device)
+    buffers = local.__dict__
+    buffer = buffers.get(device)
+    if buffer is None or buffer.numel() < length:
+        buffer = buffers[device] = torch.empty(length, dtype=torch.float32, device=device)
+    return buffer[:length]
+
+
 class PerturbationEngine:
     """Draws seed-addressed directions over a fixed list of tensors and applies them.
 
@@ -230,12 +241,7 @@ class PerturbationEngine:
         to rebuild z piece by piece. The result is valid until this thread's next draw:
         copy it (or fold it into an accumulator) before drawing again.
         """
-        device = torch.device(device)
-        buffers = self._scratch.__dict__
-        buffer = buffers.get(device)
-        if buffer is None or buffer.numel() < length:
-            buffer = buffers[device] = torch.empty(length, dtype=torch.float32, device=device)
-        out = buffer[:length]
+        out = thread_scratch(self._scratch, length, device)
         self.generator.fill(out, seed, index, self.offsets[index] + chunk * self._chunk_len(index))
         return out
 

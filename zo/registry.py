@@ -40,6 +40,8 @@ class Registry(Generic[C, I, T]):
     ``traits_class`` is a frozen dataclass; :meth:`register` builds it from the keyword
     traits, so a missing or unknown trait is a ``TypeError`` at registration. ``error`` is
     the exception type :meth:`get` raises, with a message that lists the registered names.
+    ``registration_class`` (a subclass of :class:`Registration`) may add what a registry's
+    callers derive from the traits (an estimator's planner view, say).
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class Registry(Generic[C, I, T]):
         kind: str,
         traits_class: type[T],
         error: Callable[[str], Exception] = UnknownNameError,
+        registration_class: type[Registration] = Registration,
     ) -> None:
         if (
             not dataclasses.is_dataclass(traits_class)
@@ -56,6 +59,7 @@ class Registry(Generic[C, I, T]):
         self.kind = kind
         self.traits_class = traits_class
         self.error = error
+        self.registration_class = registration_class
         self._entries: dict[str, Registration[C, I, T]] = {}
 
     def register(self, name: str, config_class: type[C], impl: I, **traits: Any) -> I:
@@ -69,7 +73,7 @@ class Registry(Generic[C, I, T]):
             raise TypeError(
                 f"{self.kind} {name!r}: {error}; the traits of a {self.kind} are {expected}"
             ) from None
-        self._entries[name] = Registration(name, config_class, impl, built)
+        self._entries[name] = self.registration_class(name, config_class, impl, built)
         return impl
 
     def get(self, name: str) -> Registration[C, I, T]:

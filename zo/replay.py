@@ -49,7 +49,7 @@ def replay(
     _check_out(out)
     config = load_run_config(run)
     spec, _ = resolve_estimator(config)
-    if not spec.zeroth_order:
+    if not spec.traits.replayable:
         raise ReplayError(
             f"{run.path} was trained with {spec.name}, which is not seed-replayable (its "
             "updates use gradients); load the run's checkpoint/ instead (zo eval --checkpoint)"

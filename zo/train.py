@@ -117,18 +117,18 @@ def validate(config: RunConfig) -> tasks.Task:
     Returns the task, built and checked (its data is read only when a split is loaded)."""
     spec, _ = resolve_estimator(config)
     parse_device(config.model.device)
-    if spec.eager_attention and config.model.attn not in (None, "eager"):
+    if spec.traits.eager_attention and config.model.attn not in (None, "eager"):
         raise ConfigError(
             f"estimator {spec.name} runs torch.func.jvp, which needs eager attention; "
             f"model.attn is {config.model.attn!r}: set model.attn=eager or leave it unset"
         )
-    if not spec.grad_accum and config.train.grad_accum > 1:
+    if not spec.traits.grad_accum and config.train.grad_accum > 1:
         raise ConfigError(
             f"estimator {spec.name} updates inside backward and cannot accumulate gradients; "
             f"train.grad_accum is {config.train.grad_accum}: set it to 1 and raise "
             "train.batch_size instead"
         )
-    if config.train.on_nonfinite == "skip" and not spec.zeroth_order:
+    if config.train.on_nonfinite == "skip" and not spec.traits.replayable:
         raise ConfigError(
             f"train.on_nonfinite=skip records a skipped step in the trajectory, which only "
             f"zeroth-order estimators write; {spec.name} is not one: use stop"
@@ -181,7 +181,7 @@ class Setup:
     tokenizer: Any
     task: tasks.Task
     trainable: TrainableSet
-    optimizer: torch.optim.Optimizer
+    optimizer: estimators.Estimator
     device: torch.device
     model_hash: str | None = None
     """The base model's fingerprint, taken before sharding (None: not sharded)."""
@@ -233,7 +233,7 @@ def build_setup(config: RunConfig, shard: bool = False, offload: bool = False) -
     task = validate(config)
     spec, estimator_config = resolve_estimator(config)
     device = resolve_device(config.model.device)
-    attn = "eager" if spec.eager_attention else config.model.attn
+    attn = "eager" if spec.traits.eager_attention else config.model.attn
     model, tokenizer = load_base_model(config, attn, device)
     model_hash, units = None, []
     # A trainable set may draw new tensors (LoRA's A matrices): from the run's seed, so a
@@ -264,7 +264,7 @@ def build_setup(config: RunConfig, shard: bool = False, offload: bool = False) -
         raise ConfigError(f"estimator {spec.name}: {error}") from None
     check_group_settings(optimizer, groups)
     if shard:
-        sharded_estimator(optimizer, units, spec.zeroth_order)
+        sharded_estimator(optimizer, units, spec.traits.zeroth_order)
     return Setup(config, model, tokenizer, task, trainable, optimizer, device, model_hash)
 
 
@@ -447,13 +447,12 @@ def _train(
     run = (RunDirectory if parallel.is_main else ReplicaRunDirectory)(
         config.train.out, keep_checkpoints=config.train.keep_checkpoints
     )
-    plan = None
+    plan, (spec, _) = None, resolve_estimator(config)
     if config.resume:
         if not run.holds_run():
             raise NothingToResumeError(f"resume=true but {run.path} holds no run to continue")
         check_resumable(run, config)
-        spec, _ = resolve_estimator(config)
-        plan = run.plan_resume(spec.zeroth_order, config.train.repair, log)  # reads only
+        plan = run.plan_resume(spec.traits.replayable, config.train.repair, log)  # reads only
         if plan.start_step > config.train.steps:
             raise ConfigError(
                 f"resume: train.steps is {config.train.steps}, but {plan.state.folder} is at "
@@ -518,12 +517,12 @@ def _train(
                 error,
                 setup.trainable.state_dict(),
                 loss=isinstance(error, estimators.NonFiniteLossError),
-                can_skip=isinstance(optimizer, estimators.ZOOptimizer),
+                can_skip=spec.traits.replayable,
             )
-            optimizer.skip_step(reason)  # type: ignore[attr-defined]
+            optimizer.skip_step(reason)
             loss = math.nan
             log(f"step {step} skipped: {reason}")
-        record = getattr(optimizer, "last_record", None)
+        record = optimizer.last_record
         if record is None or "skipped" not in record.extra:
             guard.after_step(step, loss, record.scalars if record is not None else None)
         if record is not None:

@@ -293,7 +293,7 @@ def memory_worker(args: argparse.Namespace) -> dict:
         return_large_frees_to_os()
 
     spec = None if args.mode == "forward" else estimators.get_estimator(args.mode)
-    eager = spec is not None and spec.eager_attention
+    eager = spec is not None and spec.traits.eager_attention
     model = build_opt(
         args.layers,
         args.device,

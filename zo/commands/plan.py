@@ -224,7 +224,7 @@ def request_from_options(
     device = _device(settings.get("device", ModelConfig.device))
     sources.setdefault("device", f"{DEFAULTS} (auto)")
     attention = settings.get("attention") or _default_attention(shape.model_type)
-    if estimator.eager_attention and "attention" not in settings:
+    if estimator.traits.eager_attention and "attention" not in settings:
         attention, sources["attention"] = "eager", f"{estimator.name} registers eager_attention"
     trainable = settings.get("trainable", "full")
     if trainable.startswith("mask:") and not _is_density(trainable):

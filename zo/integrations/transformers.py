@@ -39,7 +39,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.training_args import OptimizerNames
 
 import estimators
-from estimators import EstimatorSpec, ZOEstimate
+from estimators import Estimator, EstimatorSpec
 from zo.engine import EngineConfig
 
 TRAINER_SETTINGS = {"lr": "learning_rate", "weight_decay": "weight_decay"}
@@ -78,11 +78,11 @@ class ZOTrainer(Trainer):
             )
         super().__init__(model, args, **trainer_kwargs)
         self.engine = engine
-        self.estimator: torch.optim.Optimizer | None = None
+        self.estimator: Estimator | None = None
         """The estimator, once built (``self.optimizer`` is accelerate's wrapper of it)."""
         _check_arguments(self.args, self.estimator_spec)
         self.estimator_config = resolve_config(self.estimator_spec, estimator_config, self.args)
-        if self.estimator_spec.eager_attention:
+        if self.estimator_spec.traits.eager_attention:
             attn = self.model.config._attn_implementation
             if attn != "eager":
                 raise ValueError(
@@ -139,8 +139,7 @@ class ZOTrainer(Trainer):
             with self.compute_loss_context_manager():
                 return self.compute_loss(model, dict(inputs))
 
-        result = self.estimator.estimate(closure)
-        loss = result.loss if isinstance(result, ZOEstimate) else float(result)
+        loss = self.estimator.estimate(closure).loss
         return torch.tensor(
             loss / self.current_gradient_accumulation_steps, device=self.args.device
         )
@@ -257,7 +256,7 @@ def _check_arguments(args: TrainingArguments, spec: EstimatorSpec) -> None:
             f"estimator (estimator={spec.name!r}, its settings in estimator_config) is the "
             "optimizer; leave optim and optim_args at their defaults"
         )
-    if not spec.grad_accum and args.gradient_accumulation_steps > 1:
+    if not spec.traits.grad_accum and args.gradient_accumulation_steps > 1:
         raise ValueError(
             f"estimator {spec.name!r} cannot accumulate micro-batches (it updates inside "
             f"backward): set gradient_accumulation_steps=1 (not {args.gradient_accumulation_steps}) "
