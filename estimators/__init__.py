@@ -28,6 +28,7 @@ from estimators.registry import (
     UnknownEstimatorError,
     available_estimators,
     build_estimator,
+    estimators_with,
     get_estimator,
     register_estimator,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "ZOSGD",
     "ZOSGDConfig",
     "available_estimators",
+    "estimators_with",
     "build_estimator",
     "check_hyperparameters",
     "get_estimator",

@@ -156,6 +156,7 @@ register_estimator(
     SGDConfig,
     SGD,
     **_GRADIENTS,
+    shardable=True,
     memory=EstimatorMemory(gradients="all", forward_passes=3),
 )
 register_estimator(
@@ -163,5 +164,6 @@ register_estimator(
     AdamWConfig,
     AdamW,
     **_GRADIENTS,
+    shardable=True,
     memory=EstimatorMemory(gradients="all", state_copies=2, foreach_temp=True, forward_passes=3),
 )

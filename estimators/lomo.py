@@ -302,5 +302,6 @@ register_estimator(
     replayable=False,
     seeded=False,
     grad_accum=False,
+    shardable=True,
     memory=EstimatorMemory(gradients="one", forward_passes=3),
 )

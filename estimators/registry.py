@@ -46,6 +46,12 @@ class EstimatorTraits:
     """Needs eager attention (torch.func.jvp fails through SDPA kernels)."""
     grad_accum: bool = True
     """Supports several estimate() calls per step (LOMO updates inside backward: no)."""
+    shardable: bool = False
+    """Runs under ``train.parallel=fsdp`` on each rank's rows (tested bit-identical to data
+    parallelism for ZO, within float summation order for first-order)."""
+    offloadable: bool = False
+    """Runs under ``train.parallel=offload``: its forwards are plain or engine-substituted (no
+    autograd, no jvp tangents through the streamed copies)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,11 @@ def get_estimator(name: str) -> EstimatorSpec:
 
 def available_estimators() -> list[str]:
     return _ESTIMATORS.names()
+
+
+def estimators_with(trait: str) -> list[str]:
+    """The registered estimators whose ``trait`` is true, e.g. ``estimators_with("shardable")``."""
+    return [name for name in available_estimators() if getattr(get_estimator(name).traits, trait)]
 
 
 def build_estimator(

@@ -89,5 +89,7 @@ register_estimator(
     zeroth_order=True,
     replayable=True,
     seeded=True,
+    shardable=True,
+    offloadable=True,
     memory=EstimatorMemory(state_copies=2, accumulator=True),
 )

@@ -35,5 +35,7 @@ register_estimator(
     zeroth_order=True,
     replayable=True,
     seeded=True,
+    shardable=True,
+    offloadable=True,
     memory=EstimatorMemory(),
 )

@@ -341,11 +341,13 @@ class ZOSGDConservative(ZOSGD):
 
 
 _SEED_REPLAYED = dict(zeroth_order=True, replayable=True, seeded=True)
+_SPREADS = dict(shardable=True, offloadable=True)
 register_estimator(
     "zo_sgd_sign",
     ZOSGDSignConfig,
     ZOSGDSign,
     **_SEED_REPLAYED,
+    **_SPREADS,
     memory=EstimatorMemory(accumulator=True),
 )
 register_estimator(
@@ -353,6 +355,7 @@ register_estimator(
     ZOSGDMomentumConfig,
     ZOSGDMomentum,
     **_SEED_REPLAYED,
+    **_SPREADS,
     memory=EstimatorMemory(state_copies=1, accumulator=True),
 )
 register_estimator(
@@ -360,5 +363,6 @@ register_estimator(
     ZOSGDConservativeConfig,
     ZOSGDConservative,
     **_SEED_REPLAYED,
+    **_SPREADS,
     memory=EstimatorMemory(forward_passes=5),  # two-point estimate + three candidates
 )

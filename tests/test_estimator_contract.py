@@ -132,3 +132,26 @@ def test_the_constructor_takes_exactly_the_configs_fields(spec):
     with pytest.raises(TypeError, match=spec.config_class.__name__):
         other = estimators.ZOSGDConfig if spec.name != "zo_sgd" else type("Other", (), {})
         estimators.build_estimator(spec.name, params, other(), model=model)
+
+
+def test_parallel_modes_read_the_shardable_and_offloadable_traits():
+    """train.parallel=fsdp / offload accept exactly the estimators registered with the trait
+    (no name table in the core); these sets are what tests/test_sharded_estimators.py and
+    tests/test_offload.py check against data parallelism and the plain run."""
+    assert set(estimators.estimators_with("shardable")) == {
+        "zo_sgd",
+        "zo_sgd_sign",
+        "zo_sgd_momentum",
+        "zo_sgd_conservative",
+        "zo_adam",
+        "sgd",
+        "adamw",
+        "lomo",
+    }
+    assert set(estimators.estimators_with("offloadable")) == {
+        "zo_sgd",
+        "zo_sgd_sign",
+        "zo_sgd_momentum",
+        "zo_sgd_conservative",
+        "zo_adam",
+    }

@@ -38,7 +38,6 @@ from zo.blocks import decoder_blocks
 from zo.config import ConfigError
 
 __all__ = [
-    "OFFLOADABLE_ESTIMATORS",
     "Action",
     "HostCopies",
     "OffloadError",
@@ -354,23 +353,15 @@ def _place_outside_blocks(
 
 
 # ---------------------------------------------------------------------- run checks
-OFFLOADABLE_ESTIMATORS = (
-    "zo_sgd",
-    "zo_sgd_sign",
-    "zo_sgd_momentum",
-    "zo_sgd_conservative",
-    "zo_adam",
-)
-"""Estimators whose forwards are plain or engine-substituted ones (no autograd, no jvp tangents
-through the copies), so streamed weights change nothing but where they live."""
-
-
 class OffloadError(ConfigError):
     """A ``train.parallel=offload`` run that cannot be offloaded (exit 2 from the CLI)."""
 
 
-def check_offloaded_run(config, world_size: int) -> None:
-    """Refuse what offloaded ZO does not do, before any model loads (never a fallback)."""
+def check_offloaded_run(config, world_size: int, offloadable: Sequence[str]) -> None:
+    """Refuse what offloaded ZO does not do, before any model loads (never a fallback).
+
+    ``offloadable``: the estimators registered as such (a trait): those whose forwards are
+    plain or engine-substituted, so streamed weights change nothing but where they live."""
     if config.train.parallel != "offload":
         return
     fix = "or set train.parallel=data"
@@ -380,10 +371,10 @@ def check_offloaded_run(config, world_size: int) -> None:
             "it without torchrun, or use train.parallel=fsdp to spread the model over them"
         )
     name = config.estimator.get("name")
-    if name not in OFFLOADABLE_ESTIMATORS:
+    if name not in offloadable:
         raise OffloadError(
             f"estimator {name!r} cannot run offloaded (train.parallel=offload supports "
-            f"{list(OFFLOADABLE_ESTIMATORS)}: gradients and jvp tangents do not cross the "
+            f"{list(offloadable)}: gradients and jvp tangents do not cross the "
             f"per-block copies): {fix}"
         )
     if config.model.quant != "none":

@@ -233,20 +233,6 @@ def sharded_estimator(optimizer, units: Sequence[nn.Module], zeroth_order: bool 
 
 # ---------------------------------------------------------------------- the loop's side
 
-SHARDABLE_ESTIMATORS = (
-    "zo_sgd",
-    "zo_sgd_sign",
-    "zo_sgd_momentum",
-    "zo_sgd_conservative",
-    "zo_adam",
-    "sgd",
-    "adamw",
-    "lomo",
-)
-"""Estimators that run on shards: zeroth-order ones whose passes are perturbed forwards and
-per-element updates (their state kept for the shard), and the first-order baselines (FSDP2
-reduce-scatters their gradients). Not block_zo (it perturbs one block's whole tensors at a
-time), forward_grad (jvp through FSDP's gathers) or hybrid (both kinds over one model)."""
 SHARDABLE_TRAINABLES = ("full", "names", "mask", "lora")
 
 
@@ -254,8 +240,13 @@ class ShardingError(ConfigError):
     """A ``train.parallel=fsdp`` run that cannot be sharded (exit 2 from the CLI)."""
 
 
-def check_sharded_run(config, world_size: int) -> None:
-    """Refuse what sharded ZO does not do, before any model loads (never a fallback)."""
+def check_sharded_run(config, world_size: int, shardable: Sequence[str]) -> None:
+    """Refuse what sharded ZO does not do, before any model loads (never a fallback).
+
+    ``shardable``: the estimators registered as such (a trait): the zeroth-order ones whose
+    passes are perturbed forwards and per-element updates, and the first-order baselines
+    (FSDP2 reduce-scatters their gradients). Not block_zo (it perturbs one block's whole
+    tensors at a time), forward_grad (jvp through FSDP's gathers) or hybrid."""
     if config.train.parallel != "fsdp":
         return
     fix = "or set train.parallel=data"
@@ -266,10 +257,10 @@ def check_sharded_run(config, world_size: int) -> None:
             + fix
         )
     name = config.estimator.get("name")
-    if name not in SHARDABLE_ESTIMATORS:
+    if name not in shardable:
         raise ShardingError(
             f"estimator {name!r} cannot run sharded yet (train.parallel=fsdp supports "
-            f"{list(SHARDABLE_ESTIMATORS)}): "
+            f"{list(shardable)}): "
             f"use one of those, {fix}"
         )
     if config.trainable.kind not in SHARDABLE_TRAINABLES:

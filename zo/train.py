@@ -397,8 +397,8 @@ def train(config: RunConfig, log=print) -> dict[str, Any]:
     """
     parallel = DataParallel.from_environment()
     parallel.check_batch(config.train.batch_size)
-    check_sharded_run(config, parallel.world_size)
-    check_offloaded_run(config, parallel.world_size)
+    check_sharded_run(config, parallel.world_size, estimators.estimators_with("shardable"))
+    check_offloaded_run(config, parallel.world_size, estimators.estimators_with("offloadable"))
     if parallel.world_size > 1 and config.train.on_nonfinite == "skip":
         raise ConfigError(
             "train.on_nonfinite=skip is for one process: under a launcher a rank whose shard "
