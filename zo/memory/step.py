@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from zo.config import DEFAULT_LORA_TARGETS, ModelConfig, TaskConfig, TrainableConfig, TrainConfig
 from zo.engine import ACCELERATOR_CHUNK, CPU_CHUNK, EngineConfig
+from zo.engine_config import ACCELERATOR_BUCKET, CPU_BUCKET, LEGACY_GENERATOR
 from zo.memory.estimator import PlannedEstimator
 from zo.memory.shapes import ModelShape, PlanError
 from zo.sparse_chunks import backward_bytes_per_token, chunk_tokens, forward_bytes_per_token
@@ -205,6 +206,7 @@ class _Run:
     act_bytes: int
     tokens: int
     scored_rows: int
+    trainable_elements: int = 0
 
     @property
     def memory(self):
@@ -222,7 +224,7 @@ class _Run:
         if self.request.quant == "nf4":
             weight = rows * cols * self.act_bytes
         elif not self.memory.backward and self.trainable.dense:
-            weight = rows * cols * self.weight_bytes
+            weight = self.perturbed_copy_elements(rows * cols) * self.weight_bytes
         else:
             weight = 0
         if self.trainable.kind != "mask":
@@ -234,6 +236,22 @@ class _Run:
         if not self.memory.tangents:  # forward AD takes the whole block at once
             tokens = min(tokens, chunk_tokens(per_token))
         return max(weight, tokens * per_token)
+
+    def perturbed_copy_elements(self, weight: int) -> int:
+        """Elements of perturbed copies alive while a layer with a ``weight``-element trainable
+        weight runs: the engine's bucket holding it (a run of trainable tensors of up to
+        ``bucket_size`` elements, or the one larger tensor), and the next bucket when it is
+        drawn ahead (``engine.prefetch``). Engine version 1 copied one weight per call."""
+        engine = self.request.engine
+        if engine.generator == LEGACY_GENERATOR:
+            return weight
+        cuda = self.request.device == "cuda"
+        bucket = min(
+            engine.bucket_size or (ACCELERATOR_BUCKET if cuda else CPU_BUCKET),
+            self.trainable_elements,
+        )
+        prefetch = engine.prefetch == "on" or (engine.prefetch == "auto" and cuda)
+        return max(weight, bucket) + (bucket if prefetch else 0)
 
     def mask_entries(self, rows: int, cols: int) -> int:
         return round(self.trainable.density * rows * cols)
@@ -458,10 +476,10 @@ def plan_memory(request: PlanRequest) -> Plan:
     act = DTYPE_BYTES[request.activation_dtype]
     tokens = request.batch * request.seq_len
     scored_rows = tokens if request.logits == "full" else request.batch * request.scored
-    run = _Run(shape, request, spec, wb, act, tokens, scored_rows)
-    parameters = shape.parameters()
     tensors = _trainable_tensors(shape, spec)
     trainable = sum(tensors)
+    run = _Run(shape, request, spec, wb, act, tokens, scored_rows, trainable)
+    parameters = shape.parameters()
     trainable_bytes = wb if spec.dense else 4
 
     components = _resident_weights(request, shape, spec, trainable, wb)
