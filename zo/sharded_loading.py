@@ -65,7 +65,17 @@ class MetaCheckpoint:
                 self.directory, local_files_only=True
             )
         self.keys = self._checkpoint_keys(model)
+        self._load_stored_buffers(model)
         return model.eval(), models.load_tokenizer(self.directory)
+
+    @torch.no_grad()
+    def _load_stored_buffers(self, model: nn.Module) -> None:
+        """Persistent buffers the files hold take the files' values (as a whole load's do);
+        the others keep the values computed at construction."""
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if not tensor.is_meta and name in self.files:
+                with safe_open(str(self.files[name]), "pt") as opened:
+                    tensor.copy_(opened.get_tensor(name))
 
     def _checkpoint_keys(self, model: nn.Module) -> dict[str, str]:
         """Each meta state_dict entry's key in the files (a tied weight: under any of its
