@@ -18,6 +18,7 @@ run's seed on the real device; a mask wraps layers around real index buffers).
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,7 +130,7 @@ class MetaCheckpoint:
             local, offset = shard_offset(param)
             if local.numel() == 0:
                 continue
-            row = param[0].numel() if param.dim() else 1
+            row = math.prod(param.shape[1:])  # elements per row (dim 0 is the sharded one)
             first = offset // row
             rows = slice(first, first + local.numel() // row) if param.dim() else None
             local.copy_(self.read(name, rows).reshape(-1))
