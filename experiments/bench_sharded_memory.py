@@ -2,7 +2,14 @@
 
     torchrun --standalone --nproc_per_node N experiments/bench_sharded_memory.py \
         --mode fsdp|data [--estimator zo_sgd|zo_adam|adamw|sgd|lomo] \
-        [--hidden 1024 --layers 16 --inter 2816 --vocab 32000]
+        [--hidden 1024 --layers 16 --inter 2816 --vocab 32000] [--load whole|rows DIR]
+    python experiments/bench_sharded_memory.py --save DIR [shape]   # a random checkpoint
+
+``--load`` reads a safetensors checkpoint (one ``--save`` wrote) as ``zo train`` does:
+``whole`` loads the whole model on every rank and then shards it (``fsdp``: the path before
+rank-by-rank loading), ``rows`` builds it on the meta device, shards it and reads each
+rank's rows from the files (:mod:`zo.sharded_loading`); ``peak_rss_after_load`` is the
+peak resident set (max over ranks) when the model is loaded, before any step.
 
 Each rank builds a Llama of the given shape with random weights. ``fsdp`` builds it on the
 meta device, shards the decoder blocks and materialises only this rank's rows (what a
@@ -71,6 +78,33 @@ def build(options, sharded: bool):
     return model.eval(), units
 
 
+def load(options, sharded: bool):
+    """The checkpoint in ``options.load[1]``, whole (then sharded) or rank by rank."""
+    from pathlib import Path
+
+    from zo.models import load_model
+    from zo.sharded import shard_for_training
+    from zo.sharded_loading import MetaCheckpoint
+    from zo.trainable import TrainableSet
+
+    how, directory = options.load
+    checkpoint = MetaCheckpoint(Path(directory)) if how == "rows" else None
+    model = checkpoint.build(None, None)[0] if checkpoint else load_model(directory)[0]
+    if not sharded:
+        return model, []
+    names, params = zip(*model.named_parameters(), strict=True)
+    trainable = TrainableSet(list(names), list(params))
+    units = shard_for_training(model, torch.device("cpu"), trainable, checkpoint)[1]
+    return model.eval(), units
+
+
+def save(options) -> None:
+    from zo.models import tiny_model
+
+    LlamaForCausalLM(llama_config(options)).save_pretrained(options.save)
+    tiny_model("llama")[1].save_pretrained(options.save)  # any tokenizer: loading needs one
+
+
 def predicted(options, ranks: int) -> int:
     spec = estimators.get_estimator(options.estimator)
     request = PlanRequest(
@@ -88,7 +122,7 @@ def predicted(options, ranks: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["fsdp", "data"], required=True)
+    parser.add_argument("--mode", choices=["fsdp", "data"])
     parser.add_argument("--estimator", default="zo_sgd")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=16)
@@ -97,11 +131,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--load", nargs=2, metavar=("whole|rows", "DIR"))
+    parser.add_argument("--save", metavar="DIR")
     options = parser.parse_args()
+    if options.save:
+        return save(options)
+    if options.mode is None:
+        parser.error("--mode fsdp|data is required (or --save DIR)")
     return_large_frees_to_os()
     parallel = DataParallel.from_environment()
     parallel.start(torch.device("cpu"))
-    model, units = build(options, options.mode == "fsdp")
+    sharded = options.mode == "fsdp"
+    model, units = load(options, sharded) if options.load else build(options, sharded)
+    loaded = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024])
+    if parallel.enabled:
+        dist.all_reduce(loaded, op=dist.ReduceOp.MAX)
     spec = estimators.get_estimator(options.estimator)
     config = spec.config_class(**(ZO_SETTINGS if spec.traits.zeroth_order else SETTINGS))
     optimizer = estimators.build_estimator(
@@ -134,6 +178,8 @@ def main() -> None:
             "parameters": total,
             "block_parameters": blocks,
             "rank0_parameter_bytes": local,
+            "load": " ".join(options.load or ["random"]),
+            "peak_rss_after_load": int(loaded),
             "peak_rss_bytes_max_rank": int(peak),
             "predicted_peak_bytes": prediction,
             "error": round(prediction / int(peak) - 1, 4),

@@ -278,10 +278,12 @@ def check_sharded_run(config, world_size: int, shardable: Sequence[str]) -> None
 
 
 def shard_for_training(
-    model: nn.Module, device: torch.device, trainable: TrainableSet
+    model: nn.Module, device: torch.device, trainable: TrainableSet, checkpoint=None
 ) -> tuple[TrainableSet, list[nn.Module]]:
     """Shard ``model``'s decoder blocks over all ranks, after its trainable set was chosen
-    (a mask's sparse-delta layers and LoRA's adapters shard with their blocks). Returns the
+    (a mask's sparse-delta layers and LoRA's adapters shard with their blocks). A model on
+    the meta device is then filled from ``checkpoint``
+    (:class:`zo.sharded_loading.MetaCheckpoint`), each rank its own rows. Returns the
     trainable set over the sharded parameters (same names and order) and the FSDP units."""
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -291,6 +293,8 @@ def shard_for_training(
     mesh = init_device_mesh(device.type, (world,))
     blocks = decoder_blocks(model)
     shard_model(blocks, mesh)
+    if checkpoint is not None:
+        checkpoint.fill(model, device)
     allocate_gather_buffers(blocks)
     params = [model.get_parameter(name) for name in trainable.names]
     return TrainableSet(trainable.names, params), blocks

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 
@@ -45,7 +46,7 @@ def shard_offset(param: torch.Tensor) -> tuple[torch.Tensor, int]:
             f"rank {rank}'s shard has {local.shape[0]} rows, torch.chunk would give {expected}: "
             "sharded ZO cannot address this layout"
         )
-    row_numel = param[0].numel() if rows else 0
+    row_numel = math.prod(param.shape[1:])  # not param[0]: a DTensor would gather its rows
     return local.view(-1), first_row * row_numel
 
 

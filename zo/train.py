@@ -62,6 +62,7 @@ from zo.sharded import (
     shard_for_training,
     sharded_estimator,
 )
+from zo.sharded_loading import load_for_sharding
 from zo.trainable import TrainableSet, check_group_settings, param_groups, select_trainable
 from zo.trajectory import (
     TRAJECTORY_FORMAT,
@@ -234,7 +235,8 @@ def build_setup(config: RunConfig, shard: bool = False, offload: bool = False) -
     spec, estimator_config = resolve_estimator(config)
     device = resolve_device(config.model.device)
     attn = "eager" if spec.traits.eager_attention else config.model.attn
-    model, tokenizer = load_base_model(config, attn, device)
+    meta = load_for_sharding(config, attn) if shard else None  # each rank reads its rows
+    model, tokenizer, checkpoint = meta or (*load_base_model(config, attn, device), None)
     model_hash, units = None, []
     # A trainable set may draw new tensors (LoRA's A matrices): from the run's seed, so a
     # replay or a resume rebuilds the same start, whatever the global generator holds.
@@ -243,8 +245,9 @@ def build_setup(config: RunConfig, shard: bool = False, offload: bool = False) -
             model.to(device)  # stays home, offload_blocks places it
         trainable = select_trainable(model, config.trainable)
     if shard:  # each block reaches the device as this rank's shard only
-        model_hash = models.model_fingerprint(model)  # of the whole base, as replay sees it
-        trainable, units = shard_for_training(model, device, trainable)
+        # of the whole base, as replay sees it
+        model_hash = checkpoint.fingerprint(model) if meta else models.model_fingerprint(model)
+        trainable, units = shard_for_training(model, device, trainable, checkpoint)
     (model if offload else model.to(device)).eval()  # eval: a step is a function of seeds
     if config.train.gradient_checkpointing:
         checkpoint_blocks(model)

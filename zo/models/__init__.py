@@ -15,7 +15,7 @@ from zo.models.bundled import (
     bundled_model_dir,
     default_cache_dir,
 )
-from zo.models.fingerprint import model_fingerprint
+from zo.models.fingerprint import model_fingerprint, streamed_fingerprint
 from zo.models.hub import hub_snapshot, is_hub_id
 from zo.models.loading import (
     check_model_name,
@@ -23,6 +23,7 @@ from zo.models.loading import (
     checkpoint_path,
     load_model,
     load_tokenizer,
+    local_architecture,
     resolve_dtype,
 )
 from zo.models.registry import (
@@ -95,8 +96,10 @@ __all__ = [
     "is_hub_id",
     "load_model",
     "load_tokenizer",
+    "local_architecture",
     "masked_byte_tokenizer",
     "model_fingerprint",
+    "streamed_fingerprint",
     "register_family",
     "register_model",
     "resolve_dtype",

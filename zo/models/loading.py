@@ -44,6 +44,7 @@ __all__ = [
     "checkpoint_path",
     "load_model",
     "load_tokenizer",
+    "local_architecture",
     "resolve_dtype",
 ]
 
@@ -138,14 +139,23 @@ def _not_found_message(name: str) -> str:
     )
 
 
-def _load_local(
-    path: Path, dtype: torch.dtype, attn: str | None, trust_remote_code: bool = False
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def local_architecture(
+    path: Path, attn: str | None, trust_remote_code: bool = False
+) -> tuple[type[PreTrainedModel], str]:
+    """The class that loads the checkpoint in ``path`` and its attention implementation
+    (``attn``, or the family's default)."""
     model_class = architecture_for(path, trust_remote_code)
     if attn is None:
         model_type = json.loads((path / "config.json").read_text()).get("model_type", "")
         family = family_of(model_type)
         attn = family.traits.default_attn if family else "sdpa"
+    return model_class, attn
+
+
+def _load_local(
+    path: Path, dtype: torch.dtype, attn: str | None, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model_class, attn = local_architecture(path, attn, trust_remote_code)
     # Only the auto class may run a checkpoint's own code; a family's class never does.
     remote = (
         {"trust_remote_code": trust_remote_code}
