@@ -25,7 +25,8 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from bench_sharded_memory import llama_config  # this folder: on sys.path when run as a script
+from transformers import LlamaForCausalLM
 
 from estimators.zo_sgd import ZOSGD
 from zo.engine import EngineConfig
@@ -33,15 +34,7 @@ from zo.offload import offload_blocks
 
 
 def build(options) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        hidden_size=options.hidden,
-        num_hidden_layers=options.layers,
-        intermediate_size=options.inter,
-        num_attention_heads=options.hidden // 64,
-        num_key_value_heads=options.hidden // 64,
-        vocab_size=options.vocab,
-        tie_word_embeddings=False,
-    )
+    config = llama_config(options)  # the shape bench_sharded_memory.py measures
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(getattr(torch, options.dtype)).eval()
