@@ -125,6 +125,10 @@ def compare(name: str, parallel: DataParallel, base) -> tuple[dict, dict]:
     sharded_estimator(sharded_opt, blocks, zeroth_order)
     parallel.attach(sharded_opt)
     local_bytes = sum(_local(p).numel() * p.element_size() for p in sharded.parameters())
+    # FSDP2 has no public getter for a root's communication context; what sharing it saves
+    # (one retained reduce-scatter input in all, not one per block) is memory, measured in
+    # experiments/RESULTS.md
+    contexts = {id(block._get_fsdp_state()._comm_ctx) for block in blocks}
     sharded_records = train(sharded, sharded_opt, batch(rank, world))
 
     gathered = full_tensors(dict(sharded.named_parameters()))
@@ -137,6 +141,7 @@ def compare(name: str, parallel: DataParallel, base) -> tuple[dict, dict]:
         f"{name}/plain_records": json.dumps(plain_records),
         f"{name}/sharded_records": json.dumps(sharded_records),
         f"{name}/local_bytes": str(local_bytes),
+        f"{name}/comm_contexts": str(len(contexts)),
     }
     return tensors, metadata
 

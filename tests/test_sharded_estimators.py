@@ -92,6 +92,9 @@ SLOW = [
 def check_all(processes: int, names: list[str], tmp_path) -> None:
     metadata, tensors = run_worker(processes, tmp_path / "out.safetensors", *names)
     for name in names:
+        # the blocks share one FSDP2 communication context, so a first-order backward keeps
+        # one reduce-scatter input in flight, not one per block (zo.sharded.shard_model)
+        assert metadata[f"{name}/comm_contexts"] == "1", name
         if name.partition(":")[0] in ("sgd", "adamw", "lomo"):
             check_close(name, tensors)
         else:

@@ -63,12 +63,19 @@ def shard_model(blocks: Sequence[nn.Module], mesh=None) -> None:
     forward hooks would never see. Each block is its own FSDP root, resharded after every
     forward, so the next (differently perturbed) forward gathers again. Blocks on the meta
     device stay there (``to_empty`` then materialises only the shards). Each block's
-    sharded parameters can take :func:`gradient_hook` s (fused first-order updates)."""
-    from torch.distributed.fsdp import fully_shard
+    sharded parameters can take :func:`gradient_hook` s (fused first-order updates).
+
+    The blocks share one communication context (``share_comm_ctx``, FSDP2's API for several
+    roots): each context keeps its last reduce-scatter input -- a layer's unsharded
+    gradients -- until its next reduce-scatter or the end of backward, so with a context per
+    block a first-order backward held one layer's gradients *per block* (measured: +49 MB
+    per layer on a 271 M shape), where one shared context holds one in all."""
+    from torch.distributed.fsdp import fully_shard, share_comm_ctx
 
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
         UnitGradientHooks(block)
+    share_comm_ctx(list(blocks))
 
 
 @torch.no_grad()

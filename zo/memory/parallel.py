@@ -94,11 +94,10 @@ def plan_sharded(request: PlanRequest, ranks: int) -> ParallelPlan:
     resident = local * wb
     gathered = layer * wb + 2 * (-(-layer // ranks)) * wb
     if request.estimator.memory.backward:
-        # Every decoder block is its own FSDP2 root, and each root keeps its last
-        # reduce-scatter input (the block's unsharded gradient) until backward ends, so a
-        # backward holds one whole layer's gradient per block, whatever the rank count
-        # (measured: ~one layer per layer, experiments/RESULTS.md "Sharded ZO").
-        gathered += one.shape.layers * layer * wb
+        # the gathered layer's gradient before its reduce-scatter, plus the one reduce-scatter
+        # input FSDP2 keeps in flight (the blocks share one communication context:
+        # zo.sharded.shard_model)
+        gathered += 2 * layer * wb
     peak = resident + round(state * fraction) + transient + gathered + one.overhead.bytes
     return ParallelPlan("fsdp", ranks, peak, resident=resident)
 
