@@ -13,7 +13,7 @@ import pytest
 import zo.train
 from zo.cli import main
 from zo.config import load_config
-from zo.tune import FLAT_MESSAGE, TuneOptions, parse_axis, tune
+from zo.tune import FLAT_MESSAGE, TuneOptions, choose_winner, parse_axis, tune
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "experiments" / "tiny" / "smoke.yaml")
@@ -123,6 +123,19 @@ def test_flat_tune_reports_and_writes_no_best_yaml(tmp_path, capsys):
     assert main(["tune", "--config", SMOKE, "--out", str(out), *args]) == 3
     assert FLAT_MESSAGE in capsys.readouterr().out
     assert not (out / "best.yaml").exists() and state(out)["winner"] is None
+
+
+def test_the_winner_is_the_lowest_dev_loss_that_moved_beyond_noise():
+    # measured on SmolLM2 block_zo: lr 1e-2 had the lowest dev loss but within noise, lr 3e-3
+    # moved it; reporting "no setting moved" there was false
+    final = {
+        "cand-03": {"dev_loss": 0.83, "improvement": 0.27, "noise": 0.29, "moved": False},
+        "cand-02": {"dev_loss": 0.93, "improvement": 0.18, "noise": 0.11, "moved": True},
+        "cand-04": {"dev_loss": 1.50, "improvement": -0.40, "noise": 0.12, "moved": False},
+    }
+    assert choose_winner(final) == "cand-02"
+    final["cand-02"]["moved"] = False
+    assert choose_winner(final) is None
 
 
 @pytest.mark.parametrize(

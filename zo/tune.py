@@ -9,8 +9,10 @@ dev examples (``task.eval_limit`` of them), the same examples for every candidat
 Noise. The dev examples are cut into batches of ``train.batch_size``; a candidate's
 improvement is the mean over batches of (zero-shot loss - its loss) on the same batch, and it
 *moved* the dev loss when that improvement exceeds both twice its standard error over the
-batches and ``min_improvement`` times the zero-shot dev loss. When the winner did not move,
-the tune reports "no setting moved the dev loss" and writes no ``best.yaml``.
+batches and ``min_improvement`` times the zero-shot dev loss. The winner is the last rung's
+lowest dev loss among the candidates that moved it (a lower loss within noise is passed over,
+and said so); when none moved, the tune reports "no setting moved the dev loss" and writes no
+``best.yaml``.
 
 State. ``OUT/tune.json`` (written atomically after every evaluation) holds the settings,
 the candidates and every result; a second tune on the same ``OUT`` checks that the settings
@@ -262,8 +264,15 @@ def tune(
             ranked = sorted(entrants, key=lambda n: (_sort_key(results[n]), n))
             entrants = ranked[: max(1, math.ceil(len(ranked) / options.eta))]
         final = state["rungs"][str(options.rungs - 1)]
+        winner = choose_winner(final)
         best = min(final, key=lambda n: (_sort_key(final[n]), n))
-        winner = best if final[best]["moved"] else None
+        if winner is not None and winner != best:
+            log(
+                f"{best} has the lowest dev loss ({_sort_key(final[best]):.4f}) but its "
+                f"improvement is within noise ({final[best]['improvement']:+.4f}, noise "
+                f"{final[best]['noise']:.4f}); the winner is the best candidate that moved: "
+                f"{winner}"
+            )
         state["winner"] = winner
         _save(out, state)
         table = write_table(out, state)
@@ -272,6 +281,13 @@ def tune(
         if best_yaml is None:
             (out / "best.yaml").unlink(missing_ok=True)  # a stale one would lie
         return TuneResult(state, winner, best_yaml, table)
+
+
+def choose_winner(final: dict[str, dict[str, Any]]) -> str | None:
+    """The candidate of the last rung with the lowest dev loss among those that moved it
+    beyond noise (a lower but noisy loss is not evidence), or None when none moved."""
+    moved = [name for name, result in final.items() if result.get("moved")]
+    return min(moved, key=lambda n: (_sort_key(final[n]), n)) if moved else None
 
 
 def _check_config(config: RunConfig) -> None:
