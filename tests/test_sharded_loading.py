@@ -17,7 +17,7 @@ from estimators.zo_sgd import ZOSGD
 from tests.sharded_worker import random_mask
 from tests.test_cli import SMOKE, step_records, trained, zo
 from tests.test_sharded import ROOT, expected_local_bytes, torchrun
-from zo.config import TrainableConfig
+from zo.config import ConfigError, TrainableConfig
 from zo.engine import EngineConfig, seeded
 from zo.masks import save_mask
 from zo.models import load_model, model_fingerprint, tiny_model
@@ -158,6 +158,14 @@ def test_a_meta_model_takes_lora_and_masks_as_the_whole_load_does(tmp_path, kind
     assert not any(torch.equal(p, torch.zeros_like(p)) for n, p in state.items() if "lora_A" in n)
     ids = torch.randint(4, 200, (2, 9), generator=torch.Generator().manual_seed(0))
     assert torch.equal(model(input_ids=ids).logits, whole(input_ids=ids).logits)
+
+
+def test_a_refused_selection_on_a_meta_model_says_why_and_leaves_it_meta(tmp_path):
+    checkpoint = MetaCheckpoint(saved_tiny(tmp_path / "tiny"))
+    model, _ = checkpoint.build(None, None)
+    with pytest.raises(ConfigError, match="trainable lora"):
+        checkpoint.select(model, TrainableConfig(kind="lora", lora_targets=["absent_proj"]))
+    assert all(p.is_meta for p in model.parameters())  # the stand-ins are gone
 
 
 def config_for(model: str, trainable: str = "full") -> SimpleNamespace:

@@ -128,12 +128,14 @@ class MetaCheckpoint:
 
         LoRA's adapters and a mask's index buffers and deltas are made for real, where the
         base layer's weight is (peft moves each adapter to its base weight's device and
-        dtype): during the selection every meta parameter is a real stand-in that holds no
-        memory, so they land on the host, drawn from the same generator in the same order
+        dtype): during the selection every meta parameter is a real stand-in holding one
+        element (:func:`real_stand_ins`), so they land on the host, drawn from the same generator in the same order
         as over a loaded model. The base parameters are meta again afterwards, under the
         names the selection gave them (``q_proj.base_layer.weight``), and :meth:`read` finds
         them there."""
         before = model.state_dict(keep_vars=True).items()
+        # by identity: the wrapping renames the base parameters but keeps them (the tensor is
+        # held beside its key so that no id is reused meanwhile)
         key_of = {id(t): (t, self.keys[name]) for name, t in before if t.is_meta}
         with real_stand_ins(model):
             chosen = select_trainable(model, spec)
@@ -238,16 +240,16 @@ def real_stand_ins(model: nn.Module) -> Iterator[None]:
         module._parameters[name] = stand_ins[id(param)]
     try:
         yield
-    finally:
+    finally:  # also after a refused selection (its error is the one to see)
         for module, name, param in slots:
             stand_in = stand_ins[id(param)]
             if module._parameters.get(name) is stand_in:
                 param.requires_grad_(stand_in.requires_grad)
                 module._parameters[name] = param
-        left = {id(p) for p in stand_ins.values()}
-        for name, param in model.named_parameters(remove_duplicate=False):
-            if id(param) in left:
-                raise RuntimeError(f"{name} kept a stand-in of a meta parameter")
+    left = {id(p) for p in stand_ins.values()}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in left:  # moved to a new slot: it would be trained or hashed as zeros
+            raise RuntimeError(f"{name} kept a stand-in of a meta parameter")
 
 
 def meta_checkpoint(config) -> MetaCheckpoint | None:
