@@ -3,13 +3,16 @@
     torchrun --standalone --nproc_per_node N experiments/bench_sharded_memory.py \
         --mode fsdp|data [--estimator zo_sgd|zo_adam|adamw|sgd|lomo] \
         [--hidden 1024 --layers 16 --inter 2816 --vocab 32000] [--load whole|rows DIR]
+        [--trainable full|lora]
     python experiments/bench_sharded_memory.py --save DIR [shape]   # a random checkpoint
 
 ``--load`` reads a safetensors checkpoint (one ``--save`` wrote) as ``zo train`` does:
 ``whole`` loads the whole model on every rank and then shards it (``fsdp``: the path before
 rank-by-rank loading), ``rows`` builds it on the meta device, shards it and reads each
 rank's rows from the files (:mod:`zo.sharded_loading`); ``peak_rss_after_load`` is the
-peak resident set (max over ranks) when the model is loaded, before any step.
+peak resident set (max over ranks) when the model is loaded, before any step. ``--trainable
+lora`` (with ``--load``) trains ``zo train``'s default LoRA adapters (r 8 on q_proj, v_proj,
+A drawn from a fixed seed) instead of every weight.
 
 Each rank builds a Llama of the given shape with random weights. ``fsdp`` builds it on the
 meta device, shards the decoder blocks and materialises only this rank's rows (what a
@@ -40,7 +43,7 @@ from zo.distributed import DataParallel
 from zo.engine import EngineConfig
 from zo.memory import return_large_frees_to_os
 from zo.memory.parallel import plan_sharded
-from zo.memory.shapes import shape_from_hf_config
+from zo.memory.shapes import PlanError, shape_from_hf_config
 from zo.memory.step import PlanRequest, plan_memory
 from zo.sharded import allocate_gather_buffers, shard_model, sharded_estimator
 
@@ -82,18 +85,21 @@ def load(options, sharded: bool):
     """The checkpoint in ``options.load[1]``, whole (then sharded) or rank by rank."""
     from pathlib import Path
 
+    from zo.config import TrainableConfig
+    from zo.engine import seeded
     from zo.models import load_model
     from zo.sharded import shard_for_training
     from zo.sharded_loading import MetaCheckpoint
-    from zo.trainable import TrainableSet
+    from zo.trainable import select_trainable
 
     how, directory = options.load
     checkpoint = MetaCheckpoint(Path(directory)) if how == "rows" else None
     model = checkpoint.build(None, None)[0] if checkpoint else load_model(directory)[0]
+    spec = TrainableConfig(kind=options.trainable)
+    with seeded(0):  # LoRA's A matrices
+        trainable = checkpoint.select(model, spec) if checkpoint else select_trainable(model, spec)
     if not sharded:
         return model, []
-    names, params = zip(*model.named_parameters(), strict=True)
-    trainable = TrainableSet(list(names), list(params))
     units = shard_for_training(model, torch.device("cpu"), trainable, checkpoint)[1]
     return model.eval(), units
 
@@ -105,11 +111,13 @@ def save(options) -> None:
     tiny_model("llama")[1].save_pretrained(options.save)  # any tokenizer: loading needs one
 
 
-def predicted(options, ranks: int) -> int:
+def predicted(options, ranks: int) -> int | None:
+    """The planner's per-rank peak, or None where it has no plan (sharded LoRA)."""
     spec = estimators.get_estimator(options.estimator)
     request = PlanRequest(
         shape=shape_from_hf_config(llama_config(options).to_dict()),
         estimator=spec.planned(),
+        trainable=options.trainable,
         device="cpu",
         batch=options.batch,
         seq_len=options.seq,
@@ -117,7 +125,10 @@ def predicted(options, ranks: int) -> int:
     )
     if options.mode == "data":
         return plan_memory(request).process_total
-    return plan_sharded(request, ranks).device_peak
+    try:
+        return plan_sharded(request, ranks).device_peak
+    except PlanError:
+        return None
 
 
 def main() -> None:
@@ -133,11 +144,14 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--load", nargs=2, metavar=("whole|rows", "DIR"))
     parser.add_argument("--save", metavar="DIR")
+    parser.add_argument("--trainable", choices=["full", "lora"], default="full")
     options = parser.parse_args()
     if options.save:
         return save(options)
     if options.mode is None:
         parser.error("--mode fsdp|data is required (or --save DIR)")
+    if options.trainable != "full" and not options.load:
+        parser.error("--trainable lora needs --load whole|rows DIR (a checkpoint to adapt)")
     return_large_frees_to_os()
     parallel = DataParallel.from_environment()
     parallel.start(torch.device("cpu"))
@@ -149,7 +163,10 @@ def main() -> None:
     spec = estimators.get_estimator(options.estimator)
     config = spec.config_class(**(ZO_SETTINGS if spec.traits.zeroth_order else SETTINGS))
     optimizer = estimators.build_estimator(
-        spec.name, list(model.parameters()), config, engine=EngineConfig(threads=1)
+        spec.name,
+        [p for p in model.parameters() if p.requires_grad],
+        config,
+        engine=EngineConfig(threads=1),
     )
     if units:
         sharded_estimator(optimizer, units, spec.traits.zeroth_order)
@@ -179,10 +196,11 @@ def main() -> None:
             "block_parameters": blocks,
             "rank0_parameter_bytes": local,
             "load": " ".join(options.load or ["random"]),
+            "trainable": options.trainable,
             "peak_rss_after_load": int(loaded),
             "peak_rss_bytes_max_rank": int(peak),
             "predicted_peak_bytes": prediction,
-            "error": round(prediction / int(peak) - 1, 4),
+            "error": round(prediction / int(peak) - 1, 4) if prediction else None,
             "seconds_per_step": sum(times[1:]) / max(1, len(times) - 1),
         }
         print(json.dumps(result))

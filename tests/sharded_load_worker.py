@@ -1,14 +1,18 @@
 """One rank of tests/test_sharded_loading.py (run by ``torchrun``).
 
-``sharded_load_worker.py OUT CHECKPOINT`` loads the safetensors checkpoint ``CHECKPOINT``
-three ways in the same processes, trains each with ZO-SGD on this rank's shard of the batch,
-and rank 0 writes the gathered weights, step records and load measurements to ``OUT``:
+``sharded_load_worker.py OUT CHECKPOINT MASK`` loads the safetensors checkpoint
+``CHECKPOINT`` three ways in the same processes, trains each with ZO-SGD on this rank's shard
+of the batch, and rank 0 writes the gathered weights, step records and load measurements to
+``OUT``:
 
 * ``plain``: the whole model on every rank, data parallelism (the reference);
 * ``whole``: the whole model loaded on every rank, then sharded (``train.parallel=fsdp``'s
-  path before rank-by-rank loading, and still its path for LoRA, masks, tiny models);
+  path before rank-by-rank loading, and still its path for tiny models);
 * ``meta``: built on the meta device, sharded, each rank reading its rows from the files
   (:class:`zo.sharded_loading.MetaCheckpoint`).
+
+Then LoRA adapters and the mask file ``MASK``'s sparse deltas (``KIND/whole``, ``KIND/meta``):
+the whole load sharded against the meta build, each trained with ZO-SGD.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from sharded_worker import batch, build, train
 
+from zo.config import TrainableConfig
 from zo.distributed import DataParallel
+from zo.engine import seeded
 from zo.models import load_model, model_fingerprint
 from zo.sharded import full_tensors, shard_for_training
 from zo.sharded_loading import MetaCheckpoint
-from zo.trainable import TrainableSet
+from zo.trainable import TrainableSet, select_trainable
 
 
 def storage_bytes(model) -> int:
@@ -72,7 +78,34 @@ def trained(model, parallel, sharded_units) -> tuple[dict, list]:
     return full_tensors(dict(model.named_parameters())), records
 
 
-def main(out: str, directory: str) -> None:
+def with_trainable(
+    kind: str, spec: TrainableConfig, directory: str, parallel: DataParallel
+) -> tuple[dict, dict]:
+    """``kind`` on the whole load, sharded, and on the meta build, each trained: rank 0's
+    tensors and metadata, keyed ``KIND/whole``, ``KIND/meta``."""
+    cpu = torch.device("cpu")
+    whole, _ = load_model(directory)
+    with seeded(5):  # the run's trainable-init generator (build_setup seeds it alike)
+        chosen = select_trainable(whole, spec)
+    metadata = {f"{kind}/whole_fingerprint": model_fingerprint(whole)}
+    runs = {"whole": (whole, shard_for_training(whole, cpu, chosen)[1])}
+    checkpoint = MetaCheckpoint(Path(directory))
+    meta, _ = checkpoint.build(None, None)
+    with seeded(5):
+        chosen = checkpoint.select(meta, spec)
+    metadata[f"{kind}/meta_fingerprint"] = checkpoint.fingerprint(meta)
+    metadata[f"{kind}/bytes_before_fill"] = str(storage_bytes(meta))
+    metadata[f"{kind}/trainable_bytes"] = str(sum(p.numel() * 4 for p in chosen.params))
+    runs["meta"] = (meta, shard_for_training(meta, cpu, chosen, checkpoint)[1])
+    tensors = {}
+    for run, (model, units) in runs.items():
+        weights, records = trained(model, parallel, units)
+        tensors |= {f"{kind}/{run}/{n}": t.contiguous() for n, t in weights.items()}
+        metadata[f"{kind}/{run}_records"] = json.dumps(records)
+    return tensors, metadata
+
+
+def main(out: str, directory: str, mask: str) -> None:
     parallel = DataParallel.from_environment()
     cpu = torch.device("cpu")
     parallel.start(cpu)
@@ -102,6 +135,13 @@ def main(out: str, directory: str) -> None:
         weights, records = trained(model, parallel, sharded_units)
         tensors |= {f"{run}/{n}": t.contiguous() for n, t in weights.items()}
         metadata[f"{run}_records"] = json.dumps(records)
+    for kind, spec in [
+        ("lora", TrainableConfig(kind="lora")),
+        ("mask", TrainableConfig(kind="mask", path=mask)),
+    ]:
+        more, more_metadata = with_trainable(kind, spec, directory, parallel)
+        tensors |= more
+        metadata |= more_metadata
     if parallel.rank == 0:
         save_file(tensors, out, metadata=metadata)
     dist.barrier()
@@ -109,4 +149,4 @@ def main(out: str, directory: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -243,7 +243,10 @@ def build_setup(config: RunConfig, shard: bool = False, offload: bool = False) -
     with seeded(mix_seed(_TRAINABLE_INIT_STREAM, config.train.seed), device):
         if not (shard or offload):  # sharded: chosen, hashed, sharded, then moved; offload:
             model.to(device)  # stays home, offload_blocks places it
-        trainable = select_trainable(model, config.trainable)
+        if meta:  # real adapters and mask buffers beside a meta base, as a whole load has
+            trainable = checkpoint.select(model, config.trainable)
+        else:
+            trainable = select_trainable(model, config.trainable)
     if shard:  # each block reaches the device as this rank's shard only
         # of the whole base, as replay sees it
         model_hash = checkpoint.fingerprint(model) if meta else models.model_fingerprint(model)
