@@ -58,12 +58,28 @@ def test_the_cli_prints_the_librarys_plans_and_verdict(model, gpus, memory, fitt
     assert f"{offloaded.host_bytes / GIB:.2f} GiB" in text
 
 
-def test_a_request_the_modes_do_not_run_says_why_and_plans_one_device(capsys):
-    out = plan_json(capsys, "--model", "opt-13b", "--estimator", "zo_adam", "--gpu-memory", "1TiB")
+@pytest.mark.parametrize(
+    "argv", [["--estimator", "zo_adam"], ["--trainable", "lora"], ["--trainable", "mask:0.001"]]
+)
+def test_a_mode_that_does_not_run_the_request_says_why_and_the_others_are_planned(argv, capsys):
+    # FSDP runs ZO-Adam, LoRA and masks; offload runs ZO-SGD over full weights only. Each mode
+    # is planned on its own: the offload refusal once blanked the sharded row too
+    out = plan_json(capsys, "--model", "opt-13b", *argv, "--gpus", "4", "--gpu-memory", "1TiB")
     single, fsdp, offload = out["modes"]
-    assert single["fits"] is True and out["fits"] == ["single"] and out["gpus"] == 1
-    for row in (fsdp, offload):
-        assert row["device_peak_bytes"] is None and "ZO-SGD" in row["refused"]
+    request = library_request("--model", "opt-13b", *argv, "--gpus", "4")
+    assert fsdp["device_peak_bytes"] == plan_sharded(request, 4).device_peak
+    assert fsdp["refused"] is None and fsdp["fits"] is True
+    assert offload["device_peak_bytes"] is None and offload["fits"] is None
+    assert "ZO-SGD" in offload["refused"]
+    assert single["fits"] is True and out["fits"] == ["single", "fsdp"]
+
+
+def test_a_request_no_parallel_mode_runs_says_why_in_both_rows(capsys):
+    out = plan_json(
+        capsys, "--model", "opt-13b", "--quant", "nf4", "--trainable", "lora", "--gpus", "2"
+    )
+    _, fsdp, offload = out["modes"]
+    assert "sharded plans cover" in fsdp["refused"] and "ZO-SGD" in offload["refused"]
 
 
 def test_the_new_presets_have_their_published_parameter_counts():

@@ -216,3 +216,25 @@ def test_the_sharded_plan_shards_optimizer_state_and_refuses_what_fsdp_does_not_
     assert peaks[0] > peaks[1] > peaks[2]
     with pytest.raises(PlanError, match="sharded plans cover"):
         plan_sharded(request("block_zo"), 2)
+
+
+@pytest.mark.parametrize("trainable", ["lora", "mask:0.01"])
+def test_a_sharded_lora_or_mask_plan_shards_the_frozen_base_like_full(trainable):
+    import dataclasses
+
+    import estimators
+    from zo.memory.parallel import plan_sharded
+    from zo.memory.shapes import shape_from_hf_config
+    from zo.memory.step import PlanRequest
+
+    model, _ = tiny_model("llama")
+    shape = shape_from_hf_config(model.config.to_dict())
+    zo_adam = estimators.get_estimator("zo_adam").planned()
+    full = PlanRequest(shape=shape, estimator=zo_adam, device="cpu", batch=2, seq_len=16)
+    small = dataclasses.replace(full, trainable=trainable)
+    for ranks in (2, 4):
+        # the frozen base is sharded as a full run's weights are; the moments cover only the
+        # adapters or deltas, so the peak drops by most of the full run's two moments
+        assert plan_sharded(small, ranks).resident == expected_local_bytes(ranks)
+        saved = plan_sharded(full, ranks).device_peak - plan_sharded(small, ranks).device_peak
+        assert saved > plan_sharded(full, ranks).resident

@@ -2,9 +2,9 @@
 
 The numbers are :mod:`zo.memory.parallel`'s (``plan_memory`` for one device, ``plan_sharded``
 per rank of ``train.parallel=fsdp``, ``plan_offloaded`` for ``train.parallel=offload``), and
-the verdict is its ``what_fits``. A request those two modes do not run (an estimator with
-per-element state, a trainable subset, a 4-bit base) is planned on one device only and the
-reason is printed beside the other two, never left out silently.
+the verdict is its ``what_fits``. A mode that does not run the request (offload: an
+estimator with per-element state or a trainable subset; either: a 4-bit base) prints its own
+reason in its row, never left out silently; the other modes are still planned.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from zo.memory.parallel import plan_offloaded, plan_sharded, what_fits
+from zo.memory.parallel import parallel_plans, what_fits
 from zo.memory.search import parse_budget
 from zo.memory.shapes import PlanError
 from zo.memory.step import GIB, PlanRequest, plan_memory
@@ -57,22 +57,16 @@ def parallel_rows(
     if gpus < 1:
         raise PlanError(f"--gpus must be 1 or more, got {gpus}")
     one = plan_memory(request)
-    single = ModeRow("single", 1, one.process_total)
-    try:
-        sharded, offloaded = plan_sharded(request, gpus), plan_offloaded(request)
-    except PlanError as error:
-        reason = str(error)
-        verdict = None if gpu_memory is None else one.process_total <= gpu_memory
-        rows = [
-            ModeRow("single", 1, one.process_total, fits=verdict),
-            ModeRow("fsdp", gpus, None, refused=reason),
-            ModeRow("offload", 1, None, refused=reason),
-        ]
-        return rows, ["single"] if verdict else []
+    plans = parallel_plans(request, gpus)
+    sharded, offloaded = plans["fsdp"], plans["offload"]
     rows = [
-        single,
-        ModeRow("fsdp", gpus, sharded.device_peak),
-        ModeRow("offload", 1, offloaded.device_peak, host_bytes=offloaded.host_bytes),
+        ModeRow("single", 1, one.process_total),
+        ModeRow("fsdp", gpus, None, refused=str(sharded))
+        if isinstance(sharded, PlanError)
+        else ModeRow("fsdp", gpus, sharded.device_peak),
+        ModeRow("offload", 1, None, refused=str(offloaded))
+        if isinstance(offloaded, PlanError)
+        else ModeRow("offload", 1, offloaded.device_peak, host_bytes=offloaded.host_bytes),
     ]
     if gpu_memory is None:
         return rows, []

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from zo.memory.estimator import EstimatorMemory
 from zo.memory.shapes import PlanError
-from zo.memory.step import DTYPE_BYTES, Plan, PlanRequest, plan_memory
+from zo.memory.step import DTYPE_BYTES, Plan, PlanRequest, parse_trainable, plan_memory
 
 
 @dataclass(frozen=True)
@@ -64,16 +64,23 @@ def _check(request: PlanRequest) -> None:
         )
 
 
+SHARDED_PLAN_TRAINABLES = ("full", "lora", "mask")
+"""Trainable kinds a sharded plan covers: the base's block rows are sharded the same way for
+each (LoRA adapters and mask deltas live in the blocks and shard with them). ``names`` is
+left out: its per-element state need not split with the weights."""
+
+
 def _check_sharded(request: PlanRequest) -> None:
     memory = request.estimator.memory
     shardable = memory.gradients in ("none", "all", "one") and not (
         memory.tangents or memory.kept_hidden_states
     )
-    if not shardable or request.trainable != "full" or request.quant != "none":
+    kind = parse_trainable(request.trainable, request.lora_r).kind
+    if not shardable or kind not in SHARDED_PLAN_TRAINABLES or request.quant != "none":
         raise PlanError(
             "sharded plans cover the estimators train.parallel=fsdp runs (ZO-SGD and its "
-            "per-element variants, ZO-Adam, sgd, adamw, lomo) over trainable full without "
-            "quantization"
+            "per-element variants, ZO-Adam, sgd, adamw, lomo) over trainable "
+            f"{', '.join(SHARDED_PLAN_TRAINABLES)} without quantization"
         )
 
 
@@ -117,11 +124,25 @@ def plan_offloaded(request: PlanRequest, prefetch: int = 1) -> ParallelPlan:
     return ParallelPlan("offload", 1, peak, rest * wb, host_bytes=host * wb)
 
 
-def what_fits(request: PlanRequest, gpus: int, gpu_memory: int) -> dict[str, bool]:
-    """Which of one device, sharded over ``gpus``, and offloaded fits in ``gpu_memory``."""
+def parallel_plans(request: PlanRequest, gpus: int) -> dict[str, ParallelPlan | PlanError]:
+    """Sharded over ``gpus`` and offloaded, each planned on its own: a mode that does not run
+    ``request`` gives its own refusal, never the other mode's."""
+    plans: dict[str, ParallelPlan | PlanError] = {}
+    for mode, plan in (("fsdp", lambda: plan_sharded(request, gpus)), ("offload", plan_offloaded)):
+        try:
+            plans[mode] = plan() if mode == "fsdp" else plan(request)
+        except PlanError as refusal:
+            plans[mode] = refusal
+    return plans
+
+
+def what_fits(request: PlanRequest, gpus: int, gpu_memory: int) -> dict[str, bool | None]:
+    """Which of one device, sharded over ``gpus``, and offloaded fits in ``gpu_memory``
+    (None: that mode does not run this request)."""
     one = plan_memory(request)
-    return {
-        "single": one.process_total <= gpu_memory,
-        f"fsdp x{gpus}": plan_sharded(request, gpus).fits(gpu_memory),
-        "offload": plan_offloaded(request).fits(gpu_memory),
-    }
+    plans = parallel_plans(request, gpus)
+    verdict = {"single": one.process_total <= gpu_memory}
+    for mode, label in (("fsdp", f"fsdp x{gpus}"), ("offload", "offload")):
+        plan = plans[mode]
+        verdict[label] = None if isinstance(plan, PlanError) else plan.fits(gpu_memory)
+    return verdict
