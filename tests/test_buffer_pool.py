@@ -122,6 +122,9 @@ def test_a_step_after_the_first_allocates_no_bucket(prefetch):
         for bucket in optimizer.engine.plan.buckets
     )
     assert kept <= pool.slots * largest * 4  # bounded: a few buckets, never the model
+    # one buffer for the live bucket (a forward lets go of the last before drawing the next),
+    # one more for the bucket drawn ahead
+    assert len(pool.kept[(torch.device("cpu"), torch.float32)]) == 1 + (prefetch == "on")
     optimizer.engine.close()
 
 

@@ -169,9 +169,9 @@ class PerturbedForward:
 
     # ------------------------------------------------------------------ buckets
     def _perturbed(self, module: nn.Module, index: int) -> torch.Tensor:
-        for views in self.live.values():
-            if index in views:
-                return views[index]
+        live = self._live_view(index)
+        if live is not None:
+            return live
         plan = self.engine.plan
         bucket = plan.bucket_of.get(index)
         # Earlier buckets are done: let go of them before drawing, so that the pool can hand
@@ -187,6 +187,15 @@ class PerturbedForward:
         self.live = {bucket: views}
         self._start_ahead(bucket + 1)
         return views[index]
+
+    def _live_view(self, index: int) -> torch.Tensor | None:
+        """Tensor ``index``'s view in a live bucket (a function of its own: a loop variable
+        left in :meth:`_perturbed`'s frame would hold the last bucket while the next is drawn,
+        and the pool would allocate another buffer)."""
+        for views in self.live.values():
+            if index in views:
+                return views[index]
+        return None
 
     def _members(self, bucket: int) -> list[int]:
         return [i for i in self.engine.plan.buckets[bucket] if self.scales[i] != 0.0]
