@@ -215,7 +215,6 @@ class PerturbationEngine:
         self._constants: dict[tuple, torch.Tensor] = {}
         self.prefetcher: ThreadPoolExecutor | None = None
         self._scratch = threading.local()
-        self._head_scratch = threading.local()  # _head_chunk's (not draw's)
         # the bucket a forward reads, one a parent module may still read while its children
         # draw the next, and the one drawn ahead (more are allocated, not kept)
         self.pool = BufferPool(slots=2 + int(self.prefetching()))
@@ -516,7 +515,7 @@ class PerturbationEngine:
         x = x if x.dtype == torch.float32 else x.float()
         row = weight.shape[1]
         rows_per_chunk = max(1, self._chunk_len(index) // row)
-        z = self._head_chunk(min(rows_per_chunk, weight.shape[0]) * row, weight.device)
+        z = torch.empty(min(rows_per_chunk, weight.shape[0]) * row, device=weight.device)
         for first in range(0, weight.shape[0], rows_per_chunk):
             last = min(first + rows_per_chunk, weight.shape[0])
             block = z[: (last - first) * row]
@@ -528,14 +527,6 @@ class PerturbationEngine:
                 cols = out_cols[:, first:last]
                 cols.copy_(torch.addmm(cols.float(), x, block.t(), alpha=scale))
         return output
-
-    def _head_chunk(self, numel: int, device: torch.device) -> torch.Tensor:
-        """fp32 room for one chunk of an output-side perturbation's ``z``. On a CPU a buffer
-        kept per thread: allocated afresh, each forward's would be a new mapping the kernel
-        faults in (see :mod:`zo.buffer_pool`). Elsewhere the caching allocator's block."""
-        if device.type != "cpu":
-            return torch.empty(numel, dtype=torch.float32, device=device)
-        return thread_scratch(self._head_scratch, numel, device)
 
     def close(self) -> None:
         self.pool.clear()
