@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from zo.buckets import PerturbedForward, Plan, Swap, announced, swapping
+from zo.buffer_pool import BufferPool
 from zo.directions import (
     GENERATOR_NAMES,
     DirectionGenerator,
@@ -214,6 +215,9 @@ class PerturbationEngine:
         self._constants: dict[tuple, torch.Tensor] = {}
         self.prefetcher: ThreadPoolExecutor | None = None
         self._scratch = threading.local()
+        # the bucket a forward reads, one a parent module may still read while its children
+        # draw the next, and the one drawn ahead (more are allocated, not kept)
+        self.pool = BufferPool(slots=2 + int(self.prefetching()))
 
     # ------------------------------------------------------------------ directions
     def _chunk_len(self, index: int) -> int:
@@ -398,18 +402,24 @@ class PerturbationEngine:
         seed: int,
         scales: Sequence[float],
         pin_memory: bool = False,
+        out: torch.Tensor | None = None,
     ) -> dict[int, torch.Tensor]:
-        """Perturbed copies of ``indices`` (one device and dtype) in one flat buffer
+        """Perturbed copies of ``indices`` (one device and dtype) in one flat buffer: ``out``
+        (its first elements; the caller guarantees nothing else reads it), else a new one
         (``pin_memory``: page-locked, for host tensors bound for a CUDA device)."""
         tensors = [self.tensors[i] for i in indices]
-        buffer = torch.empty(
-            sum(t.numel() for t in tensors),
-            dtype=tensors[0].dtype,
-            device=tensors[0].device,
-            pin_memory=pin_memory,
-        )
-        views = list(buffer.split([t.numel() for t in tensors]))
-        one = self._constant((1.0, 1.0), buffer.device)
+        numel = sum(t.numel() for t in tensors)
+        if out is None:
+            out = torch.empty(
+                numel, dtype=tensors[0].dtype, device=tensors[0].device, pin_memory=pin_memory
+            )
+        elif out.dtype != tensors[0].dtype or out.device != tensors[0].device:
+            raise ValueError(
+                f"materialize: out is {out.dtype} on {out.device}, the tensors are "
+                f"{tensors[0].dtype} on {tensors[0].device}"
+            )
+        views = list(out[:numel].split([t.numel() for t in tensors]))
+        one = self._constant((1.0, 1.0), out.device)
         by_scale: dict[float, list[int]] = {}
         for position, scale in enumerate(scales):
             by_scale.setdefault(float(scale), []).append(position)
@@ -519,6 +529,7 @@ class PerturbationEngine:
         return output
 
     def close(self) -> None:
+        self.pool.clear()
         if self.prefetcher is not None:
             self.prefetcher.shutdown(wait=True)
             self.prefetcher = None

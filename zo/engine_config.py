@@ -39,7 +39,8 @@ class EngineConfig:
     ``auto`` = philox on CUDA, torch-blocks elsewhere. A run records the one it used."""
     bucket_size: int = 0
     """Elements of trainable tensors a perturbed forward materialises per generator call:
-    one such copy (two with ``prefetch``) is the perturbation's temporary memory. Larger:
+    one such copy (two with ``prefetch``) is the perturbation's temporary memory (on a CPU
+    one buffer reused bucket by bucket within a forward, :mod:`zo.buffer_pool`). Larger:
     fewer kernels per pass; smaller: less memory (``zo bench ops`` / ``zo bench memory``).
     0 = by device: 2**22 on CPU, 2**23 on accelerators."""
     prefetch: str = "auto"

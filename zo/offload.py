@@ -243,13 +243,19 @@ class Offloaded:
         for action in actions:
             slot = self.schedule.slot(action.block)
             if action.kind == "fetch":
-                views, sources = self._views(action.block), self._sources(action.block)
-                self.backend.fetch(slot, list(zip(views, sources, strict=True)))
-                self.copies += len(views)
+                self._fetch(slot, action.block)
             elif action.kind == "wait":
                 self.backend.wait(slot)
             else:
                 self.backend.release(slot)
+
+    def _fetch(self, slot: int, block: int) -> None:
+        """Copy ``block`` into ``slot``. Its sources (perturbed copies from the engine's
+        buffer pool) are let go on return, before the next block's are drawn, so the pool
+        can hand the same buffer out again."""
+        copies = list(zip(self._views(block), self._sources(block), strict=True))
+        self.backend.fetch(slot, copies)
+        self.copies += len(copies)
 
     # ------------------------------------------------------------------ what a slot holds
     def _views(self, block: int) -> list[torch.Tensor]:

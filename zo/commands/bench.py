@@ -1,7 +1,8 @@
 """``zo bench step | memory | ops | generators``: ratios measured in one run, as JSON + a table.
 
 step:   ZO-SGD step time over the time of two forward passes, and over a naive MeZO
-        step (global ``torch.manual_seed``, four dense ``torch.normal`` passes).
+        step (global ``torch.manual_seed``, four dense ``torch.normal`` passes); also each
+        one's CPU seconds and minor page faults, which a shared machine's load hardly moves.
 ops:    compute operators dispatched by one ZO-SGD step over those of two forwards (each one
         kernel launch or more on a GPU), and the operators that make the host wait for the
         device (:mod:`zo.opcount`); default batch 2 x 16, where launches dominate.
@@ -32,7 +33,7 @@ import torch
 
 from zo.commands.common import HelpFormatter, record_arguments, verb_epilog
 from zo.engine import seeded
-from zo.memory import time_call
+from zo.memory import CallCost, measure_call, time_call
 
 EXAMPLE = "zo bench step --layers 4 --repeats 3 | zo bench memory --estimators all"
 SCORED = 4
@@ -133,13 +134,18 @@ def bench_step(args: argparse.Namespace) -> dict:
             model, full_logits_loss, ids, 1, 1e-7, 1e-3
         ),
     }
-    timings: dict[str, list[float]] = {name: [] for name in runs}
+    costs: dict[str, list[CallCost]] = {name: [] for name in runs}
     for fn in runs.values():  # warm-up: allocator, kernels, thread pools, bucket plans
         fn()
     for _ in range(args.repeats):  # interleaved, so machine noise hits every method alike
         for name, fn in runs.items():
-            timings[name].append(time_call(fn, args.device))
+            costs[name].append(measure_call(fn, args.device))
+    timings = {name: [cost.seconds for cost in values] for name, values in costs.items()}
     median = {name: statistics.median(values) for name, values in timings.items()}
+    cpu = {
+        name: statistics.median(c.user_seconds + c.system_seconds for c in values)
+        for name, values in costs.items()
+    }
     fastest = {name: min(values) for name, values in timings.items()}
     extra = {
         f"{name}_over_two_forwards": median[name] / (2 * median["forward"])
@@ -166,6 +172,18 @@ def bench_step(args: argparse.Namespace) -> dict:
         / median["zo_sgd_step"],
         **extra,
         "seconds_all": {name: [round(v, 4) for v in values] for name, values in timings.items()},
+        # CPU time and page faults barely move with other load (wall time does): on a shared
+        # machine they say what a method costs; CPU time counts every thread of the process
+        "cpu_seconds_median": cpu,
+        "system_seconds_median": {
+            name: statistics.median(c.system_seconds for c in values)
+            for name, values in costs.items()
+        },
+        "minor_faults_median": {
+            name: statistics.median(c.minor_faults for c in values)
+            for name, values in costs.items()
+        },
+        "zo_step_over_two_forwards_cpu": cpu["zo_sgd_step"] / (2 * cpu["forward"]),
     }
 
 

@@ -10,8 +10,10 @@
 
 from zo.memory.estimator import EstimatorMemory, PlannedEstimator
 from zo.memory.measure import (
+    CallCost,
     current_rss_bytes,
     format_bytes,
+    measure_call,
     peak_memory_bytes,
     peak_rss_bytes,
     peak_rss_since_reset_bytes,
@@ -21,10 +23,12 @@ from zo.memory.measure import (
 )
 
 __all__ = [
+    "CallCost",
     "EstimatorMemory",
     "PlannedEstimator",
     "current_rss_bytes",
     "format_bytes",
+    "measure_call",
     "peak_memory_bytes",
     "peak_rss_bytes",
     "peak_rss_since_reset_bytes",

@@ -6,6 +6,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -69,6 +70,31 @@ def time_call(fn: Callable[[], object], device: torch.device | str = "cpu") -> f
     if cuda:
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class CallCost:
+    """What one call cost: wall seconds, and from ``getrusage`` the CPU seconds of every
+    thread of this process and the minor page faults (fresh memory the kernel mapped in).
+    The last two hardly depend on other load on a shared machine; wall time does."""
+
+    seconds: float
+    user_seconds: float
+    system_seconds: float
+    minor_faults: int
+
+
+def measure_call(fn: Callable[[], object], device: torch.device | str = "cpu") -> CallCost:
+    """:func:`time_call`, with the CPU time and minor page faults the call took."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    seconds = time_call(fn, device)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return CallCost(
+        seconds,
+        after.ru_utime - before.ru_utime,
+        after.ru_stime - before.ru_stime,
+        after.ru_minflt - before.ru_minflt,
+    )
 
 
 def format_bytes(count: float) -> str:
