@@ -209,3 +209,16 @@ def test_measure_call_counts_the_page_faults_of_fresh_memory():
     cost = measure_call(lambda: torch.ones(1 << 24))
     assert cost.minor_faults > 0 and cost.seconds > 0
     assert cost.user_seconds >= 0 and cost.system_seconds >= 0
+
+
+def test_a_torch_without_storage_use_counts_allocates_afresh_and_says_so(monkeypatch, capsys):
+    import zo.buffer_pool
+
+    monkeypatch.setattr(zo.buffer_pool, "POOLING", False)
+    monkeypatch.setattr(zo.buffer_pool, "_SAID", set())
+    pool = BufferPool(slots=2)
+    first, second = (pool.take(64, torch.float32, torch.device("cpu")) for _ in range(2))
+    del first
+    pool.take(64, torch.float32, torch.device("cpu"))
+    assert pool.allocations == 3 and pool.kept_bytes() == 0
+    assert capsys.readouterr().err.count("bucket buffers are not pooled") == 1

@@ -27,9 +27,15 @@ caching host allocator for the same reasons.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
+
+POOLING = hasattr(torch._C, "_storage_Use_Count")
+"""Whether this torch can count a storage's users (a private function, also used by torch's
+own CUDA graph trees). Without it no buffer can be proven idle: :class:`BufferPool` then
+allocates every bucket afresh, as the engine did before the pool, and says so once."""
 
 
 def storage_users(tensor: torch.Tensor) -> int:
@@ -78,6 +84,13 @@ class BufferPool:
         device = torch.device(device)
         if device.type != "cpu":  # the device's caching allocator pools (see the module doc)
             return self._allocate(numel, dtype, device)
+        if not POOLING:
+            _say_once(
+                "zo: bucket buffers are not pooled: this torch has no "
+                "torch._C._storage_Use_Count to tell an idle buffer, so every bucket of a "
+                "perturbed forward is allocated afresh (same values, more page faults)"
+            )
+            return self._allocate(numel, dtype, device)
         kept = self.kept.setdefault((device, dtype), [])
         idle = [entry for entry in kept if entry.idle()]
         fitting = [entry for entry in idle if entry.buffer.numel() >= numel]
@@ -106,3 +119,12 @@ class BufferPool:
     def clear(self) -> None:
         """Forget every kept buffer (views handed out stay valid: they hold their storage)."""
         self.kept = {}
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        print(message, file=sys.stderr)
