@@ -58,16 +58,15 @@ def parallel_rows(
         raise PlanError(f"--gpus must be 1 or more, got {gpus}")
     one = plan_memory(request)
     plans = parallel_plans(request, gpus)
-    sharded, offloaded = plans["fsdp"], plans["offload"]
-    rows = [
-        ModeRow("single", 1, one.process_total),
-        ModeRow("fsdp", gpus, None, refused=str(sharded))
-        if isinstance(sharded, PlanError)
-        else ModeRow("fsdp", gpus, sharded.device_peak),
-        ModeRow("offload", 1, None, refused=str(offloaded))
-        if isinstance(offloaded, PlanError)
-        else ModeRow("offload", 1, offloaded.device_peak, host_bytes=offloaded.host_bytes),
-    ]
+    rows = [ModeRow("single", 1, one.process_total)]
+    for mode, devices in (("fsdp", gpus), ("offload", 1)):
+        plan = plans[mode]
+        if isinstance(plan, PlanError):
+            rows.append(ModeRow(mode, devices, None, refused=str(plan)))
+        else:
+            rows.append(
+                ModeRow(mode, devices, plan.device_peak, host_bytes=plan.host_bytes or None)
+            )
     if gpu_memory is None:
         return rows, []
     verdicts = list(what_fits(request, gpus, gpu_memory).values())  # single, fsdp xN, offload

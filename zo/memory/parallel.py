@@ -127,13 +127,17 @@ def plan_offloaded(request: PlanRequest, prefetch: int = 1) -> ParallelPlan:
 def parallel_plans(request: PlanRequest, gpus: int) -> dict[str, ParallelPlan | PlanError]:
     """Sharded over ``gpus`` and offloaded, each planned on its own: a mode that does not run
     ``request`` gives its own refusal, never the other mode's."""
-    plans: dict[str, ParallelPlan | PlanError] = {}
-    for mode, plan in (("fsdp", lambda: plan_sharded(request, gpus)), ("offload", plan_offloaded)):
-        try:
-            plans[mode] = plan() if mode == "fsdp" else plan(request)
-        except PlanError as refusal:
-            plans[mode] = refusal
-    return plans
+    return {
+        "fsdp": _plan_or_refusal(plan_sharded, request, gpus),
+        "offload": _plan_or_refusal(plan_offloaded, request),
+    }
+
+
+def _plan_or_refusal(plan, *args) -> ParallelPlan | PlanError:
+    try:
+        return plan(*args)
+    except PlanError as refusal:
+        return refusal
 
 
 def what_fits(request: PlanRequest, gpus: int, gpu_memory: int) -> dict[str, bool | None]:
