@@ -91,7 +91,7 @@ def test_two_processes_on_halves_equal_one_process_on_the_batch(two_process_resu
     for key, weights in rank0.items():
         assert not torch.equal(weights, start[key].detach())  # it trained
         # equal up to float rounding of the loss sums (ZO divides it by 2 eps)
-        torch.testing.assert_close(weights, one_process[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(weights, one_process[key], rtol=1e-4, atol=3e-5)
 
 
 # ------------------------------------------------------------------ without processes

@@ -200,7 +200,7 @@ def test_updated_copy_is_what_update_writes(generator, dtype):
 
 
 def test_generator_choice_and_the_recorded_one():
-    assert resolve_generator(EngineConfig(), "cpu") == "torch-blocks"
+    assert resolve_generator(EngineConfig(), "cpu") == "philox-ieee"
     assert resolve_generator(EngineConfig(), "cuda") == "philox"
     assert resolve_generator(EngineConfig(generator="philox"), "cpu") == "philox"
     assert engine_for(TiedLM(), generator="philox").generator_name == "philox"

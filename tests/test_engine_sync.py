@@ -28,7 +28,7 @@ def counted_step(model: nn.Module, closure, **engine) -> OpCounter:
     return counter
 
 
-@pytest.mark.parametrize("generator", ["philox", "torch-blocks"])
+@pytest.mark.parametrize("generator", ["philox", "philox-ieee", "torch-blocks"])
 @pytest.mark.parametrize("offload_threshold", [0, 1 << 22])
 def test_a_zo_sgd_step_dispatches_no_operator_that_waits_for_the_device(
     generator, offload_threshold

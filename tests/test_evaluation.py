@@ -21,6 +21,7 @@ from tasks.objectives import (
     require_differentiable,
 )
 from tests.tiny import lively
+from zo.engine import EngineConfig
 from zo.models import masked_byte_tokenizer, tiny_model
 
 
@@ -299,7 +300,14 @@ def test_zo_sgd_step_on_a_metric_objective_equals_a_dense_reference(objective):
     reference = copy.deepcopy(model)
     lr, eps = 1e-3, 0.03
     optimizer = estimators.build_estimator(
-        "zo_sgd", list(model.named_parameters()), ZOSGDConfig(lr=lr, eps=eps), seed=2
+        "zo_sgd",
+        list(model.named_parameters()),
+        ZOSGDConfig(lr=lr, eps=eps),
+        seed=2,
+        # a metric is coarse: most directions at this eps flip every prediction or none;
+        # this seed's direction under torch-blocks changes some (the arithmetic checked
+        # below is the same for every generator)
+        engine=EngineConfig(generator="torch-blocks"),
     )
     closure = objective_closure(model, tokenizer, task, examples, max_new_tokens=6)
     estimate = optimizer.estimate(closure)

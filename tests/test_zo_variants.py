@@ -229,7 +229,10 @@ def test_conservative_never_ends_on_a_worse_loss_and_scores_what_it_applies(
         # the candidate was evaluated on exactly the weights that were then kept
         assert extra["candidate_losses"][extra["choice"]] == after
         assert extra["candidate_losses"]["keep"] == start
-    assert choices != {"keep"}  # it did move
+    if lr < 1:
+        assert choices != {"keep"}  # it did move
+    else:  # every step overshoots (losses ~20x the start's): refusing them is the point
+        assert "keep" in choices
 
 
 def test_conservative_split_form_scores_candidates_on_the_same_micro_batches():

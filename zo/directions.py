@@ -3,17 +3,20 @@
 A generator maps *global coordinates* -- ``(step seed, tensor index, element offset)`` -- to
 a direction value, so any element range of a tensor can be drawn alone: chunking,
 bucketing, thread count and sharding never change a value (a shard draws exactly its part).
-Two are registered (:func:`generators`): ``philox`` (:mod:`zo.philox`, counter-based, one
-Triton kernel per pass on CUDA) and ``torch-blocks`` (:mod:`zo.torch_blocks`, torch's own
-generator in seeded blocks, the fastest gaussian on CPU). This module is their registry and
-re-exports what they share (:mod:`zo.direction_base`: seed mixing, the passes in torch ops,
-the thread pool that runs them on CPU).
+Three are registered (:func:`generators`): ``philox`` (:mod:`zo.philox`, counter-based, one
+Triton kernel per pass on CUDA), ``philox-ieee`` (:mod:`zo.philox_ieee`, philox's counters
+with a transform in exact arithmetic: the same bits on every device, a fused C kernel on
+CPU) and ``torch-blocks`` (:mod:`zo.torch_blocks`, torch's own generator in seeded blocks).
+This module is their registry and re-exports what they share (:mod:`zo.direction_base`: seed
+mixing, the passes in torch ops, the thread pool that runs them on CPU).
 
 Values are bit-identical on one device type and torch version for a given generator (the
-trajectory records all three).
+trajectory records all three); ``philox-ieee``'s on every device.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -31,7 +34,9 @@ from zo.direction_base import (
     run_jobs,
     splitmix64,
 )
+from zo.native import NativeUnavailable
 from zo.philox import PhiloxGenerator
+from zo.philox_ieee import PhiloxIEEEGenerator, native_kernel
 from zo.torch_blocks import TorchBlockGenerator
 
 __all__ = [
@@ -55,13 +60,37 @@ __all__ = [
 
 def generators() -> dict[str, type[DirectionGenerator]]:
     """The registered generators by name."""
-    return {"philox": PhiloxGenerator, "torch-blocks": TorchBlockGenerator}
+    return {
+        "philox": PhiloxGenerator,
+        "philox-ieee": PhiloxIEEEGenerator,
+        "torch-blocks": TorchBlockGenerator,
+    }
 
 
-GENERATOR_NAMES = ("philox", "torch-blocks")
+GENERATOR_NAMES = ("philox", "philox-ieee", "torch-blocks")
 
 
 def default_generator(device: torch.device | str) -> str:
-    """``auto``'s choice, by measurement: philox on CUDA (one fused kernel per bucket),
-    torch-blocks on CPU (mt19937 draws gaussians ~7x faster than philox in torch ops)."""
-    return "philox" if torch.device(device).type == "cuda" else "torch-blocks"
+    """``auto``'s choice, by measurement (``zo bench generators``, ``zo bench step``):
+    philox on CUDA (one fused Triton kernel per bucket); philox-ieee on CPU, whose C kernel
+    draws, scales and adds in one pass at ~2x torch's own generator; torch-blocks on a CPU
+    where that kernel cannot be built (no C compiler), said once with the reason."""
+    if torch.device(device).type == "cuda":
+        return "philox"
+    if torch.device(device).type != "cpu":
+        return "torch-blocks"
+    try:
+        native_kernel()
+    except NativeUnavailable as error:
+        _say_once(f"engine.generator=auto draws with torch-blocks on this CPU: {error}")
+        return "torch-blocks"
+    return "philox-ieee"
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        logging.getLogger(__name__).warning(message)

@@ -35,8 +35,9 @@ class EngineConfig:
     """A large linear layer is perturbed output-side only when its input has at most this
     many rows (the LM head at scored positions); beyond, the extra matmul costs more."""
     generator: str = "auto"
-    """``philox``, ``torch-blocks`` or ``torch-chunks-v1`` (version 1, kept for its runs);
-    ``auto`` = philox on CUDA, torch-blocks elsewhere. A run records the one it used."""
+    """``philox``, ``philox-ieee``, ``torch-blocks`` or ``torch-chunks-v1`` (version 1, kept
+    for its runs); ``auto`` = philox on CUDA, philox-ieee on CPU (torch-blocks where its C
+    kernel cannot be built, said once). A run records the one it used."""
     bucket_size: int = 0
     """Elements of trainable tensors a perturbed forward materialises per generator call:
     one such copy (two with ``prefetch``) is the perturbation's temporary memory (on a CPU

@@ -388,5 +388,5 @@ def check_offloaded_run(config, world_size: int, offloadable: Sequence[str]) -> 
     if config.engine.generator == "torch-chunks-v1":
         raise OffloadError(
             "engine.generator=torch-chunks-v1 (engine version 1) perturbs in hooks that offload "
-            "cannot hand its copies to: use philox or torch-blocks with train.parallel=offload"
+            "cannot hand its copies to: use philox, philox-ieee or torch-blocks with train.parallel=offload"
         )

@@ -112,16 +112,23 @@ def _philox_fill(out: torch.Tensor, seed: int, index: int, start: int, distribut
         )
 
 
-def _philox_rows(
-    ids: torch.Tensor, seed: int, index: int, row: int, distribution: str
+def philox_rows(
+    ids: torch.Tensor,
+    seed: int,
+    index: int,
+    row: int,
+    distribution: str,
+    transform=None,
 ) -> torch.Tensor:
-    """``z`` at rows ``ids`` of a ``row``-wide weight, ``[ids.numel(), row]``."""
+    """``z`` at rows ``ids`` of a ``row``-wide weight, ``[ids.numel(), row]``, from the words
+    by ``transform`` (default :func:`words_to_values`); no host read of the ids."""
+    transform = transform or words_to_values
     flat_ids = ids.reshape(-1).to(torch.int64)
     first = flat_ids * row // 4  # each row's first counter
     width = row // 4 + 2  # counters spanning any row whatever its offset modulo 4
     counters = first.unsqueeze(1) + torch.arange(width, device=ids.device)
     words = philox4x32((counters & MASK32, counters >> 32, index, 0), philox_key(seed))
-    values = words_to_values([w.reshape(-1) for w in words], distribution)
+    values = transform([w.reshape(-1) for w in words], distribution)
     values = values.view(flat_ids.numel(), width * 4)
     skip = (flat_ids * row - 4 * first).unsqueeze(1) + torch.arange(row, device=ids.device)
     return values.gather(1, skip)
@@ -165,7 +172,7 @@ class _EagerPhilox(PhiloxGenerator):
 
     def rows_add(self, out, ids, seed, index, shape, scale) -> None:
         if ids.numel():
-            add_scaled(out, _philox_rows(ids, seed, index, shape[1], self.distribution), scale)
+            add_scaled(out, philox_rows(ids, seed, index, shape[1], self.distribution), scale)
 
     def axpz(
         self, sources, targets, indices, seeds, coefficients, scale, decay, starts=None

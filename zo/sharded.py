@@ -280,7 +280,7 @@ def check_sharded_run(config, world_size: int, shardable: Sequence[str]) -> None
     if config.engine.generator == "torch-chunks-v1":
         raise ShardingError(
             "engine.generator=torch-chunks-v1 cannot address a shard's elements; use "
-            "philox or torch-blocks with train.parallel=fsdp"
+            "philox, philox-ieee or torch-blocks with train.parallel=fsdp"
         )
 
 

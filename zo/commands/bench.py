@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from zo.commands.common import HelpFormatter, record_arguments, verb_epilog
+from zo.directions import GENERATOR_NAMES
 from zo.engine import seeded
 from zo.memory import CallCost, measure_call, time_call
 
@@ -465,7 +466,7 @@ def bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--generator",
         default="auto",
-        choices=["auto", "philox", "torch-blocks", "torch-chunks-v1"],
+        choices=["auto", *GENERATOR_NAMES, "torch-chunks-v1"],
         help="engine.generator for step, ops and memory (auto: by device)",
     )
     # the memory worker's: forward or an estimator (bench_memory starts one process per mode)

@@ -1,0 +1,236 @@
+"""``philox-ieee``: the C kernel against its torch-ops reference, bit for bit, and the
+trust rules around building and loading it (a library that cannot be trusted is refused)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from zo import native, philox_ieee
+from zo.engine import EngineConfig, PerturbationEngine
+from zo.philox import philox_values
+from zo.philox_ieee import (
+    PhiloxIEEEGenerator,
+    _Constants,
+    _cos_sin,
+    _radius,
+    native_kernel,
+    reference_values,
+)
+
+LAWS = ["gaussian", "rademacher"]
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    return native_kernel()
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("law", LAWS)
+@pytest.mark.parametrize(
+    ("seed", "index", "start", "count"),
+    [
+        (0, 0, 0, 1),
+        (1, 2, 3, 5),
+        (2**63 - 1, 7, 1_000_001, 70_001),
+        (12345, 1, 4 * (2**32 - 9), 301),  # counters whose low word wraps inside a vector
+        (99, 2**31 + 5, 17, 4096 + 3),
+    ],
+)
+def test_the_kernel_equals_the_torch_reference_bit_for_bit(kernel, law, seed, index, start, count):
+    got = torch.empty(count)
+    kernel.fill(got, seed, index, start, int(law == "gaussian"))
+    assert torch.equal(bits(got), bits(reference_values(seed, index, start, count, law, "cpu")))
+
+
+def test_rademacher_values_are_philox_values():
+    """The counters are philox's: only the gaussian transform differs."""
+    ours = reference_values(5, 3, 11, 999, "rademacher", "cpu")
+    assert torch.equal(ours, philox_values(5, 3, 11, 999, "rademacher", "cpu"))
+
+
+def test_the_transform_is_accurate_to_its_stated_bounds():
+    """Every radius and angle the 24-bit words can give, sampled densely: ln within 3e-7
+    (relative to |ln u| >= 6e-8), cos and sin within 3e-8 plus fp32 rounding."""
+    c = _Constants(torch.device("cpu"))
+    words = torch.arange(0, 1 << 24, 61, dtype=torch.int64) << 8
+    u = ((words >> 8) + 1).double() / 2**24
+    radius = _radius(words, c).double()
+    exact = torch.sqrt(-2 * torch.log(u))
+    assert torch.allclose(radius, exact, rtol=4e-7, atol=1e-6)
+    cosine, sine = _cos_sin(words, c)
+    angle = (words >> 8).double() / 2**24 * 2 * math.pi
+    assert (cosine.double() - torch.cos(angle)).abs().max() < 2e-7
+    assert (sine.double() - torch.sin(angle)).abs().max() < 2e-7
+
+
+def test_gaussian_values_have_the_moments_of_a_standard_normal(kernel):
+    z = torch.empty(1 << 21)
+    kernel.fill(z, 2024, 0, 0, 1)
+    z = z.double()
+    assert abs(z.mean()) < 4e-3 and abs(z.var() - 1) < 4e-3
+    assert abs((z**3).mean()) < 1e-2 and abs((z**4).mean() - 3) < 3e-2
+    normal = torch.distributions.Normal(0.0, 1.0)
+    for q in (-2.0, -1.0, 0.0, 0.5, 1.5):  # the CDF at a few points, to within noise
+        assert abs((z <= q).double().mean() - normal.cdf(torch.tensor(q))) < 2e-3
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_the_fused_pass_equals_the_reference_pass(kernel, monkeypatch, decay):
+    """The kernel's draw-scale-add against torch ops drawing the same values: in place,
+    into other buffers, several seeds, slices starting mid-tensor (a shard's rows)."""
+    fused = PhiloxIEEEGenerator("gaussian", 2)
+    weights = [torch.randn(n) for n in (3, 1000, 70_003)]
+    targets = [torch.empty_like(w) for w in weights]
+    coefficients = torch.tensor([0.999, 0.5, -0.25, 3.0])
+    starts = [0, 5, 1_234_567]
+    fused.axpz(weights, targets, [0, 1, 2], [11, 12, 13], coefficients, 1e-3, decay, starts)
+    in_place = [w.clone() for w in weights]
+    fused.axpz(in_place, in_place, [0, 1, 2], [11, 12, 13], coefficients, 1e-3, decay, starts)
+
+    def unavailable():
+        raise native.NativeUnavailable("test: no kernel")
+
+    monkeypatch.setattr(philox_ieee, "native_kernel", unavailable)
+    reference = [torch.empty_like(w) for w in weights]
+    PhiloxIEEEGenerator("gaussian", 1).axpz(
+        weights, reference, [0, 1, 2], [11, 12, 13], coefficients, 1e-3, decay, starts
+    )
+    for got, same, want in zip(targets, in_place, reference, strict=True):
+        assert torch.equal(bits(got), bits(want))
+        assert torch.equal(bits(same), bits(want))
+
+
+def test_an_engine_step_gives_the_same_weights_with_and_without_the_kernel(monkeypatch):
+    """A perturbed copy, an output-side embedding and the update, through the engine."""
+    embedding = torch.nn.Embedding(50, 8)
+    weights = [embedding.weight, torch.randn(33, 8)]
+    config = EngineConfig(generator="philox-ieee", threads=2, offload_threshold=16)
+
+    def step(params):
+        engine = PerturbationEngine(params, config)
+        copy = engine.perturbed_copy(9, 1, 1e-2)
+        with engine.perturbed(9, 1e-2):
+            out = embedding(torch.tensor([[1, 4, 4, 49]]))
+        engine.update([9, 10], [0.5, -0.5])
+        return [copy, out, *[p.detach().clone() for p in params]]
+
+    with torch.no_grad():
+        start = [w.clone() for w in weights]
+        fast = step(weights)
+        for w, s in zip(weights, start, strict=True):
+            w.copy_(s)
+        monkeypatch.setattr(philox_ieee, "native_kernel", _unavailable)
+        slow = step(weights)
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(bits(a), bits(b))
+
+
+def _unavailable():
+    raise native.NativeUnavailable("test: no kernel")
+
+
+def test_without_a_kernel_the_generator_says_so_once_and_draws_the_same_values(
+    kernel, monkeypatch, caplog
+):
+    monkeypatch.setattr(philox_ieee, "native_kernel", _unavailable)
+    monkeypatch.setattr("zo.philox_ieee._SAID", set())
+    generator = PhiloxIEEEGenerator("gaussian")
+    out = torch.empty(1001)
+    with caplog.at_level(logging.WARNING, logger="zo.philox_ieee"):
+        generator.fill(out, 3, 1, 7)
+        generator.fill(out, 3, 1, 7)
+    said = [r.getMessage() for r in caplog.records if "philox-ieee" in r.getMessage()]
+    assert len(said) == 1 and "test: no kernel" in said[0]
+    fast = torch.empty(1001)
+    kernel.fill(fast, 3, 1, 7, 1)
+    assert torch.equal(bits(out), bits(fast))
+
+
+def test_no_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(native.NativeUnavailable, match="no C compiler found.*torch-blocks"):
+        native.compiler()
+
+
+def test_a_failed_build_names_the_compiler_output(monkeypatch, tmp_path):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'fatal: out of cheese' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    with pytest.raises(native.NativeUnavailable, match="exit 3.*out of cheese"):
+        native.build(str(fake), tmp_path / "lib.so")
+    assert not list(tmp_path.glob("*.so*")), "a failed build leaves no file behind"
+
+
+def test_a_damaged_library_is_refused_naming_its_file(tmp_path):
+    damaged = tmp_path / "philox_ieee-damaged.so"
+    damaged.write_bytes(b"\x7fELF not really")
+    with pytest.raises(native.NativeUnavailable, match="philox_ieee-damaged.so.*delete"):
+        native.load_checked(damaged, reference_values)
+
+
+def test_a_library_that_disagrees_with_the_reference_is_refused(kernel, monkeypatch):
+    wrong = lambda seed, index, start, count, law, device: torch.zeros(count)  # noqa: E731
+    with pytest.raises(native.NativeMismatch, match=f"{kernel.path.name}.*refusing it"):
+        native.load_checked(kernel.path, wrong)
+
+
+def test_the_library_is_cached_under_a_key_of_source_compiler_and_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZO_NATIVE_CACHE", str(tmp_path))
+    cc = native.compiler()
+    path = native.library_path(cc)
+    assert path.parent == tmp_path
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-DANOTHER"))
+    assert native.library_path(cc) != path
+
+
+def test_auto_takes_torch_blocks_on_a_cpu_without_the_kernel_and_says_why(monkeypatch, caplog):
+    from zo import directions
+
+    assert directions.default_generator("cpu") == "philox-ieee"
+    monkeypatch.setattr(directions, "native_kernel", _unavailable)
+    monkeypatch.setattr(directions, "_SAID", set())
+    with caplog.at_level(logging.WARNING, logger="zo.directions"):
+        assert directions.default_generator("cpu") == "torch-blocks"
+        assert directions.default_generator("cpu") == "torch-blocks"
+    said = [r.getMessage() for r in caplog.records if "auto" in r.getMessage()]
+    assert len(said) == 1 and "torch-blocks" in said[0] and "test: no kernel" in said[0]
+
+
+def test_a_failed_build_is_not_retried_in_the_process(monkeypatch):
+    calls = []
+
+    def failing(reference):
+        calls.append(reference)
+        raise native.NativeUnavailable("test: no compiler")
+
+    monkeypatch.setattr(native, "philox_ieee_kernel", failing)
+    monkeypatch.setattr(philox_ieee, "_KERNEL", [])
+    for _ in range(3):
+        with pytest.raises(native.NativeUnavailable, match="test: no compiler"):
+            philox_ieee.native_kernel()
+    assert len(calls) == 1
+
+
+def test_rows_without_the_kernel_read_no_ids_on_the_host_and_equal_the_kernels(
+    kernel, monkeypatch
+):
+    from zo.opcount import OpCounter
+
+    ids = torch.tensor([[3, 0, 49], [3, 7, 1]])
+    fast = torch.zeros(6, 8)
+    PhiloxIEEEGenerator("gaussian").rows_add(fast, ids, 5, 2, (50, 8), 0.5)
+    monkeypatch.setattr(philox_ieee, "native_kernel", _unavailable)
+    slow = torch.zeros(6, 8)
+    with OpCounter() as counter:  # the implementation's own ops, as a CUDA run's
+        philox_ieee._rows_add(slow, ids, 5, 2, 8, 0.5, "gaussian")
+    assert counter.result.syncs == []
+    assert torch.equal(bits(fast), bits(slow))

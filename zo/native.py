@@ -1,0 +1,213 @@
+"""Native CPU kernels, built on first use with the system's C compiler and cached.
+
+Only ``philox-ieee``'s kernel lives here (``zo/native/philox_ieee.c``). It is plain C (no
+torch headers: it builds in about a second) called through :mod:`ctypes`, which releases
+the GIL for the call, so the engine's draw threads run kernels in parallel.
+
+Trust: a library is cached under a name that hashes its source, the compiler and its
+version, the flags and the CPU's feature flags (``-march=native``), and written to a
+temporary file then renamed, so a half-written library is never loaded. Every library,
+fresh or cached, must reproduce the torch-ops reference bit for bit on a sample before it
+is used; one that does not is refused, naming its file.
+
+``ZO_NATIVE_CACHE`` sets the cache folder (default ``$XDG_CACHE_HOME/zo/native`` or
+``~/.cache/zo/native``); ``CC`` the compiler (default ``cc``, then ``gcc``, ``clang``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "native" / "philox_ieee.c"
+ABI_VERSION = 1
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-std=c11",
+    "-shared",
+    "-fPIC",
+    # sqrtf without errno handling (a vector instruction, exact); no fused multiply-add
+    # (it would round once where the reference rounds twice); no -ffast-math, ever
+    "-fno-math-errno",
+    "-ffp-contract=off",
+)
+X86_FLAGS = ("-mprefer-vector-width=512",)
+"""Where the CPU has AVX-512, use its full width (gcc prefers 256 bits by default)."""
+
+
+def flags() -> tuple[str, ...]:
+    return FLAGS + (X86_FLAGS if platform.machine().lower() in ("x86_64", "amd64") else ())
+
+
+class NativeUnavailable(RuntimeError):
+    """The kernel cannot be built or loaded here (no compiler, a failed build)."""
+
+
+class NativeMismatch(NativeUnavailable):
+    """A built kernel gave other values than the reference: refused, never used."""
+
+
+def cache_dir() -> Path:
+    if os.environ.get("ZO_NATIVE_CACHE"):
+        return Path(os.environ["ZO_NATIVE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "zo" / "native"
+
+
+def compiler() -> str:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name) or name
+    raise NativeUnavailable(
+        "no C compiler found (tried $CC, cc, gcc, clang): install one (e.g. apt install gcc) "
+        "for the fast CPU kernel, or set engine.generator=torch-blocks"
+    )
+
+
+def _cpu_features() -> str:
+    """What ``-march=native`` depends on: the CPU's feature flags where the OS says them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def library_path(cc: str) -> Path:
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), cc.encode(), version.encode(), " ".join(flags()).encode()):
+        key.update(part)
+        key.update(b"\0")
+    key.update(f"{platform.machine()}\0{_cpu_features()}".encode())
+    return cache_dir() / f"philox_ieee-{key.hexdigest()[:20]}{_suffix()}"
+
+
+def _suffix() -> str:
+    return ".dll" if os.name == "nt" else ".so"
+
+
+def build(cc: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=_suffix() + ".tmp")
+    os.close(handle)
+    try:
+        result = subprocess.run(
+            [cc, *flags(), str(SOURCE), "-o", temporary], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise NativeUnavailable(
+                f"building the philox-ieee kernel with {cc} failed "
+                f"(exit {result.returncode}): {result.stderr.strip()[-600:]}"
+            )
+        os.replace(temporary, target)  # atomic: a reader sees no library or a whole one
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+class PhiloxIEEEKernel:
+    """Typed entry points of the built library, taking tensors."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        library = ctypes.CDLL(str(path))
+        if library.zo_abi_version() != ABI_VERSION:
+            raise NativeMismatch(f"{path} has ABI {library.zo_abi_version()}, expected 1")
+        i64, u64, u32, f32, cint, ptr = (
+            ctypes.c_int64,
+            ctypes.c_uint64,
+            ctypes.c_uint32,
+            ctypes.c_float,
+            ctypes.c_int,
+            ctypes.c_void_p,
+        )
+        self._fill = library.zo_fill
+        self._fill.argtypes = (ptr, i64, u64, u32, i64, cint)
+        self._fill_rows = library.zo_fill_rows
+        self._fill_rows.argtypes = (ptr, ptr, i64, i64, u64, u32, cint)
+        self._axpz = library.zo_axpz_f32
+        self._axpz.argtypes = (ptr, ptr, i64, u32, i64, ptr, ptr, cint, cint, f32, cint)
+        self._axpz.restype = self._fill.restype = self._fill_rows.restype = None
+
+    def fill(self, out: torch.Tensor, seed: int, index: int, start: int, gaussian: int) -> None:
+        self._fill(out.data_ptr(), out.numel(), seed, index, start, gaussian)
+
+    def fill_rows(self, out, ids, row: int, seed: int, index: int, gaussian: int) -> None:
+        self._fill_rows(out.data_ptr(), ids.data_ptr(), ids.numel(), row, seed, index, gaussian)
+
+    def axpz_job(self, source, target, index, start, seeds, factors, decay, d, gaussian):
+        """One call computing ``target`` (fp32, contiguous) from ``source``: a draw-pool job."""
+        seed_array = (ctypes.c_uint64 * len(seeds))(*seeds)
+        factor_array = (ctypes.c_float * len(factors))(*factors)
+
+        def job() -> None:
+            self._axpz(
+                source.data_ptr(),
+                target.data_ptr(),
+                target.numel(),
+                index,
+                start,
+                seed_array,
+                factor_array,
+                len(seeds),
+                int(decay),
+                d,
+                gaussian,
+            )
+
+        return job
+
+
+Reference = Callable[[int, int, int, int, str, str], torch.Tensor]
+"""``(seed, index, start, count, distribution, device) -> values``: what a kernel must give."""
+
+
+def _check_against_reference(kernel: PhiloxIEEEKernel, reference_values: Reference) -> None:
+    """Refuse a kernel that does not reproduce the torch-ops reference bit for bit."""
+    for law, gaussian in (("gaussian", 1), ("rademacher", 0)):
+        for seed, index, start, count in ((7, 0, 0, 4099), (2**62 + 5, 3, 1_000_003, 1031)):
+            got = torch.empty(count)
+            kernel.fill(got, seed, index, start, gaussian)
+            want = reference_values(seed, index, start, count, law, "cpu")
+            if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+                raise NativeMismatch(
+                    f"the philox-ieee kernel {kernel.path} gives other values than the torch "
+                    f"reference ({law}, seed {seed}): refusing it. Delete the file to rebuild; "
+                    "if it persists, the compiler does not honour -ffp-contract=off "
+                    "(set CC to another compiler, or engine.generator=torch-blocks)"
+                )
+
+
+def load_checked(path: Path, reference: Reference) -> PhiloxIEEEKernel:
+    """Load the library at ``path`` and check it against the reference, or refuse it."""
+    try:
+        kernel = PhiloxIEEEKernel(path)
+    except (OSError, AttributeError) as error:
+        raise NativeUnavailable(
+            f"cannot load the philox-ieee kernel {path} ({error}): delete the file to rebuild it"
+        ) from None
+    _check_against_reference(kernel, reference)
+    return kernel
+
+
+def philox_ieee_kernel(reference: Reference) -> PhiloxIEEEKernel:
+    """The kernel, built if needed and checked against ``reference``; raises
+    :class:`NativeUnavailable` when it cannot be built, loaded or trusted."""
+    cc = compiler()
+    path = library_path(cc)
+    if not path.exists():
+        build(cc, path)
+    return load_checked(path, reference)
