@@ -14,7 +14,7 @@
 #include <string.h>
 
 #define ABI_VERSION 1
-#define TILE 256 /* counters per tile: 1024 values, 4 KiB of fp32 */
+#define TILE 64 /* counters per tile: 256 values; larger tiles measured 20-25% slower */
 #define M0 0xD2511F53u
 #define M1 0xCD9E8D57u
 #define W0 0x9E3779B9u
@@ -238,14 +238,26 @@ void zo_axpz_f32(const float *source, float *target, int64_t n, uint32_t index, 
         int64_t take = 4 * (int64_t)count - skip;
         if (take > n - done) take = n - done;
         const float *src = source + done;
-        for (int64_t k = 0; k < take; k++) acc[k] = decay ? src[k] * d : src[k];
-        for (int q = 0; q < queries; q++) {
-            values_tile((uint64_t)position >> 2, count, index, seeds[q], gaussian, values);
+        float *dst = target + done;
+        if (queries == 1 && !decay) { /* a perturbed copy or plain update: one pass */
+            values_tile((uint64_t)position >> 2, count, index, seeds[0], gaussian, values);
             const float *z = values + skip;
-            float factor = factors[q];
-            for (int64_t k = 0; k < take; k++) acc[k] = acc[k] + z[k] * factor;
+            float factor = factors[0];
+            for (int64_t k = 0; k < take; k++) dst[k] = src[k] + z[k] * factor;
+        } else {
+            if (decay) {
+                for (int64_t k = 0; k < take; k++) acc[k] = src[k] * d;
+            } else {
+                memcpy(acc, src, (size_t)take * sizeof(float));
+            }
+            for (int q = 0; q < queries; q++) {
+                values_tile((uint64_t)position >> 2, count, index, seeds[q], gaussian, values);
+                const float *z = values + skip;
+                float factor = factors[q];
+                for (int64_t k = 0; k < take; k++) acc[k] = acc[k] + z[k] * factor;
+            }
+            memcpy(dst, acc, (size_t)take * sizeof(float));
         }
-        memcpy(target + done, acc, (size_t)take * sizeof(float));
         done += take;
     }
 }
