@@ -220,9 +220,7 @@ def test_a_failed_build_is_not_retried_in_the_process(monkeypatch):
     assert len(calls) == 1
 
 
-def test_rows_without_the_kernel_read_no_ids_on_the_host_and_equal_the_kernels(
-    kernel, monkeypatch
-):
+def test_rows_without_the_kernel_read_no_ids_on_the_host_and_equal_the_kernels(kernel, monkeypatch):
     from zo.opcount import OpCounter
 
     ids = torch.tensor([[3, 0, 49], [3, 7, 1]])
@@ -234,3 +232,10 @@ def test_rows_without_the_kernel_read_no_ids_on_the_host_and_equal_the_kernels(
         philox_ieee._rows_add(slow, ids, 5, 2, 8, 0.5, "gaussian")
     assert counter.result.syncs == []
     assert torch.equal(bits(fast), bits(slow))
+
+
+def test_an_unwritable_cache_is_a_clear_error(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(native.NativeUnavailable, match="cannot write the kernel cache.*ZO_NATIVE"):
+        native.build(native.compiler(), blocked / "sub" / "lib.so")

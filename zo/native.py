@@ -86,7 +86,10 @@ def _cpu_features() -> str:
 
 
 def library_path(cc: str) -> Path:
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    except OSError as error:
+        raise NativeUnavailable(f"cannot run the C compiler {cc} ({error})") from None
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), cc.encode(), version.encode(), " ".join(flags()).encode()):
         key.update(part)
@@ -100,13 +103,22 @@ def _suffix() -> str:
 
 
 def build(cc: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=_suffix() + ".tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=_suffix() + ".tmp")
+    except OSError as error:
+        raise NativeUnavailable(
+            f"cannot write the kernel cache {target.parent} ({error}): set ZO_NATIVE_CACHE to "
+            "a writable folder"
+        ) from None
     os.close(handle)
     try:
-        result = subprocess.run(
-            [cc, *flags(), str(SOURCE), "-o", temporary], capture_output=True, text=True
-        )
+        try:
+            result = subprocess.run(
+                [cc, *flags(), str(SOURCE), "-o", temporary], capture_output=True, text=True
+            )
+        except OSError as error:
+            raise NativeUnavailable(f"cannot run the C compiler {cc} ({error})") from None
         if result.returncode != 0:
             raise NativeUnavailable(
                 f"building the philox-ieee kernel with {cc} failed "
