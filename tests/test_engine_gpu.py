@@ -126,7 +126,7 @@ def test_prefetch_on_a_side_stream_changes_no_value(generator):
     assert all(torch.equal(o, outputs[0]) for o in outputs)
 
 
-@pytest.mark.parametrize("generator", ["philox", "torch-blocks"])
+@pytest.mark.parametrize("generator", ["philox", "philox-ieee", "torch-blocks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_lr_zero_step_restores_bit_exactly_with_each_generator(generator, dtype):
     model = TiedLM().cuda().to(dtype)
@@ -137,3 +137,16 @@ def test_lr_zero_step_restores_bit_exactly_with_each_generator(generator, dtype)
     optimizer.step(lambda: lm_loss(model, IDS.cuda()))
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("law", ["gaussian", "rademacher"])
+@pytest.mark.parametrize(("start", "count"), [(0, 5000), (3, 2999), (7, 1 << 20)])
+def test_philox_ieee_on_cuda_equals_the_cpu_kernel_bit_for_bit(law, start, count):
+    """Its transform is IEEE basic operations only: torch ops on the GPU give the CPU C
+    kernel's bits (the same definition, another device)."""
+    from zo.philox_ieee import PhiloxIEEEGenerator
+
+    generator = PhiloxIEEEGenerator(law)
+    cuda = drawn(generator, 0x1234_5678_9AB, 7, start, count).cpu()
+    cpu = drawn(generator, 0x1234_5678_9AB, 7, start, count, device="cpu")
+    assert torch.equal(cuda.view(torch.int32), cpu.view(torch.int32))
