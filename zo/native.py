@@ -137,7 +137,9 @@ class PhiloxIEEEKernel:
         self.path = path
         library = ctypes.CDLL(str(path))
         if library.zo_abi_version() != ABI_VERSION:
-            raise NativeMismatch(f"{path} has ABI {library.zo_abi_version()}, expected 1")
+            raise NativeMismatch(
+                f"{path} has ABI {library.zo_abi_version()}, expected {ABI_VERSION}"
+            )
         i64, u64, u32, f32, cint, ptr = (
             ctypes.c_int64,
             ctypes.c_uint64,
@@ -188,19 +190,34 @@ Reference = Callable[[int, int, int, int, str, str], torch.Tensor]
 
 
 def _check_against_reference(kernel: PhiloxIEEEKernel, reference_values: Reference) -> None:
-    """Refuse a kernel that does not reproduce the torch-ops reference bit for bit."""
+    """Refuse a kernel that does not reproduce the torch-ops reference bit for bit: its
+    values, and a fused pass (``source + z * c`` and a decayed two-seed update)."""
     for law, gaussian in (("gaussian", 1), ("rademacher", 0)):
         for seed, index, start, count in ((7, 0, 0, 4099), (2**62 + 5, 3, 1_000_003, 1031)):
             got = torch.empty(count)
             kernel.fill(got, seed, index, start, gaussian)
             want = reference_values(seed, index, start, count, law, "cpu")
-            if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
-                raise NativeMismatch(
-                    f"the philox-ieee kernel {kernel.path} gives other values than the torch "
-                    f"reference ({law}, seed {seed}): refusing it. Delete the file to rebuild; "
-                    "if it persists, the compiler does not honour -ffp-contract=off "
-                    "(set CC to another compiler, or engine.generator=torch-blocks)"
-                )
+            _refuse_unless_equal(kernel, got, want, f"{law} values, seed {seed}")
+    source = torch.linspace(-1.0, 1.0, 1001)
+    z = [reference_values(seed, 2, 5, 1001, "gaussian", "cpu") for seed in (11, 12)]
+    factor, decay = torch.tensor([0.01, -0.3]), torch.tensor(0.9)  # fp32 operands throughout
+    for seeds, decayed, want in (
+        ([11], False, source + z[0] * factor[0]),
+        ([11, 12], True, (source * decay + z[0] * factor[0]) + z[1] * factor[1]),
+    ):
+        got = torch.empty(1001)
+        kernel.axpz_job(source, got, 2, 5, seeds, factor.tolist(), decayed, float(decay), 1)()
+        _refuse_unless_equal(kernel, got, want, f"a fused pass over {len(seeds)} seed(s)")
+
+
+def _refuse_unless_equal(kernel, got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+        raise NativeMismatch(
+            f"the philox-ieee kernel {kernel.path} gives other values than the torch reference "
+            f"({what}): refusing it. Delete the file to rebuild; if it persists, the compiler "
+            "does not honour -ffp-contract=off (set CC to another compiler, or "
+            "engine.generator=torch-blocks)"
+        )
 
 
 def load_checked(path: Path, reference: Reference) -> PhiloxIEEEKernel:
