@@ -229,11 +229,19 @@ def test_eager_attention_comes_from_the_trait_not_the_name():
 
 
 def test_engine_settings_come_from_the_engine_config():
-    chunked = zp.plan_memory(replace(CPU, engine=EngineConfig(threads=2, chunk_size=1000)))
-    assert chunked.component("direction chunk") == 1000 * 4 * 2
+    # a chunk per thread and an accumulator, for an estimator that rebuilds g_hat by chunks
+    momentum = replace(CPU, estimator=planned("zo_sgd_momentum"))
+    chunked = zp.plan_memory(replace(momentum, engine=EngineConfig(threads=2, chunk_size=1000)))
+    assert chunked.component("direction chunk") == 1000 * 4 * 2 * 2
     default = zp.plan_memory(CPU)
     assert EngineConfig().chunk_size == 0  # by device: the engine's CPU chunk
+    # ZO-SGD under philox-ieee (auto on CPU) draws inside its fused passes: OPT-125m's
+    # output-side head is the one chunk; torch-blocks draws a chunk per thread
     assert default.component("direction chunk") == CPU_CHUNK * 4
+    two = replace(CPU, engine=EngineConfig(threads=2, generator="torch-blocks"))
+    assert zp.plan_memory(two).component("direction chunk") == CPU_CHUNK * 4 * 2
+    small_head = replace(CPU, engine=EngineConfig(threads=2, offload_threshold=10**12))
+    assert zp.plan_memory(small_head).component("direction chunk") == 0
     # OPT-125m's embedding (38.6M elements) is perturbed output-side above the threshold
     never = replace(CPU, engine=EngineConfig(threads=1, offload_threshold=10**12))
     assert zp.plan_memory(never).peak_allocated > default.peak_allocated
