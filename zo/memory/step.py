@@ -458,29 +458,18 @@ def _backward_transient(run: _Run) -> int:
 
 
 def _direction_chunk(run: _Run, largest: int) -> tuple[int, str]:
-    """The engine's per-draw scratch: a chunk per thread, a g_hat accumulator per thread for
-    estimators that rebuild it chunk by chunk, an fp32 copy of the chunk for low-precision
-    weights. ZO-SGD's passes under philox-ieee's CPU kernel draw inside the fused pass
-    (64-counter tiles on its stack): only a head perturbed output-side draws, one chunk."""
-    engine, request = run.request.engine, run.request
-    default_chunk = CPU_CHUNK if request.device == "cpu" else ACCELERATOR_CHUNK
-    chunk = min(engine.chunk_size or default_chunk, largest)
-    threads = 1 if request.device == "cuda" else engine.threads or min(8, _intra_op_threads())
-    per_element = run.memory.accumulator or run.memory.state_copies > 0
-    if _fused_cpu_passes(run) and not per_element:
-        vocab_numel = run.shape.vocab * run.shape.hidden
-        head = run.offloaded(vocab_numel, run.scored_rows)
-        return (chunk * 4 if head else 0), "fused passes" + (f"; {chunk} fp32 head" if head else "")
+    """The engine's per-draw scratch, per thread: a chunk, an accumulator for estimators that
+    rebuild g_hat by chunks, an fp32 copy for low-precision weights. None for ZO-SGD's fused
+    passes under philox-ieee on CPU (``auto`` there) but an output-side head's one chunk."""
+    engine, device = run.request.engine, run.request.device
+    chunk = min(engine.chunk_size or (CPU_CHUNK if device == "cpu" else ACCELERATOR_CHUNK), largest)
+    threads = 1 if device == "cuda" else engine.threads or min(8, _intra_op_threads())
+    fused = engine.generator in ("auto", "philox-ieee") and run.weight_bytes == 4
+    if fused and device == "cpu" and not (run.memory.accumulator or run.memory.state_copies):
+        head = run.offloaded(run.shape.vocab * run.shape.hidden, run.scored_rows)
+        return chunk * 4 * int(head), "fused passes; one chunk for an output-side head"
     copies = 1 + run.memory.accumulator + (run.trainable.dense and run.weight_bytes < 4)
     return chunk * 4 * threads * copies, f"{chunk} fp32 x {copies} x {threads} thread(s)"
-
-
-def _fused_cpu_passes(run: _Run) -> bool:
-    """philox-ieee on CPU over fp32 weights (``auto``'s choice there: the plan assumes its
-    kernel builds; without one a run takes torch-blocks and says so)."""
-    generator = run.request.engine.generator
-    on_cpu = run.request.device == "cpu"
-    return on_cpu and generator in ("auto", "philox-ieee") and run.weight_bytes == 4
 
 
 def plan_memory(request: PlanRequest) -> Plan:
