@@ -135,19 +135,26 @@ def philox_rows(
 
 
 class PhiloxGenerator(DirectionGenerator):
+    """Its passes are registered operators, ``torch.ops.zo.<operators>_{fill,rows_add,axpz}``:
+    one dispatcher call per pass, whatever the device implements them with."""
+
     name = "philox"
     block = 4
+    operators = "philox"
+
+    def _operator(self, pass_: str):
+        return getattr(torch.ops.zo, f"{self.operators}_{pass_}")
 
     def fill(self, out: torch.Tensor, seed: int, index: int, start: int) -> None:
-        torch.ops.zo.philox_fill(out, seed, index, start, self.distribution, self.threads)
+        self._operator("fill")(out, seed, index, start, self.distribution, self.threads)
 
     def rows_add(self, out, ids, seed, index, shape, scale) -> None:
-        torch.ops.zo.philox_rows_add(out, ids, seed, index, shape[1], scale, self.distribution)
+        self._operator("rows_add")(out, ids, seed, index, shape[1], scale, self.distribution)
 
     def axpz(
         self, sources, targets, indices, seeds, coefficients, scale, decay, starts=None
     ) -> None:
-        torch.ops.zo.philox_axpz(
+        self._operator("axpz")(
             list(sources),
             list(targets),
             list(indices),

@@ -25,8 +25,15 @@ import logging
 import torch
 
 from zo import native
-from zo.direction_base import DirectionGenerator, add_scaled, eager_axpz, run_jobs
-from zo.philox import MATH_GRAIN, PHILOX_PIECE, philox4x32, philox_key, philox_rows
+from zo.direction_base import add_scaled, eager_axpz, run_jobs
+from zo.philox import (
+    MATH_GRAIN,
+    PHILOX_PIECE,
+    PhiloxGenerator,
+    philox4x32,
+    philox_key,
+    philox_rows,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -164,35 +171,13 @@ def native_kernel() -> native.PhiloxIEEEKernel:
     return _KERNEL[0]
 
 
-class PhiloxIEEEGenerator(DirectionGenerator):
-    """``philox-ieee``: its passes are registered operators (``torch.ops.zo.philox_ieee_*``,
-    one dispatcher call per pass, as philox's): the C kernel on CPU, torch ops elsewhere or
-    where the kernel cannot be built (said once; the values are the same)."""
+class PhiloxIEEEGenerator(PhiloxGenerator):
+    """``philox-ieee``: philox's counters and passes (``torch.ops.zo.philox_ieee_*``), with
+    the exact transform: the C kernel on CPU, torch ops elsewhere or where the kernel cannot
+    be built (said once; the values are the same)."""
 
     name = "philox-ieee"
-    block = 4
-
-    def fill(self, out: torch.Tensor, seed: int, index: int, start: int) -> None:
-        torch.ops.zo.philox_ieee_fill(out, seed, index, start, self.distribution)
-
-    def rows_add(self, out, ids, seed, index, shape, scale) -> None:
-        torch.ops.zo.philox_ieee_rows_add(out, ids, seed, index, shape[1], scale, self.distribution)
-
-    def axpz(
-        self, sources, targets, indices, seeds, coefficients, scale, decay, starts=None
-    ) -> None:
-        torch.ops.zo.philox_ieee_axpz(
-            list(sources),
-            list(targets),
-            list(indices),
-            list(seeds),
-            coefficients,
-            scale,
-            decay,
-            self.distribution,
-            self.threads,
-            [0] * len(targets) if starts is None else list(starts),
-        )
+    operators = "philox_ieee"
 
     def job_size(self) -> int:
         return JOB
@@ -218,7 +203,8 @@ def _kernel_for(device: torch.device) -> native.PhiloxIEEEKernel | None:
         return None
 
 
-def _fill(out: torch.Tensor, seed: int, index: int, start: int, law: str) -> None:
+def _fill(out: torch.Tensor, seed: int, index: int, start: int, law: str, threads: int = 1):
+    """One call: the engine cuts a large fill into jobs on its threads (``threads`` unused)."""
     kernel = _kernel_for(out.device)
     if kernel is None:
         for piece in range(0, out.numel(), PHILOX_PIECE):
@@ -297,7 +283,8 @@ def _register_operators() -> torch.library.Library:
         "int[] starts) -> ()"
     )
     library.define(
-        "philox_ieee_fill(Tensor(a!) out, int seed, int index, int start, str distribution) -> ()"
+        "philox_ieee_fill(Tensor(a!) out, int seed, int index, int start, str distribution, "
+        "int threads) -> ()"
     )
     library.define(
         "philox_ieee_rows_add(Tensor(a!) out, Tensor ids, int seed, int index, int row, "
