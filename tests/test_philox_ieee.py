@@ -239,3 +239,16 @@ def test_an_unwritable_cache_is_a_clear_error(tmp_path):
     blocked.write_text("not a folder")
     with pytest.raises(native.NativeUnavailable, match="cannot write the kernel cache.*ZO_NATIVE"):
         native.build(native.compiler(), blocked / "sub" / "lib.so")
+
+
+def test_an_update_with_unit_decay_is_the_update_without_decay(kernel):
+    """``update_device`` always passes a decay; at 1.0 the kernel takes the one-pass form,
+    which must equal the decayed form bit for bit (x * 1 == x)."""
+    weights = torch.randn(10_007)
+    generator = PhiloxIEEEGenerator("gaussian")
+    unit, plain = weights.clone(), weights.clone()
+    generator.axpz([unit], [unit], [3], [21], torch.tensor([1.0, -0.5]), 1e-3, True)
+    generator.axpz([plain], [plain], [3], [21], torch.tensor([1.0, -0.5]), 1e-3, False)
+    z = reference_values(21, 3, 0, 10_007, "gaussian", "cpu")
+    assert torch.equal(bits(unit), bits(plain))
+    assert torch.equal(bits(unit), bits(weights * torch.tensor(1.0) + z * torch.tensor(-0.5e-3)))

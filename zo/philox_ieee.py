@@ -247,6 +247,7 @@ def _axpz(sources, targets, indices, seeds, coefficients, scale, decay, law, thr
     # the reference's factors, computed by the same torch op: bit-identical products
     factors = (coefficients[1:] * scale).tolist()
     d = float(coefficients[0]) if decay else 1.0
+    decay = decay and d != 1.0  # x * 1 == x bit for bit: an update without decay, one pass
     jobs = []
     for source, target, index, offset in zip(sources, targets, indices, starts, strict=True):
         for first in range(0, target.numel(), JOB):
