@@ -92,14 +92,15 @@ thread and pieces parallelise over the generator's own threads."""
 
 
 def philox_values(
-    seed: int, index: int, start: int, count: int, distribution: str, device
+    seed: int, index: int, start: int, count: int, distribution: str, device, transform=None
 ) -> torch.Tensor:
-    """``count`` consecutive values of tensor ``index``'s direction from element ``start``."""
+    """``count`` consecutive values of tensor ``index``'s direction from element ``start``,
+    from the words by ``transform`` (default :func:`words_to_values`)."""
     first = start // 4
     last = (start + count + 3) // 4
     counters = torch.arange(first, last, dtype=torch.int64, device=device)
     words = philox4x32((counters & MASK32, counters >> 32, index, 0), philox_key(seed))
-    values = words_to_values(words, distribution).view(-1)
+    values = (transform or words_to_values)(words, distribution).view(-1)
     skip = start - 4 * first
     return values[skip : skip + count]
 

@@ -30,9 +30,8 @@ from zo.philox import (
     MATH_GRAIN,
     PHILOX_PIECE,
     PhiloxGenerator,
-    philox4x32,
-    philox_key,
     philox_rows,
+    philox_values,
 )
 
 LOG = logging.getLogger(__name__)
@@ -145,13 +144,7 @@ def reference_values(
     seed: int, index: int, start: int, count: int, distribution: str, device
 ) -> torch.Tensor:
     """``count`` values of tensor ``index``'s direction from element ``start``, in torch ops."""
-    first = start // 4
-    last = (start + count + 3) // 4
-    counters = torch.arange(first, last, dtype=torch.int64, device=device)
-    words = philox4x32((counters & 0xFFFFFFFF, counters >> 32, index, 0), philox_key(seed))
-    values = ieee_values(words, distribution).view(-1)
-    skip = start - 4 * first
-    return values[skip : skip + count]
+    return philox_values(seed, index, start, count, distribution, device, transform=ieee_values)
 
 
 _KERNEL: list = []
