@@ -95,10 +95,7 @@ def test_the_fused_pass_equals_the_reference_pass(kernel, monkeypatch, decay):
     in_place = [w.clone() for w in weights]
     fused.axpz(in_place, in_place, [0, 1, 2], [11, 12, 13], coefficients, 1e-3, decay, starts)
 
-    def unavailable():
-        raise native.NativeUnavailable("test: no kernel")
-
-    monkeypatch.setattr(philox_ieee, "native_kernel", unavailable)
+    monkeypatch.setattr(philox_ieee, "native_kernel", _unavailable)
     reference = [torch.empty_like(w) for w in weights]
     PhiloxIEEEGenerator("gaussian", 1).axpz(
         weights, reference, [0, 1, 2], [11, 12, 13], coefficients, 1e-3, decay, starts
@@ -141,7 +138,7 @@ def test_without_a_kernel_the_generator_says_so_once_and_draws_the_same_values(
     kernel, monkeypatch, caplog
 ):
     monkeypatch.setattr(philox_ieee, "native_kernel", _unavailable)
-    monkeypatch.setattr("zo.philox_ieee._SAID", set())
+    monkeypatch.setattr("zo.direction_base._SAID", set())
     generator = PhiloxIEEEGenerator("gaussian")
     out = torch.empty(1001)
     with caplog.at_level(logging.WARNING, logger="zo.philox_ieee"):
@@ -197,7 +194,7 @@ def test_auto_takes_torch_blocks_on_a_cpu_without_the_kernel_and_says_why(monkey
 
     assert directions.default_generator("cpu") == "philox-ieee"
     monkeypatch.setattr(directions, "native_kernel", _unavailable)
-    monkeypatch.setattr(directions, "_SAID", set())
+    monkeypatch.setattr("zo.direction_base._SAID", set())
     with caplog.at_level(logging.WARNING, logger="zo.directions"):
         assert directions.default_generator("cpu") == "torch-blocks"
         assert directions.default_generator("cpu") == "torch-blocks"

@@ -4,6 +4,7 @@ face and the registry; the generators themselves import this module, not that on
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -217,3 +218,14 @@ def add_scaled(out: torch.Tensor, rows: torch.Tensor, scale: float) -> None:
         out.add_(rows)
     else:
         out.copy_(out.float().add_(rows))
+
+
+_SAID: set[str] = set()
+
+
+def say_once(message: str, logger: str) -> None:
+    """Log ``message`` as a warning of ``logger``, the first time this process says it: a
+    path that cannot be taken (a kernel, a default) is reported, once, never skipped quietly."""
+    if message not in _SAID:
+        _SAID.add(message)
+        logging.getLogger(logger).warning(message)

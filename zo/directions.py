@@ -16,8 +16,6 @@ trajectory records all three); ``philox-ieee``'s on every device.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from zo.direction_base import (
@@ -32,6 +30,7 @@ from zo.direction_base import (
     mix_seed,
     mix_state,
     run_jobs,
+    say_once,
     splitmix64,
 )
 from zo.native import NativeUnavailable
@@ -82,15 +81,6 @@ def default_generator(device: torch.device | str) -> str:
     try:
         native_kernel()
     except NativeUnavailable as error:
-        _say_once(f"engine.generator=auto draws with torch-blocks on this CPU: {error}")
+        say_once(f"engine.generator=auto draws with torch-blocks on this CPU: {error}", __name__)
         return "torch-blocks"
     return "philox-ieee"
-
-
-_SAID: set[str] = set()
-
-
-def _say_once(message: str) -> None:
-    if message not in _SAID:
-        _SAID.add(message)
-        logging.getLogger(__name__).warning(message)

@@ -20,12 +20,10 @@ octant of the angle come from integer bits): ``|error| < 3e-7`` for ``ln m`` and
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from zo import native
-from zo.direction_base import add_scaled, eager_axpz, run_jobs
+from zo.direction_base import add_scaled, eager_axpz, run_jobs, say_once
 from zo.philox import (
     MATH_GRAIN,
     PHILOX_PIECE,
@@ -33,8 +31,6 @@ from zo.philox import (
     philox_rows,
     philox_values,
 )
-
-LOG = logging.getLogger(__name__)
 
 _LOG_POLY = (
     0.111111111938953399658203125,  # 1/9
@@ -184,15 +180,16 @@ spreads over the draw threads and a call's Python overhead (~5 us) is noise."""
 def _kernel_for(device: torch.device) -> native.PhiloxIEEEKernel | None:
     """The C kernel for tensors on ``device``, or None (torch ops: said once, with why)."""
     if device.type != "cpu":
-        _say_once(
+        say_once(
             f"philox-ieee has no {device.type} kernel: drawing with torch ops (the same "
-            "values, slower); engine.generator=philox is the CUDA kernel"
+            "values, slower); engine.generator=philox is the CUDA kernel",
+            __name__,
         )
         return None
     try:
         return native_kernel()
     except native.NativeUnavailable as error:
-        _say_once(f"philox-ieee draws with torch ops (the same values, slower): {error}")
+        say_once(f"philox-ieee draws with torch ops (the same values, slower): {error}", __name__)
         return None
 
 
@@ -299,12 +296,3 @@ _LIBRARY = _register_operators()
 def _check_flat_fp32(out: torch.Tensor) -> None:
     if out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"philox-ieee fills contiguous fp32 tensors, got {out.dtype}")
-
-
-_SAID: set[str] = set()
-
-
-def _say_once(message: str) -> None:
-    if message not in _SAID:
-        _SAID.add(message)
-        LOG.warning(message)

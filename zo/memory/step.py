@@ -23,7 +23,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from zo.config import DEFAULT_LORA_TARGETS, ModelConfig, TaskConfig, TrainableConfig, TrainConfig
-from zo.engine import ACCELERATOR_CHUNK, CPU_CHUNK, EngineConfig
+from zo.engine import ACCELERATOR_CHUNK, CPU_CHUNK, EngineConfig, resolve_generator
 from zo.engine_config import ACCELERATOR_BUCKET, CPU_BUCKET, LEGACY_GENERATOR
 from zo.memory.estimator import PlannedEstimator
 from zo.memory.shapes import ModelShape, PlanError
@@ -460,12 +460,12 @@ def _backward_transient(run: _Run) -> int:
 def _direction_chunk(run: _Run, largest: int) -> tuple[int, str]:
     """The engine's per-draw scratch, per thread: a chunk, an accumulator for estimators that
     rebuild g_hat by chunks, an fp32 copy for low-precision weights. None for ZO-SGD's fused
-    passes under philox-ieee on CPU (``auto`` there) but an output-side head's one chunk."""
+    passes under philox-ieee on CPU (``auto``'s choice there) but an output-side head's chunk."""
     engine, device = run.request.engine, run.request.device
     chunk = min(engine.chunk_size or (CPU_CHUNK if device == "cpu" else ACCELERATOR_CHUNK), largest)
     threads = 1 if device == "cuda" else engine.threads or min(8, _intra_op_threads())
-    fused = engine.generator in ("auto", "philox-ieee") and run.weight_bytes == 4
-    if fused and device == "cpu" and not (run.memory.accumulator or run.memory.state_copies):
+    fused = device == "cpu" and resolve_generator(engine, device) == "philox-ieee"
+    if fused and run.weight_bytes == 4 and not (run.memory.accumulator or run.memory.state_copies):
         head = run.offloaded(run.shape.vocab * run.shape.hidden, run.scored_rows)
         return chunk * 4 * int(head), "fused passes; one chunk for an output-side head"
     copies = 1 + run.memory.accumulator + (run.trainable.dense and run.weight_bytes < 4)
