@@ -3,8 +3,9 @@
     OMP_NUM_THREADS=1 python experiments/step_passes.py philox-ieee [threads]
 
 Prints the step, a plain forward, their ratio, and the seconds per step spent in the bucket
-copies of the perturbed forwards (``materialize``), the output-side perturbation of the
-embedding and head (``output_side``) and the update, on the OPT-125m shape, fp32, 16x64.
+copies of the perturbed forwards (``materialize``), the embedding's output-side perturbation
+(``output_side``), the head's perturbed matmul block by block (``perturbed_linear``: its own
+matmul included) and the update, on the OPT-125m shape, fp32, 16x64.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 import torch
 
 from estimators import ZOSGD
+from zo import buckets
 from zo.commands.bench import build_opt, make_batch, scored_loss
 from zo.engine import EngineConfig, PerturbationEngine
 
@@ -38,7 +40,8 @@ def timed(owner, name: str, label: str) -> None:
 def main(generator: str, threads: int, repeats: int = 3) -> None:
     torch.set_num_threads(threads)
     timed(PerturbationEngine, "materialize", "materialize")
-    timed(PerturbationEngine, "output_side_perturbation", "output_side")
+    timed(buckets, "added_to_output", "output_side")
+    timed(buckets, "perturbed_linear", "perturbed_linear")
     timed(PerturbationEngine, "update_device", "update")
     model = build_opt(12, "cpu", "125m", dtype=torch.float32)
     ids = make_batch(16, 64, model.config.vocab_size, "cpu")

@@ -100,19 +100,22 @@ def test_rademacher_directions_are_signs():
     assert set(z.unique().tolist()) == {-1.0, 1.0}
 
 
-@pytest.mark.parametrize("generator", GENERATORS)
+@pytest.mark.parametrize("generator", [*GENERATORS, "philox-ieee"])
+@pytest.mark.parametrize("chunk_size", [0, 48])
 @pytest.mark.parametrize(
     ("offload_threshold", "offload_max_rows"), [(1 << 22, 64), (0, 64), (0, 0)]
 )
 def test_perturbed_forward_equals_dense_perturbed_weights(
-    generator, offload_threshold, offload_max_rows
+    generator, chunk_size, offload_threshold, offload_max_rows
 ):
-    # threshold 0 sends the embedding and the linear layers through the output-side path;
-    # max_rows 0 then keeps the linear layers on weight copies
+    # threshold 0 sends the embedding (gathered rows of z) and the linear layers (perturbed
+    # a block of output features at a time) through the output side; max_rows 0 then keeps
+    # the linear layers on weight copies
     model = TiedLM()
+    weights = [model.proj.weight, model.proj.bias, model.head.weight]
     engine = engine_for(
         model,
-        chunk_size=48,
+        chunk_size=chunk_size,
         offload_threshold=offload_threshold,
         offload_max_rows=offload_max_rows,
         generator=generator,
@@ -121,11 +124,43 @@ def test_perturbed_forward_equals_dense_perturbed_weights(
         with engine.perturbed(11, 0.01):
             perturbed = model(IDS)
         expected = dense_reference(model, engine, 11, 0.01)(IDS)
-    if offload_threshold:  # weight copies: the reference's arithmetic exactly
-        assert torch.equal(perturbed, expected)
-    else:  # the output side adds x z^T (or gathered rows) to x W^T: the same sum, rounded
+    assert [model.proj.weight, model.proj.bias, model.head.weight] == weights  # restored
+    if offload_max_rows == 64 and chunk_size == 48:
+        # blocks of 3 output features: BLAS sums a block that narrow in another order
         torch.testing.assert_close(perturbed, expected, rtol=1e-5, atol=1e-5)
+    else:  # the same values as the layers on weight copies, bit for bit
+        assert torch.equal(perturbed, expected)
     assert not torch.equal(perturbed, model(IDS))
+
+
+def test_a_large_linear_layer_perturbed_through_its_output_costs_no_extra_matmul():
+    """The head multiplies by W + eps z block by block (drawn into one chunk-sized buffer)
+    instead of adding x z^T to x W^T: a perturbed forward has the plain forward's flops."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = TiedLM()
+    engine = engine_for(model, offload_threshold=0)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as plain:
+            model(IDS)
+        with FlopCounterMode(display=False) as perturbed, engine.perturbed(3, 0.01):
+            model(IDS)
+    assert perturbed.get_total_flops() == plain.get_total_flops() > 0
+
+
+def test_a_perturbed_forward_that_records_gradients_keeps_the_additive_output_side():
+    # blocks drawn into one reused buffer cannot be saved for backward: a forward under
+    # grad adds x z^T to the layer's own output, and gradients flow to the input
+    model = TiedLM()
+    engine = engine_for(model, offload_threshold=0)
+    hidden = torch.randn(2, 4, 16, requires_grad=True)
+    with engine.perturbed(3, 0.01):
+        logits = model.head(hidden)
+    logits.square().sum().backward()
+    with torch.no_grad():
+        expected = dense_reference(model, engine, 3, 0.01).head(hidden)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("generator", GENERATORS)

@@ -3,6 +3,7 @@ trust rules around building and loading it (a library that cannot be trusted is 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 
@@ -249,3 +250,92 @@ def test_an_update_with_unit_decay_is_the_update_without_decay(kernel):
     z = reference_values(21, 3, 0, 10_007, "gaussian", "cpu")
     assert torch.equal(bits(unit), bits(plain))
     assert torch.equal(bits(unit), bits(weights * torch.tensor(1.0) + z * torch.tensor(-0.5e-3)))
+
+
+def test_the_kernel_runs_on_torchs_own_openmp_threads(kernel):
+    """One thread pool, not two competing for the cores: torch ships libgomp under its
+    soname, and the library built with -fopenmp is bound to that runtime."""
+    assert kernel.serial_reason is None
+    assert native._shares_torch_threads(ctypes.CDLL(str(kernel.path)))
+
+    before = torch.get_num_threads()
+
+    class OwnRuntime:  # sets a thread count that torch never sees
+        zo_openmp_set_threads = staticmethod(lambda threads: 2)
+
+    assert not native._shares_torch_threads(OwnRuntime())
+    assert torch.get_num_threads() == before  # the probe put torch's count back
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("piece", [4, 99, 1 << 18])
+def test_a_threaded_pass_over_many_tensors_equals_the_reference(kernel, threads, piece):
+    """Pieces, threads and tensor boundaries never change a value."""
+    lengths = [1001, 0, 7, 4096 + 5, 1]
+    sources = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in lengths]
+    targets = [torch.empty(n) for n in lengths]
+    starts, indices, seeds, factors = (
+        [5, 0, 2**33 + 1, 3, 8],
+        [2, 0, 4, 1, 9],
+        [11, 12],
+        [0.5, -2.0],
+    )
+    kernel.axpz_many(
+        sources, targets, indices, starts, seeds, factors, True, 0.75, 1, threads, piece
+    )
+    for source, target, index, start in zip(sources, targets, indices, starts, strict=True):
+        z = [reference_values(s, index, start, source.numel(), "gaussian", "cpu") for s in seeds]
+        want = (source * torch.tensor(0.75) + z[0] * torch.tensor(0.5)) + z[1] * torch.tensor(-2.0)
+        assert torch.equal(bits(target), bits(want))
+
+
+def test_a_compiler_without_openmp_builds_the_kernel_serial_and_says_so_once(
+    monkeypatch, tmp_path, caplog
+):
+    monkeypatch.setenv("ZO_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "OPENMP_FLAGS", ("-fno-such-openmp-flag",))
+    serial = native.philox_ieee_kernel(reference_values)
+    assert "building it with OpenMP failed" in serial.serial_reason
+    assert [p.name for p in tmp_path.iterdir()] == [
+        native.library_path(native.compiler(), False).name
+    ]
+    monkeypatch.setattr(philox_ieee, "_KERNEL", [serial])
+    monkeypatch.setattr("zo.direction_base._SAID", set())
+    source = torch.randn(3 * philox_ieee.JOB + 5)
+    targets = [torch.empty_like(source) for _ in range(2)]
+    with caplog.at_level(logging.WARNING, logger="zo.philox_ieee"):
+        for target in targets:
+            philox_ieee._axpz([source], [target], [1], [7], torch.tensor([1.0, 0.1]), 1.0, False,
+                              "gaussian", 2, [0])  # fmt: skip
+    said = [r.getMessage() for r in caplog.records if "Python draw threads" in r.getMessage()]
+    assert len(said) == 1 and "building it with OpenMP failed" in said[0]
+    want = source + reference_values(7, 1, 0, source.numel(), "gaussian", "cpu") * torch.tensor(0.1)
+    assert all(torch.equal(bits(t), bits(want)) for t in targets)
+
+
+def test_a_library_with_an_openmp_runtime_of_its_own_is_used_serially(kernel, monkeypatch):
+    monkeypatch.setattr(native, "_shares_torch_threads", lambda library: False)
+    loaded = native.load_checked(kernel.path, reference_values)
+    assert "runtime of its own" in loaded.serial_reason
+
+
+def test_threads_asking_for_the_kernel_at_once_load_it_once(kernel, monkeypatch):
+    """One build, one load and one runtime probe, however many draw threads ask first."""
+    import threading
+    import time
+
+    loads = []
+
+    def slow_load(reference):
+        loads.append(reference)
+        time.sleep(0.05)
+        return kernel
+
+    monkeypatch.setattr(native, "philox_ieee_kernel", slow_load)
+    monkeypatch.setattr(philox_ieee, "_KERNEL", [])
+    threads = [threading.Thread(target=philox_ieee.native_kernel) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(loads) == 1

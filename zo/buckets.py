@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from zo.output_side import added_to_output, perturbed_linear, skip_matmul
+
 if TYPE_CHECKING:
     from zo.engine import PerturbationEngine
 
@@ -119,7 +121,9 @@ class PerturbedForward:
         self.ahead: tuple[int, object] | None = None  # (bucket, future or event+views)
         self.seen: list[int] = []
         self.seen_set: set[int] = set()
-        self.output_side: dict[int, list[int | None]] = {}
+        # per module, a stack of (index, None) for an added output-side perturbation or
+        # (index, (weight, bias)) for a perturbed matmul; None for neither
+        self.output_side: dict[int, list[tuple[int, tuple | None] | None]] = {}
 
     # ------------------------------------------------------------------ hooks
     def pre(self, module: nn.Module, args) -> list[Swap]:
@@ -140,16 +144,23 @@ class PerturbedForward:
                 continue
             module._parameters[name] = self._perturbed(module, index)
             restore.append((module, name, param))
-        self.output_side.setdefault(id(module), []).append(output_side)
+        through = None if output_side is None else (output_side, None)
+        if through is not None and isinstance(module, nn.Linear) and not torch.is_grad_enabled():
+            through = (output_side, skip_matmul(module, restore))
+        self.output_side.setdefault(id(module), []).append(through)
         return restore
 
     def post(self, module: nn.Module, args, output):
-        index = self.output_side[id(module)].pop()
-        if index is None:
+        through = self.output_side[id(module)].pop()
+        if through is None:
             return None
-        return self.engine.output_side_perturbation(
-            module, args, output, self.seed, self.scales[index]
-        )
+        index, linear = through
+        if linear is not None:
+            weight, bias = linear
+            return perturbed_linear(
+                self.engine, weight, args[0], bias, self.seed, self.scales[index]
+            )
+        return added_to_output(self.engine, module, args, output, self.seed, self.scales[index])
 
     def replace(self, indices: Sequence[int], pin_memory: bool) -> dict[int, torch.Tensor]:
         """Perturbed copies of ``indices`` drawn now, for a caller that hands them to their

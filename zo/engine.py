@@ -17,10 +17,10 @@ Every zeroth-order estimator is a sequence of passes over the trainable tensors 
   module views of it; the next bucket can be drawn while the current one computes
   (``prefetch``). The update is one call over all tensors, with coefficients that may live on
   the device, so a step needs no host read until its scalars are recorded.
-* Large embeddings and output heads are not copied: their perturbation is added to the
-  module's output (the batch's rows of ``z`` for an embedding, ``x @ z.T`` chunk by chunk
-  for a linear layer at few rows), so a perturbed forward needs no more memory than a plain
-  one.
+* Large embeddings and output heads are not copied (:mod:`zo.output_side`): an embedding
+  adds its batch's rows of ``z`` to its output, a linear layer multiplies by ``W + scale z``
+  a block of output features at a time, so a perturbed forward needs no more memory than a
+  plain one.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ class PerturbationEngine:
         self.pool = BufferPool(slots=2 + int(self.prefetching()))
 
     # ------------------------------------------------------------------ directions
-    def _chunk_len(self, index: int) -> int:
+    def chunk_len(self, index: int) -> int:
         size = self.config.chunk_size or (
             CPU_CHUNK if self.tensors[index].device.type == "cpu" else ACCELERATOR_CHUNK
         )
@@ -228,13 +228,13 @@ class PerturbationEngine:
         return size // block * block if size >= block else size  # small: exact, some waste
 
     def num_chunks(self, index: int) -> int:
-        return max(1, -(-self.tensors[index].numel() // self._chunk_len(index)))
+        return max(1, -(-self.tensors[index].numel() // self.chunk_len(index)))
 
     def chunks(self, index: int) -> Iterator[tuple[int, int, int]]:
         """Yield ``(chunk, start, stop)`` over the flat view of tensor ``index``; chunks of a
         block or more fall on the generator's blocks, so they cost only their own draws."""
         numel = self.tensors[index].numel()
-        step = self._chunk_len(index)
+        step = self.chunk_len(index)
         for chunk, start in enumerate(range(0, max(numel, 1), step)):
             yield chunk, start, min(start + step, numel)
 
@@ -246,7 +246,7 @@ class PerturbationEngine:
         copy it (or fold it into an accumulator) before drawing again.
         """
         out = thread_scratch(self._scratch, length, device)
-        self.generator.fill(out, seed, index, self.offsets[index] + chunk * self._chunk_len(index))
+        self.generator.fill(out, seed, index, self.offsets[index] + chunk * self.chunk_len(index))
         return out
 
     def direction(self, seed: int, index: int) -> torch.Tensor:
@@ -254,10 +254,10 @@ class PerturbationEngine:
         slice, for a tensor at an offset."""
         tensor = self.tensors[index]
         flat = torch.empty(tensor.numel(), dtype=torch.float32, device=tensor.device)
-        self._fill(flat, seed, index, self.offsets[index])
+        self.fill(flat, seed, index, self.offsets[index])
         return flat.view(tensor.shape)
 
-    def _fill(self, out: torch.Tensor, seed: int, index: int, start: int) -> None:
+    def fill(self, out: torch.Tensor, seed: int, index: int, start: int) -> None:
         """:meth:`DirectionGenerator.fill` over the engine's threads (top level only)."""
         if out.device.type != "cpu" or self._threads == 1:
             self.generator.fill(out, seed, index, start)
@@ -293,7 +293,7 @@ class PerturbationEngine:
             )
         return flat[start : start + tensor.numel()].view(tensor.shape)
 
-    def _constant(self, values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    def constant(self, values: tuple[float, ...], device: torch.device) -> torch.Tensor:
         """A small fp32 tensor of fixed values on ``device``, created once."""
         key = (values, device)
         if key not in self._constants:
@@ -419,7 +419,7 @@ class PerturbationEngine:
                 f"{tensors[0].dtype} on {tensors[0].device}"
             )
         views = list(out[:numel].split([t.numel() for t in tensors]))
-        one = self._constant((1.0, 1.0), out.device)
+        one = self.constant((1.0, 1.0), out.device)
         by_scale: dict[float, list[int]] = {}
         for position, scale in enumerate(scales):
             by_scale.setdefault(float(scale), []).append(position)
@@ -500,33 +500,6 @@ class PerturbationEngine:
     def output_side(self, module: nn.Module, index: int, args) -> bool:
         """Perturb through the output instead of a weight copy? Only where it is cheap."""
         return perturbs_through_output(self.config, self.tensors[index], module, args)
-
-    def output_side_perturbation(self, module, args, output, seed: int, scale: float):
-        """Add the perturbation's effect to a large embedding's or linear layer's output."""
-        weight = module._parameters["weight"]
-        index = self.positions[id(weight)]
-        output = output.clone() if output.requires_grad else output
-        if isinstance(module, nn.Embedding):
-            rows = output.view(-1, weight.shape[1])
-            self.generator.rows_add(rows, args[0], seed, index, tuple(weight.shape), scale)
-            return output
-        out_cols = output.view(-1, output.shape[-1])
-        x = args[0].reshape(-1, args[0].shape[-1])
-        x = x if x.dtype == torch.float32 else x.float()
-        row = weight.shape[1]
-        rows_per_chunk = max(1, self._chunk_len(index) // row)
-        z = torch.empty(min(rows_per_chunk, weight.shape[0]) * row, device=weight.device)
-        for first in range(0, weight.shape[0], rows_per_chunk):
-            last = min(first + rows_per_chunk, weight.shape[0])
-            block = z[: (last - first) * row]
-            self._fill(block, seed, index, first * row)
-            block = block.view(-1, row)
-            if out_cols.dtype == torch.float32:
-                out_cols[:, first:last].addmm_(x, block.t(), alpha=scale)
-            else:
-                cols = out_cols[:, first:last]
-                cols.copy_(torch.addmm(cols.float(), x, block.t(), alpha=scale))
-        return output
 
     def close(self) -> None:
         self.pool.clear()

@@ -20,6 +20,8 @@ octant of the angle come from integer bits): ``|error| < 3e-7`` for ``ln m`` and
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from zo import native
@@ -145,16 +147,18 @@ def reference_values(
 
 _KERNEL: list = []
 """The process's kernel, or why there is none (a failed build is not retried)."""
+_KERNEL_LOCK = threading.Lock()
 
 
 def native_kernel() -> native.PhiloxIEEEKernel:
     """The C kernel, built on first use and checked against :func:`reference_values`;
     raises :class:`zo.native.NativeUnavailable` (with the reason) where there is none."""
-    if not _KERNEL:
-        try:
-            _KERNEL.append(native.philox_ieee_kernel(reference_values))
-        except native.NativeUnavailable as error:
-            _KERNEL.append(error)
+    with _KERNEL_LOCK:  # draw threads may ask at once: one build, one load, one probe
+        if not _KERNEL:
+            try:
+                _KERNEL.append(native.philox_ieee_kernel(reference_values))
+            except native.NativeUnavailable as error:
+                _KERNEL.append(error)
     if isinstance(_KERNEL[0], native.NativeUnavailable):
         raise _KERNEL[0]
     return _KERNEL[0]
@@ -238,6 +242,16 @@ def _axpz(sources, targets, indices, seeds, coefficients, scale, decay, law, thr
     factors = (coefficients[1:] * scale).tolist()
     d = float(coefficients[0]) if decay else 1.0
     decay = decay and d != 1.0  # x * 1 == x bit for bit: an update without decay, one pass
+    gaussian = int(law == "gaussian")
+    if kernel.serial_reason is None:  # one call, on torch's OpenMP threads
+        kernel.axpz_many(
+            sources, targets, indices, starts, seeds, factors, decay, d, gaussian, threads
+        )
+        return
+    if threads > 1:
+        say_once(
+            f"philox-ieee's passes run on Python draw threads: {kernel.serial_reason}", __name__
+        )
     jobs = []
     for source, target, index, offset in zip(sources, targets, indices, starts, strict=True):
         for first in range(0, target.numel(), JOB):
@@ -252,7 +266,7 @@ def _axpz(sources, targets, indices, seeds, coefficients, scale, decay, law, thr
                     factors,
                     decay,
                     d,
-                    int(law == "gaussian"),
+                    gaussian,
                 )
             )
     run_jobs(jobs, threads)

@@ -143,7 +143,7 @@ class ShardedEngine(PerturbationEngine):
         )
         if len(scales) != len(self.tensors):
             raise ValueError("perturbed() needs one scale per tensor")
-        ones = self._constant((1.0, 1.0), self.device)
+        ones = self.constant((1.0, 1.0), self.device)
 
         def write(index: int, saved: torch.Tensor, shard: torch.Tensor) -> None:
             if scales[index] != 0.0:

@@ -12,8 +12,11 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
-#define ABI_VERSION 1
+#define ABI_VERSION 2
 #define TILE 64 /* counters per tile: 256 values; larger tiles measured 20-25% slower */
 #define M0 0xD2511F53u
 #define M1 0xCD9E8D57u
@@ -22,6 +25,29 @@
 #define ROUNDS 10
 
 int zo_abi_version(void) { return ABI_VERSION; }
+
+/* Whether the passes below run on OpenMP threads (built with -fopenmp). */
+int zo_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Set the calling thread's OpenMP thread count in the runtime this library is bound to and
+ * return the previous one: the loader sets a count and asks torch, to learn whether that
+ * runtime is torch's own (one thread pool, not two competing for the cores). */
+int zo_openmp_set_threads(int threads) {
+#ifdef _OPENMP
+    int before = omp_get_max_threads();
+    omp_set_num_threads(threads);
+    return before;
+#else
+    (void)threads;
+    return 0;
+#endif
+}
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -260,4 +286,31 @@ void zo_axpz_f32(const float *source, float *target, int64_t n, uint32_t index, 
         }
         done += take;
     }
+}
+
+/* zo_axpz_f32 over `count` tensors at once, cut into pieces of `piece` elements that run on
+ * up to `threads` OpenMP threads. A piece's values do not depend on the cut: each element is
+ * computed from its own coordinates, in the same order, whichever thread computes it. */
+void zo_axpz_many(int count, const float *const *sources, float *const *targets,
+                  const int64_t *lengths, const uint32_t *indices, const int64_t *starts,
+                  const uint64_t *seeds, const float *factors, int queries, int decay, float d,
+                  int gaussian, int64_t piece, int threads) {
+    int64_t pieces = 0;
+    for (int t = 0; t < count; t++) pieces += (lengths[t] + piece - 1) / piece;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (threads > 1 && pieces > 1)
+#endif
+    for (int64_t p = 0; p < pieces; p++) {
+        int t = 0;
+        int64_t before = 0; /* pieces of the tensors ahead of t: a scan, count is small */
+        while (before + (lengths[t] + piece - 1) / piece <= p) {
+            before += (lengths[t] + piece - 1) / piece;
+            t++;
+        }
+        int64_t offset = (p - before) * piece;
+        int64_t take = lengths[t] - offset < piece ? lengths[t] - offset : piece;
+        zo_axpz_f32(sources[t] + offset, targets[t] + offset, take, indices[t],
+                    starts[t] + offset, seeds, factors, queries, decay, d, gaussian);
+    }
+    (void)threads;
 }
