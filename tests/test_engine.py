@@ -103,14 +103,14 @@ def test_rademacher_directions_are_signs():
 @pytest.mark.parametrize("generator", [*GENERATORS, "philox-ieee"])
 @pytest.mark.parametrize("chunk_size", [0, 48])
 @pytest.mark.parametrize(
-    ("offload_threshold", "offload_max_rows"), [(1 << 22, 64), (0, 64), (0, 0)]
+    ("offload_threshold", "offload_max_rows"), [(1 << 22, -1), (0, -1), (0, 8), (0, 0)]
 )
 def test_perturbed_forward_equals_dense_perturbed_weights(
     generator, chunk_size, offload_threshold, offload_max_rows
 ):
     # threshold 0 sends the embedding (gathered rows of z) and the linear layers (perturbed
     # a block of output features at a time) through the output side; max_rows 0 then keeps
-    # the linear layers on weight copies
+    # the linear layers on weight copies; IDS has 8 rows, within a limit of 8
     model = TiedLM()
     weights = [model.proj.weight, model.proj.bias, model.head.weight]
     engine = engine_for(
@@ -125,12 +125,17 @@ def test_perturbed_forward_equals_dense_perturbed_weights(
             perturbed = model(IDS)
         expected = dense_reference(model, engine, 11, 0.01)(IDS)
     assert [model.proj.weight, model.proj.bias, model.head.weight] == weights  # restored
-    if offload_max_rows == 64 and chunk_size == 48:
+    if offload_threshold == 0 and offload_max_rows != 0 and chunk_size == 48:
         # blocks of 3 output features: BLAS sums a block that narrow in another order
         torch.testing.assert_close(perturbed, expected, rtol=1e-5, atol=1e-5)
     else:  # the same values as the layers on weight copies, bit for bit
         assert torch.equal(perturbed, expected)
     assert not torch.equal(perturbed, model(IDS))
+
+
+def test_offload_max_rows_below_minus_one_is_refused():
+    with pytest.raises(ValueError, match="offload_max_rows must be -1 .any., 0 .never."):
+        EngineConfig(offload_max_rows=-2)
 
 
 def test_a_large_linear_layer_perturbed_through_its_output_costs_no_extra_matmul():

@@ -301,6 +301,38 @@ def test_a_run_killed_while_being_created_is_started_over(smoke_run, tmp_path, c
     assert last_json(capsys.readouterr().out)["bit_identical_to_checkpoint"]
 
 
+# ---------------------------------------------------------------------- engine settings on resume
+
+
+def test_a_resume_may_change_the_engines_speed_settings_and_ends_at_the_same_weights(
+    smoke_run, tmp_path, capsys
+):
+    """Threads, buckets and the output-side limits change no direction (another machine, a
+    new default): said, and the resumed run ends where the uninterrupted one did."""
+    run = tmp_path / "run"
+    assert zo("train", "--config", SMOKE, f"train.out={run}", "train.steps=8", *QUIET) == 0
+    capsys.readouterr()
+    speed = ["engine.threads=1", "engine.bucket_size=4096", "engine.offload_max_rows=0"]
+    assert resume(run, *speed) == 0
+    out = capsys.readouterr().out
+    for setting in ("engine.threads is 1 here", "engine.bucket_size is 4096 here"):
+        assert setting in out and "speed and memory only" in out
+    assert_same_tensors(trained(run), trained(smoke_run))
+    assert step_records(run) == step_records(smoke_run)
+
+
+@pytest.mark.parametrize("setting", ["engine.distribution=rademacher", "engine.generator=philox"])
+def test_a_resume_refuses_an_engine_setting_that_decides_the_directions(
+    smoke_run, tmp_path, capsys, setting
+):
+    run = copy_run(smoke_run, tmp_path / "run")
+    before = files_of(run)
+    assert resume(run, setting, "train.steps=16") == 2
+    key, value = setting.split("=")
+    assert f"resume: {key} is {value!r}" in capsys.readouterr().err
+    assert files_of(run) == before
+
+
 # ---------------------------------------------------------------------- trajectory format 1
 
 

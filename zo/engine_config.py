@@ -31,9 +31,12 @@ class EngineConfig:
     offload_threshold: int = 1 << 22
     """Embedding / linear weights above this many elements get the output-side
     perturbation instead of a perturbed copy (saves one weight-sized temporary)."""
-    offload_max_rows: int = 64
-    """A large linear layer is perturbed output-side only when its input has at most this
-    many rows (the LM head at scored positions); beyond, the extra matmul costs more."""
+    offload_max_rows: int = -1
+    """A large linear layer is perturbed through its output only when its input has at most
+    this many rows; -1 = any number, 0 = never (weight copies). Without gradients it then
+    multiplies by ``W + scale z`` block by block (:mod:`zo.output_side`): the time of a
+    whole copy's matmul at 64 and at 1,024 rows, and no weight-sized temporary. A forward
+    recording gradients adds ``x z^T`` instead, an extra matmul that grows with the rows."""
     generator: str = "auto"
     """``philox``, ``philox-ieee``, ``torch-blocks`` or ``torch-chunks-v1`` (version 1, kept
     for its runs); ``auto`` = philox on CUDA, philox-ieee on CPU (torch-blocks where its C
@@ -63,6 +66,11 @@ class EngineConfig:
                 f"engine.generator {self.generator!r} is unknown; "
                 f"choose one of {list(GENERATOR_CHOICES)}"
             )
+        if self.offload_max_rows < -1:
+            raise ValueError(
+                f"engine.offload_max_rows must be -1 (any), 0 (never) or a row count, got "
+                f"{self.offload_max_rows}"
+            )
         if self.bucket_size < 0:
             raise ValueError(f"engine.bucket_size must be >= 0 (0 = auto), got {self.bucket_size}")
         if self.prefetch not in ("auto", "on", "off"):
@@ -90,9 +98,8 @@ def perturbs_through_output(
 ) -> bool:
     """Perturb ``weight`` through ``module``'s output instead of a weight copy? Only where cheap.
 
-    An embedding gathers a few rows of z; a linear layer pays an extra matmul of its input
-    rows with z, cheap only for few rows (the LM head at scored positions) -- for a full
-    sequence, copying the weight costs less time than the matmul.
+    An embedding gathers its batch's rows of z; a linear layer multiplies by W + scale z a
+    block at a time (:mod:`zo.output_side`), within ``offload_max_rows`` rows.
     """
     if weight.numel() <= config.offload_threshold or module._parameters.get("weight") is not weight:
         return False
@@ -100,5 +107,5 @@ def perturbs_through_output(
         return module.max_norm is None
     if type(module).forward is nn.Linear.forward and args:
         rows = args[0].numel() // max(1, args[0].shape[-1])
-        return rows <= config.offload_max_rows
+        return config.offload_max_rows < 0 or rows <= config.offload_max_rows
     return False

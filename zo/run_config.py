@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from zo.config import ConfigError, RunConfig, config_from_data, read_run_yaml, to_dict
+from zo.engine_config import LEGACY_GENERATOR as LEGACY
 from zo.run_directory import RunDirectory
 from zo.trajectory import RunDamagedError
 
-_RESUME_INVARIANT = ("model", "task", "trainable", "estimator", "engine")
+_RESUME_INVARIANT = ("model", "task", "trainable", "estimator")
 _RESUME_INVARIANT_TRAIN = ("batch_size", "grad_accum", "seed", "lr_schedule")
+_DIRECTION_FIELDS = ("generator", "distribution")
+"""The engine fields that decide the directions; the others change only speed and memory
+(and ``chunk_size`` changes ``torch-chunks-v1``'s directions too)."""
 
 
 def load_run_config(run: RunDirectory) -> RunConfig:
@@ -23,15 +27,33 @@ def load_run_config(run: RunDirectory) -> RunConfig:
         ) from None
 
 
-def check_resumable(run: RunDirectory, config: RunConfig) -> None:
-    """``config`` may resume ``run``: the settings that decide its steps are unchanged."""
+def check_resumable(run: RunDirectory, config: RunConfig, log=print) -> None:
+    """``config`` may resume ``run``: the settings that decide its steps are unchanged.
+
+    Engine settings that change only speed and memory (threads, buckets, prefetch, the
+    output-side limits) may differ, e.g. on another machine or after a release changed a
+    default: said, with the run's value, and the resume goes on."""
     saved = load_run_config(run)
     for section in _RESUME_INVARIANT:
         if to_dict(getattr(saved, section)) != to_dict(getattr(config, section)):
             raise ConfigError(
                 f"resume: {section} differs from the run's config.yaml; a resumed run must "
-                "keep model, task, trainable, estimator and engine settings"
+                "keep model, task, trainable, estimator and the engine's directions"
             )
+    deciding = _DIRECTION_FIELDS + (("chunk_size",) if saved.engine.generator == LEGACY else ())
+    for key, was in to_dict(saved.engine).items():
+        now = getattr(config.engine, key)
+        if was == now:
+            continue
+        if key in deciding:
+            raise ConfigError(
+                f"resume: engine.{key} is {now!r}, the run's config.yaml has {was!r}; it decides "
+                f"the run's directions: keep engine.{key}={was}"
+            )
+        log(
+            f"resume: engine.{key} is {now!r} here, {was!r} in the run's config.yaml (speed "
+            "and memory only: the directions are the same)"
+        )
     for key in _RESUME_INVARIANT_TRAIN:
         if getattr(saved.train, key) != getattr(config.train, key):
             raise ConfigError(f"resume: train.{key} differs from the run's config.yaml")

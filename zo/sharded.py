@@ -22,10 +22,12 @@ parameters just before that unit's forward. ZO needs nothing else from it:
   (momentum, ZO-Adam's moments) is kept for those rows only: the engine's tensors are the
   local shards at their global offsets (:meth:`PerturbationEngine.axpz_at`).
 
-One exception to bit-equality: the unsharded engine perturbs a block's linear layer of more
-than ``engine.offload_threshold`` elements through its output when the input has at most
-``engine.offload_max_rows`` rows (a different rounding); the sharded engine always perturbs
-block weights. Embeddings and the head go through the unsharded engine's own path.
+One path differs: the unsharded engine multiplies a block's linear layer of more than
+``engine.offload_threshold`` elements by ``W + scale z`` a block of output features at a
+time (:mod:`zo.output_side`), the sharded engine by its gathered perturbed weight. The
+values are the same where BLAS sums a block of features as it sums the whole matrix (on CPU
+for blocks of more than a few features, tested in the unsharded engine), not by contract.
+Embeddings and the head go through the unsharded engine's own path.
 
 Every rank measures the same losses (FSDP gathers the whole unit for each rank), so the
 projected-gradient scalars are equal on all ranks without a reduction; the data-parallel

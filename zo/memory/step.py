@@ -270,8 +270,8 @@ class _Run:
         return worst
 
     def offloaded(self, numel: int, rows: int) -> bool:
-        engine = self.request.engine
-        return numel > engine.offload_threshold and rows <= engine.offload_max_rows
+        limit, engine = self.request.engine.offload_max_rows, self.request.engine
+        return numel > engine.offload_threshold and (limit < 0 or rows <= limit)
 
 
 def _validate(request: PlanRequest) -> TrainableSpec:
