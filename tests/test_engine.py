@@ -153,6 +153,19 @@ def test_a_large_linear_layer_perturbed_through_its_output_costs_no_extra_matmul
     assert perturbed.get_total_flops() == plain.get_total_flops() > 0
 
 
+def test_under_autocast_the_blocked_head_computes_as_the_layer_on_a_copy_would():
+    """Mixed precision (train.autocast): each block goes through F.linear, so autocast picks
+    the dtype and arithmetic the layer's own call would (bf16 here), bit for bit."""
+    model = TiedLM()
+    engine = engine_for(model, offload_threshold=0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with engine.perturbed(11, 0.01):
+            perturbed = model(IDS)
+        expected = dense_reference(model, engine, 11, 0.01)(IDS)
+    assert perturbed.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(perturbed, expected)
+
+
 def test_a_perturbed_forward_that_records_gradients_keeps_the_additive_output_side():
     # blocks drawn into one reused buffer cannot be saved for backward: a forward under
     # grad adds x z^T to the layer's own output, and gradients flow to the input

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.functional import linear
 
 if TYPE_CHECKING:
     from zo.buckets import Swap
@@ -56,9 +57,10 @@ def perturbed_linear(
     (BLAS sums each output the same way; tested)."""
     index = engine.positions[id(weight)]
     features, row = weight.shape
-    out = torch.empty(
-        (*x.shape[:-1], features), dtype=torch.result_type(x, weight), device=x.device
-    )
+    # under autocast, F.linear picks the dtype and arithmetic the layer's own call would
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dtype = linear(x[:0], weight[:0]).dtype if autocast else torch.result_type(x, weight)
+    out = torch.empty((*x.shape[:-1], features), dtype=dtype, device=x.device)
     columns, rows_in = out.view(-1, features), x.reshape(-1, row)
     per_block = max(1, engine.chunk_len(index) // row)
     buffer = torch.empty(min(per_block, features) * row, dtype=weight.dtype, device=x.device)
@@ -70,11 +72,13 @@ def perturbed_linear(
             [flat[start : last * row]], [block], [index], [seed], one, scale,
             starts=[engine.offsets[index] + start],
         )  # fmt: skip
-        block = block.view(-1, row).t()
-        if bias is None:
-            torch.mm(rows_in, block, out=columns[:, first:last])
+        block, part = block.view(-1, row), None if bias is None else bias[first:last]
+        if autocast:
+            columns[:, first:last] = linear(rows_in, block, part)
+        elif part is None:
+            torch.mm(rows_in, block.t(), out=columns[:, first:last])
         else:  # F.linear's own fused form: the same bits as the layer on a copy
-            torch.addmm(bias[first:last], rows_in, block, out=columns[:, first:last])
+            torch.addmm(part, rows_in, block.t(), out=columns[:, first:last])
     return out
 
 
