@@ -307,8 +307,9 @@ def test_a_run_killed_while_being_created_is_started_over(smoke_run, tmp_path, c
 def test_a_resume_may_change_the_engines_speed_settings_and_ends_at_the_same_weights(
     smoke_run, tmp_path, capsys
 ):
-    """Threads, buckets and the output-side limits change no direction (another machine, a
-    new default): said, and the resumed run ends where the uninterrupted one did."""
+    """Threads and buckets change no value (another machine): said, and taken. The
+    output-side limits can change an accelerator's rounding: the run's own are kept, said.
+    The resumed run ends where the uninterrupted one did."""
     run = tmp_path / "run"
     assert zo("train", "--config", SMOKE, f"train.out={run}", "train.steps=8", *QUIET) == 0
     capsys.readouterr()
@@ -316,20 +317,41 @@ def test_a_resume_may_change_the_engines_speed_settings_and_ends_at_the_same_wei
     assert resume(run, *speed) == 0
     out = capsys.readouterr().out
     for setting in ("engine.threads is 1 here", "engine.bucket_size is 4096 here"):
-        assert setting in out and "speed and memory only" in out
+        assert setting in out and "speed only" in out
+    assert "keeping the run's engine.offload_max_rows=-1 (not 0)" in out
     assert_same_tensors(trained(run), trained(smoke_run))
     assert step_records(run) == step_records(smoke_run)
 
 
-@pytest.mark.parametrize("setting", ["engine.distribution=rademacher", "engine.generator=philox"])
+def test_a_resume_keeps_the_runs_output_side_limits_and_takes_the_new_threads(tmp_path):
+    """A run recorded before the default of offload_max_rows changed (64) keeps its 64."""
+    from dataclasses import replace
+
+    from zo.run_config import check_resumable, load_run_config
+    from zo.run_directory import RunDirectory
+
+    run = RunDirectory(copy_run(FORMAT_1_RUN, tmp_path / "old"))
+    saved = load_run_config(run)
+    assert saved.engine.offload_max_rows == 64
+    asked = replace(saved, engine=replace(saved.engine, offload_max_rows=-1, threads=1))
+    said = []
+    resumed = check_resumable(run, asked, said.append)
+    assert resumed.engine.offload_max_rows == 64 and resumed.engine.threads == 1
+    assert len(said) == 2
+
+
+@pytest.mark.parametrize(
+    "setting", ["engine.distribution=rademacher", "engine.generator=philox", "engine.chunk_size=64"]
+)
 def test_a_resume_refuses_an_engine_setting_that_decides_the_directions(
     smoke_run, tmp_path, capsys, setting
 ):
     run = copy_run(smoke_run, tmp_path / "run")
     before = files_of(run)
     assert resume(run, setting, "train.steps=16") == 2
-    key, value = setting.split("=")
-    assert f"resume: {key} is {value!r}" in capsys.readouterr().err
+    key = setting.split("=")[0]
+    err = capsys.readouterr().err
+    assert f"resume: {key} is" in err and "it decides the run's directions" in err
     assert files_of(run) == before
 
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from zo.config import ConfigError, RunConfig, config_from_data, read_run_yaml, to_dict
-from zo.engine_config import LEGACY_GENERATOR as LEGACY
 from zo.run_directory import RunDirectory
 from zo.trajectory import RunDamagedError
 
 _RESUME_INVARIANT = ("model", "task", "trainable", "estimator")
 _RESUME_INVARIANT_TRAIN = ("batch_size", "grad_accum", "seed", "lr_schedule")
-_DIRECTION_FIELDS = ("generator", "distribution")
-"""The engine fields that decide the directions; the others change only speed and memory
-(and ``chunk_size`` changes ``torch-chunks-v1``'s directions too)."""
+_DIRECTION_FIELDS = ("generator", "distribution", "chunk_size")
+"""Engine fields that may decide the directions: a resume must keep them. ``chunk_size``
+decides version 1's (``torch-chunks-v1``), whose config.yaml may name no generator."""
+_ROUNDING_FIELDS = ("offload_threshold", "offload_max_rows")
+"""Engine fields that choose how a large layer is perturbed (a copy or through its output):
+the same directions, but on an accelerator the forward may round otherwise, so a resume
+keeps the run's values (a default that changed since applies to new runs)."""
 
 
 def load_run_config(run: RunDirectory) -> RunConfig:
@@ -27,12 +32,12 @@ def load_run_config(run: RunDirectory) -> RunConfig:
         ) from None
 
 
-def check_resumable(run: RunDirectory, config: RunConfig, log=print) -> None:
+def check_resumable(run: RunDirectory, config: RunConfig, log=print) -> RunConfig:
     """``config`` may resume ``run``: the settings that decide its steps are unchanged.
 
-    Engine settings that change only speed and memory (threads, buckets, prefetch, the
-    output-side limits) may differ, e.g. on another machine or after a release changed a
-    default: said, with the run's value, and the resume goes on."""
+    Returns ``config`` with the run's own values of :data:`_ROUNDING_FIELDS`. The engine's
+    speed settings (threads, buckets, prefetch) may differ, e.g. on another machine: no
+    value depends on them. Every engine difference is said."""
     saved = load_run_config(run)
     for section in _RESUME_INVARIANT:
         if to_dict(getattr(saved, section)) != to_dict(getattr(config, section)):
@@ -40,20 +45,27 @@ def check_resumable(run: RunDirectory, config: RunConfig, log=print) -> None:
                 f"resume: {section} differs from the run's config.yaml; a resumed run must "
                 "keep model, task, trainable, estimator and the engine's directions"
             )
-    deciding = _DIRECTION_FIELDS + (("chunk_size",) if saved.engine.generator == LEGACY else ())
+    kept = {}
     for key, was in to_dict(saved.engine).items():
         now = getattr(config.engine, key)
         if was == now:
             continue
-        if key in deciding:
+        if key in _DIRECTION_FIELDS:
             raise ConfigError(
                 f"resume: engine.{key} is {now!r}, the run's config.yaml has {was!r}; it decides "
                 f"the run's directions: keep engine.{key}={was}"
             )
-        log(
-            f"resume: engine.{key} is {now!r} here, {was!r} in the run's config.yaml (speed "
-            "and memory only: the directions are the same)"
-        )
+        if key in _ROUNDING_FIELDS:
+            kept[key] = was
+            log(
+                f"resume: keeping the run's engine.{key}={was} (not {now}): it can change how "
+                "a forward rounds on an accelerator, and a resume ends where the run would"
+            )
+        else:
+            log(
+                f"resume: engine.{key} is {now!r} here, {was!r} in the run's config.yaml (speed "
+                "only: every value is the same)"
+            )
     for key in _RESUME_INVARIANT_TRAIN:
         if getattr(saved.train, key) != getattr(config.train, key):
             raise ConfigError(f"resume: train.{key} differs from the run's config.yaml")
@@ -64,3 +76,4 @@ def check_resumable(run: RunDirectory, config: RunConfig, log=print) -> None:
             f"train.steps, so changing it would change the lr of every step left: keep "
             f"train.steps={saved.train.steps}"
         )
+    return replace(config, engine=replace(config.engine, **kept)) if kept else config

@@ -457,7 +457,7 @@ def _train(
     if config.resume:
         if not run.holds_run():
             raise NothingToResumeError(f"resume=true but {run.path} holds no run to continue")
-        check_resumable(run, config, log)
+        config = check_resumable(run, config, log)
         plan = run.plan_resume(spec.traits.replayable, config.train.repair, log)  # reads only
         if plan.start_step > config.train.steps:
             raise ConfigError(
