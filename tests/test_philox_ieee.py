@@ -301,7 +301,7 @@ def test_a_compiler_without_openmp_builds_the_kernel_serial_and_says_so_once(
     ]
     monkeypatch.setattr(philox_ieee, "_KERNEL", [serial])
     monkeypatch.setattr("zo.direction_base._SAID", set())
-    source = torch.randn(3 * philox_ieee.JOB + 5)
+    source = torch.randn(3 * native.PIECE + 5)
     targets = [torch.empty_like(source) for _ in range(2)]
     with caplog.at_level(logging.WARNING, logger="zo.philox_ieee"):
         for target in targets:

@@ -183,21 +183,8 @@ class PhiloxIEEEKernel:
         self._axpz.restype = self._fill.restype = self._fill_rows.restype = None
         self._axpz_many = library.zo_axpz_many
         self._axpz_many.argtypes = (
-            cint,
-            ptr,
-            ptr,
-            ptr,
-            ptr,
-            ptr,
-            ptr,
-            ptr,
-            cint,
-            cint,
-            f32,
-            cint,
-            i64,
-            cint,
-        )
+            cint, ptr, ptr, ptr, ptr, ptr, ptr, ptr, cint, cint, f32, cint, i64, cint,
+        )  # fmt: skip
         self._axpz_many.restype = None
 
     def fill(self, out: torch.Tensor, seed: int, index: int, start: int, gaussian: int) -> None:

@@ -173,12 +173,7 @@ class PhiloxIEEEGenerator(PhiloxGenerator):
     operators = "philox_ieee"
 
     def job_size(self) -> int:
-        return JOB
-
-
-JOB = 1 << 18
-"""Elements per kernel call of a threaded pass: ~0.3 ms of work, so a pass over a bucket
-spreads over the draw threads and a call's Python overhead (~5 us) is noise."""
+        return native.PIECE  # a kernel call per piece: its Python overhead (~5 us) is noise
 
 
 def _kernel_for(device: torch.device) -> native.PhiloxIEEEKernel | None:
@@ -254,8 +249,8 @@ def _axpz(sources, targets, indices, seeds, coefficients, scale, decay, law, thr
         )
     jobs = []
     for source, target, index, offset in zip(sources, targets, indices, starts, strict=True):
-        for first in range(0, target.numel(), JOB):
-            last = min(first + JOB, target.numel())
+        for first in range(0, target.numel(), native.PIECE):
+            last = min(first + native.PIECE, target.numel())
             jobs.append(
                 kernel.axpz_job(
                     source[first:last],
