@@ -158,7 +158,7 @@ class PerturbedForward:
         if linear is not None:
             weight, bias = linear
             return perturbed_linear(
-                self.engine, weight, args[0], bias, self.seed, self.scales[index]
+                self.engine, weight, args[0], bias, self.seed, self.scales[index], output.dtype
             )
         return added_to_output(self.engine, module, args, output, self.seed, self.scales[index])
 

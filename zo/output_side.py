@@ -48,8 +48,10 @@ def perturbed_linear(
     bias: torch.Tensor | None,
     seed: int,
     scale: float,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``x @ (W + scale * z)^T + bias``, a block of output features at a time: each block's
+    """``x @ (W + scale * z)^T + bias`` in ``dtype`` (what the layer's own call gave, on zero
+    features: autocast's choice included), a block of output features at a time: each block's
     perturbed rows are drawn into one chunk-sized buffer (computed in fp32 and rounded once
     to W's dtype, as a bucket copy is) and multiplied at once. Neither a weight-sized copy
     nor a second matmul with ``z`` is needed (``experiments/RESULTS.md``). With blocks of
@@ -57,9 +59,8 @@ def perturbed_linear(
     (BLAS sums each output the same way; tested)."""
     index = engine.positions[id(weight)]
     features, row = weight.shape
-    # under autocast, F.linear picks the dtype and arithmetic the layer's own call would
+    # under autocast, F.linear picks the arithmetic the layer's own call would
     autocast = torch.is_autocast_enabled(x.device.type)
-    dtype = linear(x[:0], weight[:0]).dtype if autocast else torch.result_type(x, weight)
     out = torch.empty((*x.shape[:-1], features), dtype=dtype, device=x.device)
     columns, rows_in = out.view(-1, features), x.reshape(-1, row)
     per_block = max(1, engine.chunk_len(index) // row)
